@@ -1,0 +1,31 @@
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    """A port the OS says is free on 127.0.0.1 (never a fixed one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args, timeout=600, env=None, cwd=ROOT):
+    """`latentverse ARGS` in a subprocess, as a user runs it."""
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "trainer.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=e, cwd=cwd)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,118 @@
+"""Config loading: every refusal is one line naming the file (or command line) and the key path."""
+import dataclasses
+from typing import Literal, Optional
+
+import pytest
+
+from trainer import config as C
+
+
+@dataclasses.dataclass
+class Model:
+    depth: int = 4
+    width: float = 1.0
+    kind: Literal["moe_dit", "mlp"] = "moe_dit"
+    heads: Optional[int] = None
+
+
+@dataclasses.dataclass
+class Data:
+    path: C.ExistingPath = "."
+    splits: list[str] = dataclasses.field(default_factory=lambda: ["train", "val"])
+
+
+@dataclasses.dataclass
+class Job:
+    out_dir: str
+    model: Model = dataclasses.field(default_factory=Model)
+    data: Data = dataclasses.field(default_factory=Data)
+    flag: bool = False
+
+
+def write(tmp_path, text, name="x.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def one_line_error(fn):
+    with pytest.raises(C.ConfigError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_and_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "out_dir: o\nmodel:\n  depth: 6\n")
+    cfg = C.load(Job, p, ["model.width=2", "flag=true", "data.splits=[train]", "model.heads=8"])
+    assert cfg.model.depth == 6 and cfg.model.width == 2.0 and isinstance(cfg.model.width, float)
+    assert cfg.flag is True and cfg.data.splits == ["train"] and cfg.model.heads == 8
+    assert cfg.model.kind == "moe_dit"  # default kept
+    assert "depth: 6" in C.dump(cfg)
+
+
+def test_wrong_type_names_file_and_key(tmp_path):
+    p = write(tmp_path, "out_dir: o\nmodel:\n  depth: twelve\n")
+    assert one_line_error(lambda: C.load(Job, p)) == f"{p}: model.depth: expected int, got 'twelve'"
+
+
+def test_wrong_type_from_override_names_command_line(tmp_path):
+    p = write(tmp_path, "out_dir: o\n")
+    msg = one_line_error(lambda: C.load(Job, p, ["model.depth=1.5"]))
+    assert msg.startswith("command line: model.depth: expected int")
+
+
+def test_unknown_key(tmp_path):
+    p = write(tmp_path, "out_dir: o\nmodel:\n  dept: 3\n")
+    msg = one_line_error(lambda: C.load(Job, p))
+    assert msg.startswith(f"{p}: model.dept: unknown key") and "depth" in msg
+
+
+def test_missing_required(tmp_path):
+    p = write(tmp_path, "model:\n  depth: 3\n")
+    assert one_line_error(lambda: C.load(Job, p)) == f"{p}: out_dir: required value missing"
+
+
+def test_bad_literal(tmp_path):
+    p = write(tmp_path, "out_dir: o\nmodel:\n  kind: unet\n")
+    msg = one_line_error(lambda: C.load(Job, p))
+    assert msg.startswith(f"{p}: model.kind: expected one of 'moe_dit', 'mlp'")
+
+
+def test_unreadable_yaml_names_line(tmp_path):
+    p = write(tmp_path, "out_dir: o\nmodel: [1, 2\n")
+    msg = one_line_error(lambda: C.load(Job, p))
+    assert msg.startswith(f"{p}: line ") and "not valid YAML" in msg
+
+
+def test_missing_yaml_file(tmp_path):
+    p = str(tmp_path / "nope.yaml")
+    assert one_line_error(lambda: C.load(Job, p)) == f"{p}: no such file"
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    p = write(tmp_path, "- a\n- b\n")
+    assert "expected a mapping" in one_line_error(lambda: C.load(Job, p))
+
+
+def test_path_must_exist(tmp_path):
+    p = write(tmp_path, f"out_dir: o\ndata:\n  path: {tmp_path}/missing\n")
+    msg = one_line_error(lambda: C.load(Job, p))
+    assert msg.startswith(f"{p}: data.path: path does not exist")
+
+
+def test_bool_is_not_int_and_int_is_not_bool(tmp_path):
+    p = write(tmp_path, "out_dir: o\nmodel:\n  depth: true\n")
+    assert "expected int" in one_line_error(lambda: C.load(Job, p))
+    p = write(tmp_path, "out_dir: o\nflag: 1\n", "y.yaml")
+    assert "flag: expected bool" in one_line_error(lambda: C.load(Job, p))
+
+
+def test_bad_override_syntax():
+    assert "expected key=value" in one_line_error(lambda: C.load(Job, None, ["model.depth"]))
+
+
+def test_nested_list_item_error_names_index(tmp_path):
+    p = write(tmp_path, "out_dir: o\ndata:\n  splits: [train, 3]\n")
+    assert one_line_error(lambda: C.load(Job, p)) == f"{p}: data.splits[1]: expected str, got 3"

@@ -1,0 +1,254 @@
+"""Typed YAML configs: one YAML plus dotted `key=value` overrides into dataclasses.
+
+The dataclasses hold every default; a YAML says only what differs. Anything wrong -- an unknown
+key, a wrong type, a missing required value, an unreadable YAML, a path that must exist and does
+not -- is refused before any work starts, with one line naming the file and the key path:
+
+    yamls/x.yaml: model.depth: expected int, got 'twelve'
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, paths); str(e) is the one-line message shown."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem; str(e) names the file (or the command line) and the key path."""
+
+
+class _MustExist:
+    def __repr__(self) -> str:
+        return "MustExist"
+
+
+MUST_EXIST = _MustExist()
+# A string path that must exist on disk when the config is loaded.
+ExistingPath = Annotated[str, MUST_EXIST]
+
+_CLI = "command line"
+
+
+def read_yaml(path: str) -> dict:
+    """Read a YAML mapping; every failure is a ConfigError naming the file (and line)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory, expected a YAML file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(f"{path}: {where}not valid YAML: {e.problem}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(overrides: typing.Iterable[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"{_CLI}: override {item!r}: expected key=value with a dotted key, e.g. model.depth=4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{_CLI}: override {item!r}: {part} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in `extra` replaces."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _paths(d: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in d.items():
+        p = f"{prefix}{k}"
+        keys.add(p)
+        if isinstance(v, dict):
+            keys |= _paths(v, p + ".")
+    return keys
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        args = typing.get_args(tp)
+        return f"mapping of {_type_name(args[1])}" if args else "mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Builder:
+    def __init__(self, source: str, cli_keys: set[str]):
+        self.source = source
+        self.cli_keys = cli_keys
+
+    def fail(self, key: str, msg: str) -> typing.NoReturn:
+        src = _CLI if key in self.cli_keys else self.source
+        raise ConfigError(f"{src}: {key}: {msg}")
+
+    def value(self, tp: Any, v: Any, key: str) -> Any:
+        origin = typing.get_origin(tp)
+        if tp is Any:
+            return v
+        if origin is Annotated:
+            base, *marks = typing.get_args(tp)
+            out = self.value(base, v, key)
+            if MUST_EXIST in marks and out is not None and not os.path.exists(out):
+                self.fail(key, f"path does not exist: {out!r}")
+            return out
+        if origin in (Union, types.UnionType):
+            args = typing.get_args(tp)
+            if v is None and type(None) in args:
+                return None
+            for a in args:
+                if a is type(None):
+                    continue
+                try:
+                    return self.value(a, v, key)
+                except ConfigError:
+                    continue
+            self.fail(key, f"expected {_type_name(tp)}, got {v!r}")
+        if origin is Literal:
+            if v not in typing.get_args(tp):
+                self.fail(key, f"expected {_type_name(tp)}, got {v!r}")
+            return v
+        if origin in (list, tuple):
+            if not isinstance(v, (list, tuple)):
+                self.fail(key, f"expected {_type_name(tp)}, got {v!r}")
+            (a, *_) = typing.get_args(tp) or (Any,)
+            return [self.value(a, x, f"{key}[{i}]") for i, x in enumerate(v)]
+        if origin is dict:
+            if not isinstance(v, dict):
+                self.fail(key, f"expected {_type_name(tp)}, got {v!r}")
+            ka, va = typing.get_args(tp) or (str, Any)
+            return {self.value(ka, k, key): self.value(va, x, f"{key}.{k}") for k, x in v.items()}
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                self.fail(key, f"expected a mapping of {tp.__name__} keys, got {v!r}")
+            return self.dataclass(tp, v, key + ".")
+        if tp is bool:
+            if not isinstance(v, bool):
+                self.fail(key, f"expected bool, got {v!r}")
+            return v
+        if tp is int:
+            if isinstance(v, bool) or not isinstance(v, int):
+                self.fail(key, f"expected int, got {v!r}")
+            return v
+        if tp is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                self.fail(key, f"expected float, got {v!r}")
+            return float(v)
+        if tp is str:
+            if not isinstance(v, str):
+                self.fail(key, f"expected str, got {v!r}")
+            return v
+        if isinstance(tp, type) and not isinstance(v, tp):
+            self.fail(key, f"expected {_type_name(tp)}, got {v!r}")
+        return v
+
+    def dataclass(self, cls: type, data: dict, prefix: str = "") -> Any:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        for k in data:
+            if k not in fields:
+                close = [f for f in fields if f.startswith(str(k)[:3])]
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                self.fail(f"{prefix}{k}", f"unknown key{hint}; {cls.__name__} takes: {', '.join(fields)}")
+        kwargs = {}
+        for name, f in fields.items():
+            key = f"{prefix}{name}"
+            if name in data:
+                kwargs[name] = self.value(hints[name], data[name], key)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.fail(key, "required value missing")
+            elif dataclasses.is_dataclass(hints[name]) and f.default_factory is not dataclasses.MISSING:
+                kwargs[name] = self.dataclass(hints[name], {}, key + ".")  # runs nested existence checks
+        try:
+            obj = cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            self.fail(prefix.rstrip(".") or cls.__name__, str(e))
+        return obj
+
+
+def from_dict(cls: type, data: dict, source: str = "<dict>", cli_keys: set[str] | None = None) -> Any:
+    """Build a config dataclass from a plain mapping with full checking."""
+    return _Builder(source, cli_keys or set()).dataclass(cls, data)
+
+
+def load(cls: type, path: str | None = None, overrides: typing.Iterable[str] = ()) -> Any:
+    """YAML file (optional) + dotted overrides -> checked instance of `cls`."""
+    data = read_yaml(path) if path else {}
+    extra = parse_overrides(overrides)
+    return from_dict(cls, merge(data, extra), source=path or _CLI, cli_keys=_paths(extra))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """Lines 'key: type = default' for --help."""
+    lines = []
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        lines.append(f"{prefix}{f.name}: {_type_name(tp)} = {default}")
+    return lines
