@@ -1,0 +1,36 @@
+"""The shard schemas between jobs (mosaicml-streaming MDS column encodings). Raw arrays, never pickles.
+
+Text shards (prep job -> autoencoder job, encode job):  out_dir/<split>/index.json (+ shards)
+Latent shards (encode job -> diffusion job):            out_dir/index.json, latent_stats.json
+A label a record does not have is the empty string.
+"""
+LABELS = ("title", "author", "form", "topic", "meter")
+
+TEXT_COLUMNS = {
+    "id": "str",          # stable id: source + hash of the normalised text
+    "text": "str",        # the poem, line breaks kept
+    "prompt": "str",      # built from the labels by the prep job's template ('' when no labels)
+    "source": "str",      # gutenberg | shakespeare | ogura | folder | jsonl | csv | wds
+    **{k: "str" for k in LABELS},
+    "n_tokens": "int32",  # length in the prep job's counting tokenizer
+}
+
+SPLITS = ("train", "val", "test")
+
+
+def latent_columns(latent_shape=(32, 64), prompt_shape=None, pooled_dim=None) -> dict:
+    """Latent shard columns: fp16 latent, fp16 prompt embedding (padded tokens + length, or pooled)."""
+    cols = {
+        "id": "str",
+        "text": "str",
+        "prompt": "str",
+        "source": "str",
+        **{k: "str" for k in LABELS},
+        "latent": f"ndarray:float16:{','.join(map(str, latent_shape))}",
+    }
+    if prompt_shape is not None:
+        cols["prompt_emb"] = f"ndarray:float16:{','.join(map(str, prompt_shape))}"
+        cols["prompt_len"] = "int32"
+    if pooled_dim is not None:
+        cols["prompt_pooled"] = f"ndarray:float16:{pooled_dim}"
+    return cols
