@@ -1,0 +1,109 @@
+"""EDM: preconditioning and training loss of Karras et al. (2022), "Elucidating the Design Space of
+Diffusion-Based Generative Models", Table 1 (right column) and Section 5.
+
+    D_theta(x; sigma) = c_skip(sigma) x + c_out(sigma) F_theta(c_in(sigma) x; c_noise(sigma))
+    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2)      c_out  = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)
+    c_in   = 1 / sqrt(sigma^2 + sigma_data^2)             c_noise = ln(sigma) / 4
+    ln(sigma) ~ N(P_mean, P_std^2);    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
+    loss = E[ lambda(sigma) || D_theta(y + n; sigma) - y ||^2 ],  n ~ N(0, sigma^2 I)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from trainer.diffusion.seam import DenoiserOutput, Prompt
+
+
+@dataclasses.dataclass
+class EDMConfig:
+    sigma_data: float = 0.5   # std of the data; the diffusion job sets it from the encode job's latent_stats.json
+    P_mean: float = -1.2      # training noise distribution: ln(sigma) ~ N(P_mean, P_std^2)
+    P_std: float = 1.2
+
+    def __post_init__(self):
+        if self.sigma_data <= 0:
+            raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
+        if self.P_std <= 0:
+            raise ValueError(f"P_std must be > 0, got {self.P_std}")
+
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float):
+    """(c_skip, c_out, c_in, c_noise), each shaped like sigma."""
+    s2, d2 = sigma ** 2, sigma_data ** 2
+    c_skip = d2 / (s2 + d2)
+    c_out = sigma * sigma_data / (s2 + d2).sqrt()
+    c_in = 1.0 / (s2 + d2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+class EDMPrecond(nn.Module):
+    """Wraps a backbone F_theta (any module behind the seam) into the denoiser D_theta(x; sigma)."""
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.backbone = backbone
+        self.sigma_data = float(sigma_data)
+
+    def null_prompt(self, batch: int, length: Optional[int] = None) -> Prompt:
+        return self.backbone.null_prompt(batch, length)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, prompt: Optional[Prompt] = None,
+                mask_ratio: float = 0.0, keep_idx: Optional[torch.Tensor] = None) -> DenoiserOutput:
+        """x [B, T, C] noisy latent at noise level sigma ([B] or scalar) -> D(x; sigma) [B, T, C]."""
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
+        bc = (lambda c: c.view(-1, 1, 1))                                # [B] -> [B, 1, 1]
+        out = self.backbone(bc(c_in) * x, c_noise, **(prompt or Prompt()).kwargs(),
+                            mask_ratio=mask_ratio, keep_idx=keep_idx)
+        D = bc(c_skip) * x + bc(c_out) * out.sample.to(x.dtype)
+        return DenoiserOutput(D, out.keep)
+
+
+class EDMLossOutput(NamedTuple):
+    loss: torch.Tensor                     # scalar: mean over samples of the (kept-token) mean
+    per_sample: torch.Tensor               # [B] weighted loss of each sample (for loss-vs-sigma logs)
+    sigma: torch.Tensor                    # [B] the noise levels drawn
+    keep: Optional[torch.Tensor] = None    # [B, T] bool when masking was used
+
+
+class EDMLoss:
+    """EDM training loss; with masking it averages only over the tokens the backbone kept.
+
+    `generator` makes the draws of sigma and n reproducible (tests, benchmarks)."""
+
+    def __init__(self, cfg: Optional[EDMConfig] = None):
+        self.cfg = cfg or EDMConfig()
+
+    def sample_sigma(self, batch: int, device=None, generator=None) -> torch.Tensor:
+        ln_sigma = torch.randn(batch, device=device, generator=generator) * self.cfg.P_std + self.cfg.P_mean
+        return ln_sigma.exp()
+
+    def __call__(self, net: EDMPrecond, y: torch.Tensor, prompt: Optional[Prompt] = None,
+                 mask_ratio: float = 0.0, keep_idx: Optional[torch.Tensor] = None,
+                 sigma: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> EDMLossOutput:
+        B = y.shape[0]
+        if sigma is None:
+            sigma = self.sample_sigma(B, y.device, generator).to(y.dtype)
+        if noise is None:
+            noise = torch.randn(y.shape, device=y.device, generator=generator, dtype=y.dtype)
+        n = noise * sigma.view(-1, 1, 1)
+        out = net(y + n, sigma, prompt, mask_ratio=mask_ratio, keep_idx=keep_idx)
+        weight = edm_loss_weight(sigma, self.cfg.sigma_data).view(-1, 1)      # [B, 1]
+        per_token = weight * ((out.sample.float() - y.float()) ** 2).mean(-1)  # [B, T]
+        if out.keep is None:
+            per_sample = per_token.mean(1)
+        else:
+            k = out.keep.to(per_token.dtype)
+            per_sample = (per_token * k).sum(1) / k.sum(1).clamp(min=1.0)
+        return EDMLossOutput(per_sample.mean(), per_sample.detach(), sigma, out.keep)

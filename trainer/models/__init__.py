@@ -1,0 +1,1 @@
+"""Plain-PyTorch models (never import Composer here)."""
