@@ -1,0 +1,179 @@
+"""Compute block -> what to write and what to run, one small function per backend.
+
+Every backend returns a Plan: the files to write (job YAML, sbatch script, hostfile) and the
+commands to start together on this machine (argv lists; ssh for remote hosts). `--dry-run` prints
+exactly these, each command joined with shlex.join so every value is shell-quoted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import sys
+
+from launch.compute import LOOPBACK, ComputeConfig
+
+
+@dataclasses.dataclass
+class NodeCommand:
+    node_rank: int | None     # None: not one node's launcher (sbatch, deepspeed runner)
+    argv: list[str]
+    host: str | None = None   # the node it starts on, for logs and messages (None: this machine)
+
+
+@dataclasses.dataclass
+class Plan:
+    backend: str
+    files: dict[str, str]            # absolute path -> text, written before anything starts
+    commands: list[NodeCommand]      # started together; commands[0] owns the terminal
+    master: str
+    port: int | str                  # str: found on the master node at run time (slurm)
+
+
+@dataclasses.dataclass
+class Context:
+    """What every backend needs besides the compute block."""
+    job: str                  # latentverse JOB
+    job_yaml: str             # absolute path of the job part, written by the launcher
+    launch_dir: str           # absolute; job.yaml, scripts and logs go here
+    cwd: str                  # absolute; every process runs here (relative paths in the job YAML)
+    port: int                 # resolved master port (compute.master_port or a free one)
+    job_name: str
+    node_rank: int | None = None  # start only this node (composer, torchrun)
+
+
+def tool(cc: ComputeConfig, name: str) -> str:
+    """A launcher executable: from the venv, bare inside a container, else next to this Python."""
+    if cc.venv:
+        return os.path.join(cc.venv, "bin", name)
+    if cc.container:
+        return name
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    return here if os.path.exists(here) else name
+
+
+def _with_env(cc: ComputeConfig, argv: list[str]) -> list[str]:
+    return ["env", *(f"{k}={v}" for k, v in cc.env.items()), *argv] if cc.env else argv
+
+
+def _on_host(host: str | None, cwd: str, argv: list[str]) -> list[str]:
+    """Run argv on host: directly when it is this machine, else via ssh in the same directory."""
+    if host is None or host in LOOPBACK:
+        return argv
+    return ["ssh", host, f"cd {shlex.quote(cwd)} && {shlex.join(argv)}"]
+
+
+def _composer_logs(ctx: Context) -> list[str]:
+    # The launcher discards non-local-rank-0 output by default; keep it beside the job YAML.
+    logs = os.path.join(ctx.launch_dir, "logs")
+    return ["--stdout", os.path.join(logs, "rank{rank}.stdout.txt"),
+            "--stderr", os.path.join(logs, "rank{rank}.stderr.txt")]
+
+
+def _program(ctx: Context, module: str = "trainer.cli") -> list[str]:
+    return ["-m", module, ctx.job, ctx.job_yaml]
+
+
+def local(cc: ComputeConfig, ctx: Context) -> Plan:
+    argv = [tool(cc, "composer"), "-n", str(cc.nproc), "--master_port", str(ctx.port),
+            *_composer_logs(ctx), *_program(ctx)]
+    return Plan("local", {}, [NodeCommand(0, _with_env(cc, argv))], "127.0.0.1", ctx.port)
+
+
+def composer(cc: ComputeConfig, ctx: Context) -> Plan:
+    master = cc.master()
+    cmds = []
+    for rank in range(cc.nodes):
+        if ctx.node_rank is not None and rank != ctx.node_rank:
+            continue
+        argv = [tool(cc, "composer"), "--world_size", str(cc.world_size), "--nproc", str(cc.nproc),
+                "--node_rank", str(rank), "--master_addr", master, "--master_port", str(ctx.port),
+                *_composer_logs(ctx), *_program(ctx)]
+        host = cc.hosts[rank] if cc.hosts and ctx.node_rank is None else None
+        cmds.append(NodeCommand(rank, _on_host(host, ctx.cwd, _with_env(cc, argv)), host))
+    return Plan("composer", {}, cmds, master, ctx.port)
+
+
+def torchrun(cc: ComputeConfig, ctx: Context) -> Plan:
+    master = cc.master()
+    cmds = []
+    for rank in range(cc.nodes):
+        if ctx.node_rank is not None and rank != ctx.node_rank:
+            continue
+        # c10d rendezvous assigns node ranks itself; launch.worker hands them to Composer.
+        argv = [tool(cc, "torchrun"), "--nnodes", str(cc.nodes), "--nproc-per-node", str(cc.nproc),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{master}:{ctx.port}", "--rdzv-id", ctx.job_name,
+                *_program(ctx, "launch.worker")]
+        host = cc.hosts[rank] if cc.hosts and ctx.node_rank is None else None
+        cmds.append(NodeCommand(rank, _on_host(host, ctx.cwd, _with_env(cc, argv)), host))
+    return Plan("torchrun", {}, cmds, master, ctx.port)
+
+
+def deepspeed(cc: ComputeConfig, ctx: Context) -> Plan:
+    master = cc.master()
+    hosts = cc.hosts or ["localhost"]
+    hostfile = os.path.join(ctx.launch_dir, "hostfile")
+    files = {hostfile: "".join(f"{h} slots={cc.nproc}\n" for h in hosts)}
+    env = cc.env
+    if cc.env:
+        # The runner reaches remote nodes through pdsh, which passes on only the variables in this file.
+        env_file = os.path.join(ctx.launch_dir, "deepspeed_env")
+        files[env_file] = "".join(f"{k}={v}\n" for k, v in cc.env.items())
+        env = {"DS_ENV_FILE": env_file, **cc.env}
+    # --no_local_rank: the job's command line takes no --local_rank; LOCAL_RANK is in the environment.
+    argv = [tool(cc, "deepspeed"), "--hostfile", hostfile, "--num_nodes", str(cc.nodes),
+            "--num_gpus", str(cc.nproc), "--master_addr", master, "--master_port", str(ctx.port),
+            "--no_local_rank", "--module", "launch.worker", ctx.job, ctx.job_yaml]
+    argv = _with_env(dataclasses.replace(cc, env=env), argv)
+    return Plan("deepspeed", files, [NodeCommand(None, argv)], master, ctx.port)
+
+
+# The batch step runs on the first node of the allocation, which is the master: a port free there.
+_FREE_PORT = 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+
+
+def slurm(cc: ComputeConfig, ctx: Context) -> Plan:
+    script = os.path.join(ctx.launch_dir, "sbatch.sh")
+    q = shlex.quote
+    sb = [("job-name", ctx.job_name), ("nodes", cc.nodes), ("ntasks-per-node", 1)]
+    if cc.gpus:
+        sb.append(("gpus-per-node", cc.gpus))
+    for key, value in (("cpus-per-task", cc.cpus_per_task), ("mem", cc.mem), ("partition", cc.partition),
+                       ("account", cc.account), ("time", cc.time)):
+        if value is not None:
+            sb.append((key, value))
+    sb += [("chdir", ctx.cwd), ("output", os.path.join(ctx.launch_dir, "slurm-%j.out"))]
+    lines = ["#!/bin/bash", *(f"#SBATCH --{k}={q(str(v))}" for k, v in sb)]
+    lines += [f"#SBATCH {a}" for a in cc.sbatch_args]
+    lines += ["# One task per node; each starts the Composer launcher for its node's processes.",
+              "set -euo pipefail"]
+    python = "python3" if cc.container else tool(cc, "python") if cc.venv else sys.executable
+    if cc.venv:
+        lines.append(f". {q(os.path.join(cc.venv, 'bin', 'activate'))}")
+    lines += [f"export {k}={q(v)}" for k, v in cc.env.items()]
+    lines.append('export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)')
+    if cc.master_port is not None:
+        lines.append(f"export MASTER_PORT={cc.master_port}")
+    else:
+        lines.append(f"export MASTER_PORT=$({q(python)} -c {q(_FREE_PORT)})")
+    # Node rank and master come from Slurm at run time, so the node command is expanded by bash on
+    # each node; every fixed value in it is quoted.
+    node = " ".join([
+        q(tool(cc, "composer")), "--world_size", str(cc.world_size), "--nproc", str(cc.nproc),
+        "--node_rank", '"$SLURM_NODEID"', "--master_addr", '"$MASTER_ADDR"', "--master_port", '"$MASTER_PORT"',
+        *map(q, _composer_logs(ctx)), *map(q, _program(ctx))])
+    srun = ["srun", "--nodes", str(cc.nodes), "--ntasks-per-node", "1"]
+    if cc.container:
+        srun += [f"--container-image={cc.container}", f"--container-workdir={ctx.cwd}"]
+        if cc.container_mounts:
+            srun.append(f"--container-mounts={','.join(cc.container_mounts)}")
+    lines.append(f"{shlex.join(srun)} bash -c {q(node)}")
+    files = {script: "\n".join(lines) + "\n"}
+    return Plan("slurm", files, [NodeCommand(None, ["sbatch", script])], "$MASTER_ADDR", "$MASTER_PORT")
+
+
+BACKENDS = {"local": local, "composer": composer, "torchrun": torchrun, "slurm": slurm, "deepspeed": deepspeed}
+
+
+def plan(cc: ComputeConfig, ctx: Context) -> Plan:
+    return BACKENDS[cc.backend](cc, ctx)
