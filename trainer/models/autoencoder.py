@@ -1,0 +1,246 @@
+"""BART-Perceiver latent autoencoder: a poem of up to `max_tokens` tokens <-> a fixed latent [32, 64].
+
+    text -> tokenizer -> BART encoder -> Perceiver resampler -> latent z [num_latents, dim_latent]
+    z -> reconstruction network -> [num_latents, d_model] -> BART decoder (cross-attends) -> text
+
+Lovelace et al., "Latent Diffusion for Language Generation" (2023): the pretrained BART is frozen and
+only the Perceiver parts learn. Without a pretrained path a small BART is built from its config and the
+whole thing trains end to end. Plain PyTorch + transformers; Composer lives in trainer/composer_models.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import ExistingPath, UserError
+from trainer.models.perceiver import PerceiverResampler, ReconstructionNetwork
+
+CONFIG_NAME = "autoencoder_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclasses.dataclass
+class AutoencoderConfig:
+    # A local BART checkpoint dir (e.g. a downloaded facebook/bart-base); None builds BART from the sizes below.
+    pretrained_path: Optional[ExistingPath] = None
+    freeze_bart: bool = True            # only with pretrained_path: train the Perceiver parts only (as the paper)
+    max_tokens: int = 64                # longest poem in tokens, <s> and </s> included; longer ones are cut
+    num_latents: int = 32               # latent slots
+    dim_latent: int = 64                # dims per slot
+    # BART built from config (ignored when pretrained_path is set).
+    d_model: int = 128
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    attention_heads: int = 4
+    ffn_dim: int = 512
+    dropout: float = 0.0
+    # Perceiver resampler (compression) and reconstruction network.
+    perceiver_depth: int = 2
+    perceiver_heads: int = 4
+    perceiver_dim_head: int = 32
+    reconstruction_depth: int = 2
+    ff_mult: int = 4
+    # Training only: each decoder input token is replaced by <mask> with this probability, so the
+    # decoder cannot predict from its own prefix alone and has to read the latent.
+    decoder_token_dropout: float = 0.0
+
+    def __post_init__(self):
+        if not 4 <= self.max_tokens <= 512:
+            raise ValueError(f"max_tokens must be in 4..512, got {self.max_tokens}")
+        if not 0.0 <= self.decoder_token_dropout < 1.0:
+            raise ValueError(f"decoder_token_dropout must be in [0, 1), got {self.decoder_token_dropout}")
+
+
+def _build_bart(cfg: AutoencoderConfig, tokenizer, bart_config: Optional[dict] = None):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    if bart_config is not None:  # from_pretrained of our own dir: exact config, weights come from safetensors
+        return BartForConditionalGeneration(BartConfig(**bart_config))
+    if cfg.pretrained_path:
+        try:
+            return BartForConditionalGeneration.from_pretrained(cfg.pretrained_path)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"model.pretrained_path: {cfg.pretrained_path}: cannot load a BART checkpoint: {msg}") from None
+    bc = BartConfig(
+        vocab_size=len(tokenizer), d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+        decoder_layers=cfg.decoder_layers, encoder_attention_heads=cfg.attention_heads,
+        decoder_attention_heads=cfg.attention_heads, encoder_ffn_dim=cfg.ffn_dim, decoder_ffn_dim=cfg.ffn_dim,
+        dropout=cfg.dropout, attention_dropout=0.0, activation_dropout=0.0,
+        max_position_embeddings=max(cfg.max_tokens + 2, 64),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
+        forced_eos_token_id=None)
+    return BartForConditionalGeneration(bc)
+
+
+class LatentAutoencoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig, tokenizer, bart_config: Optional[dict] = None):
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.bart = _build_bart(cfg, tokenizer, bart_config)
+        bc = self.bart.config
+        if bc.vocab_size < len(tokenizer):
+            raise UserError(f"tokenizer has {len(tokenizer)} tokens but the BART checkpoint only {bc.vocab_size}")
+        d_model = bc.d_model
+        self.frozen = bool(cfg.pretrained_path) and cfg.freeze_bart
+        if self.frozen:
+            self.bart.requires_grad_(False)
+        self.perceiver = PerceiverResampler(d_model, cfg.dim_latent, cfg.num_latents, cfg.perceiver_depth,
+                                            cfg.perceiver_heads, cfg.perceiver_dim_head, cfg.max_tokens, cfg.ff_mult)
+        self.reconstruction = ReconstructionNetwork(cfg.dim_latent, d_model, cfg.num_latents,
+                                                    cfg.reconstruction_depth, cfg.perceiver_heads, cfg.ff_mult)
+        # BART convention: the decoder starts from </s> and first predicts <s>.
+        self.decoder_start_id = bc.decoder_start_token_id if bc.decoder_start_token_id is not None \
+            else tokenizer.eos_token_id
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return (self.cfg.num_latents, self.cfg.dim_latent)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.bart.eval()  # a frozen BART keeps its dropout off
+        return self
+
+    # ---- tensors in, tensors out (training) ----
+
+    def tokenize(self, texts: list[str]) -> dict:
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.cfg.max_tokens, padding=True,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> latent z [B, num_latents, dim_latent]."""
+        if input_ids.shape[1] > self.cfg.max_tokens:
+            raise UserError(f"input has {input_ids.shape[1]} tokens, more than max_tokens={self.cfg.max_tokens}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            h = self.bart.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.perceiver(h, attention_mask)  # [B, T, d_model] -> [B, N, dim_latent]
+
+    def check_latents(self, z: torch.Tensor) -> None:
+        if z.dim() != 3 or tuple(z.shape[1:]) != self.latent_shape:
+            raise UserError(f"latents must have shape [batch, {self.latent_shape[0]}, {self.latent_shape[1]}], "
+                            f"got {list(z.shape)}")
+
+    def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent [B, N, dim_latent] -> decoder memory [B, N, d_model]."""
+        self.check_latents(z)
+        return self.reconstruction(z)
+
+    def decoder_logits(self, z: torch.Tensor, labels: torch.Tensor, token_dropout: float = 0.0) -> torch.Tensor:
+        """Teacher-forced logits [B, T, V] for reproducing `labels` [B, T] (pad = -100) from z."""
+        memory = self.reconstruct(z)
+        ids = labels.masked_fill(labels == -100, self.tokenizer.pad_token_id)
+        dec_in = torch.cat([ids.new_full((ids.shape[0], 1), self.decoder_start_id), ids[:, :-1]], dim=1)
+        dec_mask = torch.cat([torch.ones_like(ids[:, :1]), (labels[:, :-1] != -100).long()], dim=1)
+        if token_dropout > 0:
+            drop = torch.rand(dec_in.shape, device=dec_in.device) < token_dropout
+            drop[:, 0] = False  # keep the start token
+            dec_in = dec_in.masked_fill(drop & (dec_mask > 0), self.tokenizer.mask_token_id)
+        out = self.bart(encoder_outputs=(memory,), decoder_input_ids=dec_in, decoder_attention_mask=dec_mask,
+                        use_cache=False)
+        return out.logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """The reconstruction loss: encode, then decode the same tokens teacher-forced."""
+        z = self.encode_ids(input_ids, attention_mask)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        p = self.cfg.decoder_token_dropout if self.training else 0.0
+        logits = self.decoder_logits(z, labels, p)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return {"loss": loss, "logits": logits, "labels": labels, "latents": z}
+
+    # ---- texts in, texts out (inference) ----
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Poems -> latents [B, num_latents, dim_latent]."""
+        enc = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
+        return self.encode_ids(**enc)
+
+    @torch.no_grad()
+    def generate_ids(self, latents: torch.Tensor, max_length: Optional[int] = None, num_beams: int = 1,
+                     **generate_kwargs) -> torch.Tensor:
+        """Latents -> token ids [B, <=max_length] (greedy with num_beams=1), start token stripped."""
+        from transformers import GenerationConfig
+        from transformers.modeling_outputs import BaseModelOutput
+
+        latents = latents.to(self.device, dtype=next(self.reconstruction.parameters()).dtype)
+        memory = self.reconstruct(latents)
+        tok = self.tokenizer
+        gen = GenerationConfig(max_length=(max_length or self.cfg.max_tokens) + 1, num_beams=num_beams,
+                               do_sample=False, decoder_start_token_id=self.decoder_start_id,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, **generate_kwargs)
+        out = self.bart.generate(encoder_outputs=BaseModelOutput(last_hidden_state=memory),
+                                 attention_mask=torch.ones(memory.shape[:2], dtype=torch.long, device=self.device),
+                                 generation_config=gen)
+        return out[:, 1:]  # drop the decoder start token
+
+    def decode(self, latents: torch.Tensor, max_length: Optional[int] = None, num_beams: int = 1,
+               **generate_kwargs) -> list[str]:
+        """Latents [B, num_latents, dim_latent] -> poems."""
+        if not isinstance(latents, torch.Tensor):
+            latents = torch.as_tensor(latents)
+        self.check_latents(latents)
+        ids = self.generate_ids(latents, max_length, num_beams, **generate_kwargs)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    # ---- save / load ----
+
+    def save_pretrained(self, path: str) -> None:
+        """safetensors weights + JSON config + tokenizer files; written to a temp dir, then renamed."""
+        from safetensors.torch import save_model
+
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".ae-", dir=parent)
+        cfg = dataclasses.asdict(self.cfg)
+        meta = {"autoencoder": cfg, "bart": self.bart.config.to_dict(), "latent_shape": list(self.latent_shape)}
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(meta, f, indent=2)
+        save_model(self, os.path.join(tmp, WEIGHTS_NAME))  # handles BART's tied embeddings
+        self.tokenizer.save_pretrained(tmp)
+        old = None
+        if os.path.exists(path):
+            old = path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location: str = "cpu") -> "LatentAutoencoder":
+        from safetensors.torch import load_model
+
+        from trainer.models.tokenizers import load_tokenizer
+
+        cfg_file = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(cfg_file):
+            raise UserError(f"{path}: not an autoencoder directory (no {CONFIG_NAME})")
+        with open(cfg_file) as f:
+            meta = json.load(f)
+        fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
+        cfg = AutoencoderConfig(**{k: v for k, v in meta["autoencoder"].items() if k in fields})
+        cfg.pretrained_path = None  # the weights are all in the safetensors file
+        tok = load_tokenizer(path)
+        bart_cfg = {k: v for k, v in meta["bart"].items() if k not in ("transformers_version", "architectures")}
+        model = cls(cfg, tok, bart_config=bart_cfg)
+        model.frozen = bool(meta["autoencoder"].get("pretrained_path")) and cfg.freeze_bart
+        load_model(model, os.path.join(path, WEIGHTS_NAME), device=map_location)
+        return model.eval()
