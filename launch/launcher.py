@@ -58,7 +58,14 @@ def job_out_dir(run: Run, dry_run: bool) -> str | None:
             raise C.UserError(str(e)) from None
         log.warning(f"{e}; the job part is not checked")
         return run.job_data.get("out_dir")
-    cls = config_class(module, run.job_data)
+    try:
+        cls = config_class(module, run.job_data)
+    except C.UserError as e:
+        # A job whose variant (e.g. train's task) is not built yet; a ConfigError is the user's to fix.
+        if dry_run and not isinstance(e, C.ConfigError):
+            log.warning(f"{e}; the job part is not checked")
+            return run.job_data.get("out_dir")
+        raise
     cfg = C.from_dict(cls, run.job_data, source=run.path, cli_keys=run.cli_keys)
     return getattr(cfg, "out_dir", None)
 

@@ -13,6 +13,7 @@ unknown keys. Command-line `compute.*`, `job`, `job_yaml` change the run itself.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
 from launch.compute import ComputeConfig
@@ -24,7 +25,7 @@ RUN_KEYS = ("job", "job_yaml", "overrides", "compute")
 @dataclasses.dataclass
 class RunSpec:
     job: str
-    job_yaml: Optional[C.ExistingPath] = None
+    job_yaml: Optional[str] = None
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
 
@@ -63,6 +64,9 @@ def load_run(path: str, overrides: list[str] = ()) -> Run:
         src = "command line" if "job" in cli_keys else path
         raise C.ConfigError(f"{src}: job: expected one of {', '.join(jobs)}, got {spec.job!r}")
 
+    if spec.job_yaml and not os.path.exists(spec.job_yaml):
+        src = "command line" if "job_yaml" in cli_keys else path
+        raise C.ConfigError(f"{src}: job_yaml: path does not exist: {spec.job_yaml!r}")
     job_data = C.read_yaml(spec.job_yaml) if spec.job_yaml else {}
     for k in RUN_KEYS:
         if spec.job_yaml and k in job_data:
