@@ -62,10 +62,11 @@ class DDPM(nn.Module):
         eps = torch.randn(y.shape, device=y.device, generator=generator, dtype=y.dtype)
         x_t = self.scheduler.add_noise(y, eps, t)
         out = self(x_t, t, prompt, mask_ratio=mask_ratio, keep_idx=keep_idx)
-        per_token = ((out.sample.float() - eps.float()) ** 2).mean(-1)          # [B, T]
+        acc = torch.promote_types(y.dtype, torch.float32)
+        per_token = ((out.sample.to(acc) - eps.to(acc)) ** 2).mean(-1)          # [B, T]
         if out.keep is None:
             return DDPMLossOutput(per_token.mean(), t)
-        k = out.keep.float()
+        k = out.keep.to(acc)
         return DDPMLossOutput(((per_token * k).sum(1) / k.sum(1).clamp(min=1)).mean(), t, out.keep)
 
     @torch.no_grad()

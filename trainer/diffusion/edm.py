@@ -100,7 +100,8 @@ class EDMLoss:
         n = noise * sigma.view(-1, 1, 1)
         out = net(y + n, sigma, prompt, mask_ratio=mask_ratio, keep_idx=keep_idx)
         weight = edm_loss_weight(sigma, self.cfg.sigma_data).view(-1, 1)      # [B, 1]
-        per_token = weight * ((out.sample.float() - y.float()) ** 2).mean(-1)  # [B, T]
+        acc = torch.promote_types(y.dtype, torch.float32)                     # fp16/bf16 -> fp32 for the loss
+        per_token = weight.to(acc) * ((out.sample.to(acc) - y.to(acc)) ** 2).mean(-1)  # [B, T]
         if out.keep is None:
             per_sample = per_token.mean(1)
         else:

@@ -132,7 +132,7 @@ class ExpertChoiceFFN(nn.Module):
     def route(self, x: torch.Tensor):
         """x [B, T, D] -> gates [B, E, k] (router probabilities) and token indices [B, E, k]."""
         k = self.tokens_per_expert(x.shape[1])
-        probs = self.gate(x).float().softmax(dim=-1)                    # [B, T, E]: softmax over experts
+        probs = self.gate(x).to(torch.promote_types(x.dtype, torch.float32)).softmax(dim=-1)                    # [B, T, E]: softmax over experts
         gates, idx = probs.transpose(1, 2).topk(k, dim=-1)              # expert e picks its top-k tokens
         return gates, idx
 
