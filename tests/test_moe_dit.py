@@ -1,0 +1,172 @@
+"""Expert-choice routing, masking and the null prompt of the MoE DiT."""
+import pytest
+import torch
+
+from tests.test_edm import randomize
+from trainer.diffusion import masking
+from trainer.diffusion.guidance import drop_prompt
+from trainer.diffusion.seam import Prompt
+from trainer.models.denoisers import DenoiserConfig, MoEDiTConfig, build_denoiser
+from trainer.models.denoisers.moe_dit import ExpertChoiceFFN, FeedForward
+
+torch.set_num_threads(1)
+
+
+def tiny_dit(mixer=1, depth=4, prompt_dim=12, **kw):
+    cfg = DenoiserConfig(kind="moe_dit", latent_tokens=16, latent_dim=8, prompt_dim=prompt_dim,
+                         moe_dit=MoEDiTConfig(dim=32, depth=depth, head_dim=16, patch_mixer_depth=mixer,
+                                              num_experts=4, expert_capacity=2.0, **kw))
+    torch.manual_seed(0)
+    return randomize(build_denoiser(cfg)).eval()
+
+
+def inputs(B=3, T=16, C=8, L=5, D=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, C, generator=g), torch.randn(B, generator=g),
+            Prompt(torch.randn(B, L, D, generator=g), torch.arange(L).expand(B, L) < torch.tensor([[2], [5], [3]])[:B]))
+
+
+@pytest.mark.parametrize("E,cap,T", [(4, 2.0, 16), (8, 1.0, 32), (3, 1.5, 10), (8, 2.0, 8)])
+def test_every_expert_takes_exactly_k_distinct_tokens(E, cap, T):
+    ffn = ExpertChoiceFFN(16, 24, E, cap, bias=True)
+    x = torch.randn(5, T, 16)
+    gates, idx = ffn.route(x)
+    k = max(1, int(cap * T / E))
+    assert idx.shape == (5, E, k) and gates.shape == (5, E, k)
+    for b in range(5):
+        for e in range(E):
+            assert len(set(idx[b, e].tolist())) == k          # k distinct tokens of this sample
+    # Each expert's picks are its highest-probability tokens.
+    probs = ffn.gate(x).softmax(-1).transpose(1, 2)           # [B, E, T]
+    kth = probs.topk(k, dim=-1).values[..., -1:]
+    assert bool((gates >= kth - 1e-7).all())
+
+
+def test_moe_forward_equals_per_expert_loop():
+    torch.manual_seed(0)
+    ffn = randomize(ExpertChoiceFFN(16, 24, 4, 2.0, bias=True))
+    x = torch.randn(3, 12, 16)
+    gates, idx = ffn.route(x)
+    ref = torch.zeros_like(x)
+    for b in range(3):
+        for e in range(4):
+            for j, t in enumerate(idx[b, e].tolist()):
+                h = torch.nn.functional.gelu(x[b, t] @ ffn.w1[e] + ffn.b1[e, 0]) @ ffn.w2[e] + ffn.b2[e, 0]
+                ref[b, t] += gates[b, e, j] * h
+    assert torch.allclose(ffn(x), ref, atol=1e-5)
+
+
+def test_one_expert_full_capacity_is_the_dense_ffn():
+    torch.manual_seed(0)
+    dense = randomize(FeedForward(16, 40, bias=True))
+    moe = ExpertChoiceFFN(16, 40, num_experts=1, capacity=1.0, bias=True)
+    with torch.no_grad():
+        moe.w1.copy_(dense.fc1.weight.T.unsqueeze(0))
+        moe.b1.copy_(dense.fc1.bias.view(1, 1, -1))
+        moe.w2.copy_(dense.fc2.weight.T.unsqueeze(0))
+        moe.b2.copy_(dense.fc2.bias.view(1, 1, -1))
+    x = torch.randn(4, 32, 16)
+    assert torch.allclose(moe(x), dense(x), atol=1e-5)
+    # Below full capacity some tokens are skipped: then it is not the dense FFN.
+    moe.capacity = 0.5
+    assert not torch.allclose(moe(x), dense(x), atol=1e-3)
+
+
+def test_moe_in_every_second_block_and_width_scaling():
+    m = tiny_dit(depth=6, mlp_ratio=[1.0, 4.0], qkv_ratio=[0.5, 1.0])
+    kinds = [type(b.mlp).__name__ for b in m.blocks]
+    assert kinds == ["FeedForward", "ExpertChoiceFFN"] * 3
+    assert all(type(b.mlp).__name__ == "FeedForward" for b in m.patch_mixer)
+    widths = [b.mlp.fc1.out_features if hasattr(b.mlp, "fc1") else b.mlp.w1.shape[-1] for b in m.blocks]
+    assert widths == sorted(widths) and widths[0] == 32 and widths[-1] == 128
+    qkv = [b.attn.qkv.out_features // 3 for b in m.blocks]
+    assert qkv[0] == 16 and qkv[-1] == 32
+
+
+@pytest.mark.parametrize("r", [0.0, 0.25, 0.5, 0.75, 0.9])
+def test_masking_keeps_round_t_times_one_minus_r(r):
+    T = 32
+    idx = masking.random_keep_idx(64, T, r, generator=torch.Generator().manual_seed(0))
+    K = round(T * (1 - r))
+    assert idx.shape == (64, K)
+    keep = masking.keep_mask(idx, T)
+    assert keep.sum(1).tolist() == [K] * 64
+    if 0 < r:
+        assert len({tuple(row.tolist()) for row in idx}) > 1   # per-sample, not one mask for the batch
+
+
+def test_model_masking_output_and_keep():
+    m = tiny_dit()
+    x, c, p = inputs()
+    out = m(x, c, *p, mask_ratio=0.75)
+    assert out.sample.shape == x.shape and out.keep.shape == (3, 16)
+    assert out.keep.sum(1).tolist() == [4, 4, 4]
+    assert m(x, c, *p).keep is None
+
+
+def test_masked_positions_do_not_leak_into_kept_ones():
+    m = tiny_dit(mixer=0)
+    x, c, p = inputs()
+    keep_idx = masking.random_keep_idx(3, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    keep = masking.keep_mask(keep_idx, 16)
+    out = m(x, c, *p, keep_idx=keep_idx)
+    x2 = torch.where(keep.unsqueeze(-1), x, torch.randn_like(x) * 10)
+    out2 = m(x2, c, *p, keep_idx=keep_idx)
+    assert torch.allclose(out.sample[keep], out2.sample[keep], atol=1e-6)
+    # Changing a kept token does change kept outputs (the check above is not vacuous).
+    x3 = x.clone()
+    x3[0, keep_idx[0, 0]] += 1.0
+    assert not torch.allclose(m(x3, c, *p, keep_idx=keep_idx).sample[0][keep[0]], out.sample[0][keep[0]])
+    # A masked position's output is the mask token's: identical across masked positions of a sample.
+    for b in range(3):
+        masked = out.sample[b][~keep[b]]
+        assert torch.allclose(masked, masked[:1].expand_as(masked), atol=1e-6)
+
+
+def test_patch_mixer_sees_all_tokens_before_masking():
+    # By design: with a patch mixer the kept tokens carry context from the whole (noisy) latent,
+    # while masked positions still output only the mask-token path.
+    m = tiny_dit(mixer=2)
+    x, c, p = inputs()
+    keep_idx = masking.random_keep_idx(3, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    keep = masking.keep_mask(keep_idx, 16)
+    out = m(x, c, *p, keep_idx=keep_idx)
+    x2 = torch.where(keep.unsqueeze(-1), x, torch.randn_like(x) * 10)
+    out2 = m(x2, c, *p, keep_idx=keep_idx)
+    assert not torch.allclose(out.sample[keep], out2.sample[keep], atol=1e-4)
+    for b in range(3):
+        masked = out2.sample[b][~keep[b]]
+        assert torch.allclose(masked, masked[:1].expand_as(masked), atol=1e-6)
+
+
+def test_prompt_padding_is_ignored_and_prompt_matters():
+    m = tiny_dit()
+    x, c, p = inputs()
+    out = m(x, c, *p).sample
+    emb2 = torch.where(p.mask.unsqueeze(-1), p.emb, torch.randn_like(p.emb) * 5)
+    assert torch.allclose(out, m(x, c, emb2, p.mask).sample, atol=1e-5)
+    assert not torch.allclose(out, m(x, c, p.emb * 2, p.mask).sample, atol=1e-4)
+    # Empty prompt row (no real token) does not produce NaN.
+    empty = torch.zeros_like(p.mask)
+    assert torch.isfinite(m(x, c, p.emb, empty).sample).all()
+
+
+def test_null_prompt_is_learned_and_used_for_cfg_dropout():
+    m = tiny_dit().train()
+    x, c, p = inputs()
+    null = m.null_prompt(3, length=5)
+    assert null.emb.shape == (3, 5, 12) and null.mask[:, 0].all() and not null.mask[:, 1:].any()
+    # No prompt == the null prompt.
+    assert torch.allclose(m(x, c).sample, m(x, c, *m.null_prompt(3)).sample, atol=1e-6)
+    dropped = drop_prompt(p, null, 1.0)
+    loss = m(x, c, *dropped).sample.square().mean()
+    loss.backward()
+    assert m.null_emb.grad is not None and m.null_emb.grad.abs().sum() > 0
+    assert m.null_pooled.grad.abs().sum() > 0
+
+
+def test_unconditional_model():
+    m = tiny_dit(prompt_dim=0)
+    x, c, _ = inputs()
+    out = m(x, c, mask_ratio=0.5)
+    assert out.sample.shape == x.shape and m.null_prompt(3).is_empty
