@@ -1,0 +1,110 @@
+"""Pieces of the prep job: cleaning, prompts, decoding repairs, the bundled corpora (slices)."""
+import codecs
+
+import pytest
+
+from data_prep import bundled
+from data_prep.cleaning import count_tokens, digest, near_key, normalize_text, split_of
+from data_prep.prompts import PromptConfig, build_prompt
+from data_prep.readers import decode_bytes
+from data_prep.report import Report
+
+
+def test_normalize_keeps_line_breaks_and_folds_the_rest():
+    raw = "\ufeffShall I compare\tthee\r\nto a  summer\u00a0day?\r\n\r\n\r\n\r\n  Thou art more lovely \n\n"
+    assert normalize_text(raw) == "Shall I compare thee\nto a summer day?\n\nThou art more lovely"
+    assert normalize_text("  indented\nline", keep_indent=True) == "  indented\nline"
+    # NFC composes, NFKC also folds compatibility forms (the ligature "ﬁ").
+    assert normalize_text("cafe\u0301 \ufb01re") == "caf\u00e9 \ufb01re"
+    assert normalize_text("cafe\u0301 \ufb01re", form="NFKC") == "caf\u00e9 fire"
+
+
+def test_token_counter_and_keys():
+    assert count_tokens("O'er the hills, and far away!") == 8  # o'er the hills , and far away !
+    assert near_key("Hello,  World!\nAgain") == near_key("hello world again") == "helloworldagain"
+    assert digest("a") != digest("b") and len(digest("a")) == 16
+
+
+def test_split_is_a_function_of_the_text_and_roughly_the_fractions():
+    splits = [split_of(digest(near_key(f"poem {i}")), 0.1, 0.1, "s") for i in range(5000)]
+    assert splits == [split_of(digest(near_key(f"poem {i}")), 0.1, 0.1, "s") for i in range(5000)]
+    for name, frac in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
+        assert abs(splits.count(name) / 5000 - frac) < 0.03
+    # another salt reshuffles
+    assert splits != [split_of(digest(near_key(f"poem {i}")), 0.1, 0.1, "t") for i in range(5000)]
+
+
+def test_prompts_from_labels():
+    cfg = PromptConfig()
+    assert build_prompt({"form": "sonnet", "topic": "love"}, cfg) == "sonnet about love"
+    assert build_prompt({"form": "tanka", "author": "Ono no Komachi"}, cfg) == "tanka by Ono no Komachi"
+    assert build_prompt({"form": "stanza", "meter": "iambic pentameter"}, cfg) == "stanza in iambic pentameter"
+    assert build_prompt({"topic": "nature"}, cfg) == "poem about nature"
+    assert build_prompt({"title": "only a title"}, cfg) == ""
+    assert build_prompt({}, cfg) == ""
+    custom = PromptConfig(parts=["a {form}", "on {topic}"], noun="verse")
+    assert build_prompt({"topic": "sea"}, custom) == "verse on sea"
+    with pytest.raises(ValueError, match="unknown label"):
+        PromptConfig(parts=["{colour}"])
+
+
+def test_decode_repairs_and_skips_with_names():
+    r = Report()
+    assert decode_bytes(codecs.BOM_UTF8 + b"hi\r\nthere", "bom.txt", r) == "hi\r\nthere"
+    assert decode_bytes("caf\u00e9".encode("cp1252"), "latin.txt", r) == "caf\u00e9"
+    assert decode_bytes("hi".encode("utf-16"), "u16.txt", r) == "hi"
+    assert decode_bytes(b"  \n ", "empty.txt", r) is None
+    assert decode_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "img.txt", r) is None
+    assert r.repaired["bom"]["files"] == ["bom.txt"] and r.repaired["crlf"]["files"] == ["bom.txt"]
+    assert r.repaired["not_utf8"]["files"] == ["latin.txt"] and r.repaired["utf16"]["count"] == 1
+    assert r.skipped["empty"]["files"] == ["empty.txt"] and r.skipped["binary"]["files"] == ["img.txt"]
+
+
+def test_shakespeare_all_154_sonnets():
+    recs = list(bundled.read_shakespeare(bundled.ShakespeareConfig(), Report()))
+    assert len(recs) == 154
+    assert [r.title for r in recs[:2]] == ["Sonnet 1", "Sonnet 2"] and recs[-1].title == "Sonnet 154"
+    assert recs[0].text.strip().startswith("From fairest creatures we desire increase,")
+    assert all(r.form == "sonnet" and r.author == "William Shakespeare" for r in recs)
+    # 14 lines each, give or take the few irregular ones (99 has 15, 126 has 12)
+    lines = [len(normalize_text(r.text).split("\n")) for r in recs]
+    assert sum(n == 14 for n in lines) >= 150
+    assert bundled.roman_to_int("CXLIV") == 144
+
+
+def test_ogura_tanka_with_poets():
+    recs = list(bundled.read_ogura(bundled.OguraConfig(), Report()))
+    assert len(recs) == 100 and all(r.form == "tanka" for r in recs)
+    komachi = recs[8]
+    assert komachi.author == "Ono no Komachi"
+    assert komachi.text.split("\n")[0] == "Color of the flower" and len(komachi.text.split("\n")) == 5
+    jp = list(bundled.read_ogura(bundled.OguraConfig(language="japanese", max_records=3), Report()))
+    assert len(jp) == 3 and jp[0].author == "天智天皇" and len(jp[0].text.split("\n")) == 5
+
+
+def test_gutenberg_slice_stanzas_and_majority_meter():
+    cfg = bundled.GutenbergConfig(start_line=100, max_stanzas=50, min_lines=2, max_lines=8, unit_stanzas=20)
+    units = bundled.gutenberg_units(cfg)
+    assert len(units) == 3  # 20 + 20 + 10 stanzas
+    recs = [r for u in units for r in bundled.read_gutenberg(*u.arg, cfg, Report())]
+    assert len(recs) == 50
+    texts, meters = bundled.gutenberg_lines()
+    assert len(texts) == 3085117
+    assert recs[0].text.split("\n")[0] == texts[100]
+    sizes = [len(r.text.split("\n")) for r in recs]
+    assert min(sizes) >= 2 and max(sizes) <= 8 and len(set(sizes)) > 1
+    # consecutive: stanza k+1 starts where stanza k ended
+    assert recs[1].text.split("\n")[0] == texts[100 + sizes[0]]
+    # meter = majority of the lines' meters
+    import collections
+    lo = 100
+    for r, n in zip(recs, sizes):
+        votes = collections.Counter(m for m in meters[lo:lo + n] if m != "null")
+        assert r.meter == votes.most_common(1)[0][0]
+        lo += n
+    # same seed, same stanzas; another seed, others
+    assert [r.text for u in bundled.gutenberg_units(cfg) for r in bundled.read_gutenberg(*u.arg, cfg, Report())] \
+        == [r.text for r in recs]
+    other = bundled.GutenbergConfig(start_line=100, max_stanzas=50, min_lines=2, max_lines=8, seed=1)
+    assert [r.text for u in bundled.gutenberg_units(other) for r in bundled.read_gutenberg(*u.arg, other, Report())] \
+        != [r.text for r in recs]
