@@ -54,8 +54,11 @@ class PerceiverResampler(nn.Module):
     def __init__(self, dim: int, dim_latent: int, num_latents: int, depth: int, heads: int, dim_head: int,
                  max_seq_len: int, ff_mult: int = 4, l2_normalize: bool = True):
         super().__init__()
+        # Small inits: a position embedding or query as large as the encoder states would add the same
+        # vector to every poem's latent and drown the part that tells poems apart.
         self.pos_emb = nn.Embedding(max_seq_len, dim)
-        self.latents = nn.Parameter(torch.randn(num_latents, dim) * dim ** -0.5)  # the learned latent queries
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)  # the learned latent queries
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim, heads, dim_head), FeedForward(dim, ff_mult)]) for _ in range(depth))
         self.final_norm = nn.LayerNorm(dim)
