@@ -1,0 +1,329 @@
+"""Encode job: text shards -> latent shards with prompt embeddings, and the latent statistics.
+
+    latentverse encode yamls/encode/bundled.yaml data.path=out/text_shards autoencoder=out/ae out_dir=out/latents
+
+Each slot (`num_workers` processes here, times WORLD_SIZE ranks under torchrun or the Composer
+launcher) takes a contiguous block of every split, runs the autoencoder's encoder and the prompt
+encoder in batches under inference mode, and writes `out_dir/<split>/<slot>/`; rank 0 merges the
+indexes, so slot order = input order and 1 slot and N slots give the same dataset. A killed job run
+again keeps the finished slots (they have done-markers, see data_prep/mds.py) and redoes the rest.
+
+Columns (data_prep/schema.py latent_columns): latent fp16 [32, 64]; prompt_emb fp16 [L, D] zero-padded
+plus prompt_len, and/or prompt_pooled fp16 [D] (`prompt_mode`); text, prompt, id, source and labels.
+`latent_stats.json` (per-channel and overall mean and std, and sigma_data = the std of the
+channel-centred latents, which EDM uses; see trainer/data.py) is computed from the fp16 values
+actually stored, per split, in `out_dir/<split>/latent_stats.json`, and the train split's also in
+`out_dir/latent_stats.json`.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import signal
+import time
+from typing import Literal, Optional
+
+import numpy as np
+
+from data_prep.mds import RankedDataset, read_json, wait_for, world_from_env, write_json_atomic
+from data_prep.schema import LABELS, SPLITS, latent_columns
+from trainer.config import ExistingPath, UserError
+from trainer.log import get_logger
+from trainer.models.text_encoders import PromptEncoderConfig
+
+log = get_logger("encode")
+
+# Test hook: a slot SIGKILLs its own process after encoding this many samples (optionally only the
+# slot named by LATENTVERSE_ENCODE_KILL_SLOT), to prove that a re-run finishes the job.
+KILL_ENV, KILL_SLOT_ENV = "LATENTVERSE_ENCODE_KILL_AFTER", "LATENTVERSE_ENCODE_KILL_SLOT"
+
+
+@dataclasses.dataclass
+class EncodeDataConfig:
+    path: ExistingPath = "out/demo/text_shards"   # the prep job's out_dir (holds <split>/index.json)
+    splits: list[str] = dataclasses.field(default_factory=lambda: list(SPLITS))
+    max_samples: Optional[int] = None             # per split, for quick runs
+
+
+@dataclasses.dataclass
+class EncodeConfig:
+    out_dir: str
+    autoencoder: ExistingPath                      # an exported autoencoder directory
+    data: EncodeDataConfig = dataclasses.field(default_factory=EncodeDataConfig)
+    prompt_encoder: PromptEncoderConfig = dataclasses.field(default_factory=PromptEncoderConfig)
+    prompt_mode: Literal["tokens", "pooled", "both"] = "both"
+    format: Literal["mds", "wds"] = "mds"
+    batch_size: int = 64
+    num_workers: int = 1                           # processes on this machine (per launcher rank)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compression: Optional[str] = "zstd"
+    overwrite: bool = False                        # re-encode when out_dir holds a different config
+    wait_timeout_s: float = 24 * 3600.0
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+CONFIG = EncodeConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics: exact sums over the stored fp16 values, combined across slots
+
+
+class LatentStats:
+    def __init__(self, channels: int):
+        self.n = 0                                   # latent vectors (samples x slots)
+        self.s = np.zeros(channels, np.float64)
+        self.ss = np.zeros(channels, np.float64)
+
+    def add(self, latents: np.ndarray) -> None:      # [B, T, C]
+        x = latents.astype(np.float64).reshape(-1, latents.shape[-1])
+        self.n += x.shape[0]
+        self.s += x.sum(0)
+        self.ss += (x * x).sum(0)
+
+    def to_json(self) -> dict:
+        return {"n": self.n, "s": self.s.tolist(), "ss": self.ss.tolist()}
+
+    @classmethod
+    def combine(cls, parts: list[dict]) -> "LatentStats":
+        out = cls(len(parts[0]["s"]))
+        for p in parts:
+            out.n += p["n"]
+            out.s += np.asarray(p["s"])
+            out.ss += np.asarray(p["ss"])
+        return out
+
+    def summary(self) -> dict:
+        n = max(self.n, 1)
+        mean_c = self.s / n
+        var_c = np.maximum(self.ss / n - mean_c ** 2, 0.0)
+        mean = self.s.sum() / (n * len(self.s))
+        var = max(self.ss.sum() / (n * len(self.s)) - mean ** 2, 0.0)
+        return {"count_vectors": int(self.n), "channel_mean": mean_c.tolist(),
+                "channel_std": np.sqrt(var_c).tolist(), "mean": float(mean), "std": float(math.sqrt(var)),
+                # EDM's sigma_data for channel-centred latents (trainer/data.py normalize=center)
+                "sigma_data": float(math.sqrt(var_c.mean()))}
+
+
+# ---------------------------------------------------------------------------------------------
+# one slot
+
+
+def _device(cfg: EncodeConfig) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def load_latent_encoder(path: str, device: str):
+    """The latent encoder saved at `path` (the BART-Perceiver autoencoder)."""
+    from trainer.models.autoencoder import LatentAutoencoder
+
+    return LatentAutoencoder.from_pretrained(path).to(device).eval()
+
+
+def _block(n: int, slot: int, n_slots: int) -> range:
+    return range(slot * n // n_slots, (slot + 1) * n // n_slots)
+
+
+class _WdsRankWriter:
+    """webdataset tar shards for one slot and split, with the same done-marker discipline."""
+
+    def __init__(self, out: str):
+        import webdataset as wds
+
+        os.makedirs(out, exist_ok=True)
+        self.out = out
+        self.sink = wds.ShardWriter(os.path.join(out, "latents-%06d.tar"), maxcount=10000, verbose=0)
+
+    def write(self, sample: dict) -> None:
+        meta = {k: v for k, v in sample.items() if isinstance(v, (str, int))}
+        rec = {"__key__": hashlib.sha1(sample["id"].encode()).hexdigest()[:20], "json": meta,
+               "latent.npy": sample["latent"]}
+        for k in ("prompt_emb", "prompt_pooled"):
+            if k in sample:
+                rec[f"{k}.npy"] = sample[k]
+        self.sink.write(rec)
+
+    def finish(self) -> None:
+        self.sink.close()
+
+
+def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dict:
+    """Encode this slot's block of every split; returns its marker (counts and stat sums)."""
+    import torch
+    from streaming import StreamingDataset
+    from tqdm import tqdm
+
+    from trainer.models.text_encoders import build_prompt_encoder
+
+    torch.set_num_threads(threads)
+    device = _device(cfg)
+    ae = load_latent_encoder(cfg.autoencoder, device)
+    penc = build_prompt_encoder(cfg.prompt_encoder).to(device)
+    T, C = ae.latent_shape
+    cols = _columns(cfg, (T, C), penc)
+    ds_out = RankedDataset(cfg.out_dir, cols, splits=cfg.data.splits, compression=cfg.compression)
+    writer = ds_out.rank_writer(slot)
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+    if os.environ.get(KILL_SLOT_ENV, "") not in ("", str(slot)):
+        kill_after = 0
+    written = 0
+    stats, counts = {}, {}
+    for split in cfg.data.splits:
+        src = StreamingDataset(local=os.path.join(cfg.data.path, split), shuffle=False, batch_size=1)
+        n = len(src) if cfg.data.max_samples is None else min(len(src), cfg.data.max_samples)
+        block = _block(n, slot, n_slots)
+        st = stats[split] = LatentStats(C)
+        wds_writer = _WdsRankWriter(ds_out.rank_dir(slot, split)) if cfg.format == "wds" else None
+        bar = tqdm(total=len(block), desc=f"encode {split} slot {slot}", unit="sample", disable=None,
+                   position=slot if n_slots > 1 else None, leave=n_slots == 1)
+        for start in range(block.start, block.stop, cfg.batch_size):
+            rows = [src[i] for i in range(start, min(start + cfg.batch_size, block.stop))]
+            texts = [r["text"] for r in rows]
+            with torch.inference_mode():
+                z = ae.encode(texts).float().cpu().numpy().astype(np.float16)   # [B, T, C]
+                tokens, mask, pooled = penc([r["prompt"] for r in rows])
+            st.add(z)
+            tokens = tokens.cpu().numpy().astype(np.float16)
+            pooled = pooled.cpu().numpy().astype(np.float16)
+            lens = mask.sum(1).cpu().numpy()
+            for j, r in enumerate(rows):
+                sample = {k: r[k] for k in ("id", "text", "prompt", "source", *LABELS)}
+                sample["latent"] = z[j]
+                if cfg.prompt_mode in ("tokens", "both"):
+                    sample["prompt_emb"], sample["prompt_len"] = tokens[j], int(lens[j])
+                if cfg.prompt_mode in ("pooled", "both"):
+                    sample["prompt_pooled"] = pooled[j]
+                if wds_writer is not None:
+                    wds_writer.write(sample)
+                else:
+                    writer.write(sample, split=split)
+            bar.update(len(rows))
+            written += len(rows)
+            if kill_after and written >= kill_after:
+                log.warning(f"{KILL_ENV}={kill_after}: slot {slot} kills its process now")
+                os.kill(os.getpid(), signal.SIGKILL)
+        bar.close()
+        if wds_writer is not None:
+            wds_writer.finish()
+        counts[split] = len(block)
+    if cfg.format == "wds":  # no MDS data: write the marker directly
+        write_json_atomic(ds_out.marker(slot), {"rank": slot, "counts": counts,
+                                                "info": {"stats": {s: v.to_json() for s, v in stats.items()}}})
+    else:
+        writer.finish({"stats": {s: v.to_json() for s, v in stats.items()}})
+    return {"slot": slot, "counts": counts}
+
+
+def _columns(cfg: EncodeConfig, latent_shape, penc=None) -> dict:
+    L = cfg.prompt_encoder.max_length if penc is None else penc.max_length
+    D = None if penc is None else penc.dim
+    return latent_columns(latent_shape, (L, D) if cfg.prompt_mode in ("tokens", "both") else None,
+                          D if cfg.prompt_mode in ("pooled", "both") else None)
+
+
+def _slot_entry(args):
+    cfg_dict, slot, n_slots, threads = args
+    from trainer import config as C
+
+    cfg = C.from_dict(EncodeConfig, cfg_dict)
+    return encode_slot(cfg, slot, n_slots, threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+
+
+def fingerprint(cfg: EncodeConfig, n_slots: int) -> str:
+    d = dataclasses.asdict(cfg)
+    for k in ("out_dir", "overwrite", "wait_timeout_s", "num_workers", "device", "batch_size"):
+        d.pop(k)
+    d["n_slots"] = n_slots
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_inputs(cfg: EncodeConfig) -> None:
+    for i, split in enumerate(cfg.data.splits):
+        if not os.path.exists(os.path.join(cfg.data.path, split, "index.json")):
+            raise UserError(f"data.splits[{i}]: no text shards (index.json) in {os.path.join(cfg.data.path, split)!r}")
+
+
+def run(cfg: EncodeConfig) -> dict:
+    rank, world = world_from_env()
+    n_slots = world * cfg.num_workers
+    _check_inputs(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    fp = fingerprint(cfg, n_slots)
+    ds = RankedDataset(cfg.out_dir, {}, splits=cfg.data.splits)
+    cfg_file = os.path.join(cfg.out_dir, "_encode_config.json")
+    old = read_json(cfg_file)
+    if old is not None and old.get("fingerprint") != fp:
+        if not cfg.overwrite:
+            raise UserError(f"{cfg.out_dir}: holds latents of a different encode config (or slot count); "
+                            f"set overwrite=true or choose another out_dir")
+        if rank == 0:
+            ds.reset()
+            os.remove(cfg_file)
+    done = ds.complete()
+    if done is not None and done.get("fingerprint") == fp:
+        log.info(f"{cfg.out_dir}: already encoded ({done['counts']}); nothing to do")
+        return done
+    if rank == 0 and (old is None or old.get("fingerprint") != fp):
+        write_json_atomic(cfg_file, {"fingerprint": fp, "config": dataclasses.asdict(cfg)})
+
+    my_slots = [rank * cfg.num_workers + j for j in range(cfg.num_workers)]
+    todo = [s for s in my_slots if ds.rank_done(s) is None]
+    if len(todo) < len(my_slots):
+        log.info(f"resuming: slots {sorted(set(my_slots) - set(todo))} already finished")
+    t0 = time.time()
+    # Share this machine's cores among the slots running on it (all launcher ranks of this node).
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, (os.cpu_count() or 1) // (local_world * cfg.num_workers))
+    if len(todo) == 1:
+        encode_slot(cfg, todo[0], n_slots, threads)
+    elif todo:
+        jobs = [(dataclasses.asdict(cfg), s, n_slots, threads) for s in todo]
+        with cf.ProcessPoolExecutor(max_workers=len(todo), mp_context=mp.get_context("spawn")) as pool:
+            for f in cf.as_completed([pool.submit(_slot_entry, j) for j in jobs]):
+                f.result()
+    if rank != 0:
+        wait_for([os.path.join(cfg.out_dir, "_done.json")], cfg.wait_timeout_s, what="rank 0's merge")
+        return read_json(os.path.join(cfg.out_dir, "_done.json"))
+
+    markers = ds.wait_ranks(n_slots, cfg.wait_timeout_s)
+    if cfg.format == "mds":
+        ds.merge(n_slots)
+    else:
+        for split in cfg.data.splits:
+            tars = sorted(os.path.relpath(os.path.join(dp, f), os.path.join(cfg.out_dir, split))
+                          for dp, _, fs in os.walk(os.path.join(cfg.out_dir, split)) for f in fs if f.endswith(".tar"))
+            with open(os.path.join(cfg.out_dir, split, "shards.txt"), "w") as f:
+                f.write("\n".join(tars) + "\n")
+    counts, summaries = {}, {}
+    for split in cfg.data.splits:
+        counts[split] = sum(m["counts"].get(split, 0) for m in markers)
+        st = LatentStats.combine([m["info"]["stats"][split] for m in markers])
+        summaries[split] = dict(st.summary(), count_samples=counts[split])
+        write_json_atomic(os.path.join(cfg.out_dir, split, "latent_stats.json"), summaries[split])
+    main_split = "train" if "train" in summaries else cfg.data.splits[0]
+    write_json_atomic(os.path.join(cfg.out_dir, "latent_stats.json"), dict(summaries[main_split], split=main_split))
+    seconds = time.time() - t0
+    total = sum(counts.values())
+    info = {"fingerprint": fp, "counts": counts, "slots": n_slots, "seconds": round(seconds, 2),
+            "samples_per_s": round(total / max(seconds, 1e-9), 2), "format": cfg.format}
+    ds.mark_complete(info)
+    log.info(f"encoded {counts} in {seconds:.1f} s ({info['samples_per_s']} samples/s) into {cfg.out_dir}")
+    return info

@@ -1,0 +1,143 @@
+"""Encode job on tiny real parts: a tiny BART-Perceiver autoencoder, the bundled MiniLM prompt
+encoder, real text shards. 1 slot and 2 slots give the same samples; a kill is resumed; the
+recorded latent statistics equal a direct computation over the stored latents."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep import encode_job
+from trainer import config as C
+
+from .conftest import run_cli
+
+FORMS = ["sonnet", "tanka", "haiku", ""]
+
+
+def write_text_shards(root, n_train=40, n_val=12):
+    from streaming import MDSWriter
+
+    from data_prep.schema import LABELS, TEXT_COLUMNS
+
+    words = "the sea moon night love wind stone river light dark song heart old rain".split()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        with MDSWriter(out=os.path.join(root, split), columns=TEXT_COLUMNS, size_limit=1 << 12) as w:
+            for i in range(n):
+                text = "\n".join(" ".join(rng.choice(words, size=4)) for _ in range(2))
+                form = FORMS[i % len(FORMS)]
+                labels = {k: "" for k in LABELS}
+                labels["form"] = form
+                w.write({"id": f"{split}-{i}", "text": text, "prompt": f"{form} about the sea" if form else "",
+                         "source": "jsonl", **labels, "n_tokens": 8})
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
+    from trainer.models.tokenizers import train_bpe
+
+    root = tmp_path_factory.mktemp("enc")
+    shards = write_text_shards(root / "text")
+    tok = train_bpe(["the sea moon night love wind stone river light dark song heart old rain"] * 5,
+                    vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    ae = LatentAutoencoder(AutoencoderConfig(d_model=32, encoder_layers=1, decoder_layers=1, attention_heads=2,
+                                             ffn_dim=64, perceiver_depth=1, perceiver_heads=2,
+                                             perceiver_dim_head=16, reconstruction_depth=1, max_tokens=24), tok)
+    ae.save_pretrained(str(root / "ae"))
+    return {"root": root, "shards": shards, "ae": str(root / "ae")}
+
+
+def overrides(assets, out, *extra):
+    return [f"out_dir={out}", f"autoencoder={assets['ae']}", f"data.path={assets['shards']}",
+            "data.splits=[train, val]", "prompt_encoder.max_length=12", "batch_size=7", *extra]
+
+
+def read_latents(path):
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=path, shuffle=False, batch_size=1)
+    return {ds[i]["id"]: ds[i] for i in range(len(ds))}
+
+
+def test_one_and_two_slots_give_the_same_samples_and_stats_are_exact(assets, tmp_path):
+    cfg1 = C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "one"))
+    info = encode_job.run(cfg1)
+    assert info["counts"] == {"train": 40, "val": 12}
+    cfg2 = C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "two", "num_workers=2"))
+    encode_job.run(cfg2)
+    for split in ("train", "val"):
+        a, b = read_latents(str(tmp_path / "one" / split)), read_latents(str(tmp_path / "two" / split))
+        assert sorted(a) == sorted(b) and len(a) == {"train": 40, "val": 12}[split]
+        for k in a:
+            assert a[k]["latent"].dtype == np.float16 and a[k]["latent"].shape == (32, 64)
+            np.testing.assert_allclose(a[k]["latent"].astype(np.float32), b[k]["latent"].astype(np.float32),
+                                       atol=2e-3)
+            assert a[k]["prompt"] == b[k]["prompt"] and a[k]["form"] == b[k]["form"]
+            assert a[k]["prompt_emb"].shape == (12, 384) and a[k]["prompt_pooled"].shape == (384,)
+            n = int(a[k]["prompt_len"])
+            assert np.all(a[k]["prompt_emb"][n:] == 0) and (n == 2) == (a[k]["prompt"] == "")
+        # latent_stats.json equals a direct computation over the stored fp16 latents
+        z = np.stack([v["latent"].astype(np.float64) for v in a.values()]).reshape(-1, 64)
+        stats = json.load(open(tmp_path / "one" / split / "latent_stats.json"))
+        np.testing.assert_allclose(stats["channel_mean"], z.mean(0), atol=1e-9)
+        np.testing.assert_allclose(stats["channel_std"], z.std(0), atol=1e-7)
+        np.testing.assert_allclose(stats["std"], z.std(), atol=1e-7)
+        np.testing.assert_allclose(stats["sigma_data"], (z - z.mean(0)).std(), atol=1e-7)
+    top = json.load(open(tmp_path / "one" / "latent_stats.json"))
+    assert top["split"] == "train" and top["count_samples"] == 40
+    # a finished job run again does nothing
+    again = encode_job.run(cfg1)
+    assert again["fingerprint"] == info["fingerprint"] and again["seconds"] == info["seconds"]
+
+
+def test_same_prompt_same_embedding(assets, tmp_path):
+    cfg = C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "o", "data.splits=[train]"))
+    encode_job.run(cfg)
+    rows = list(read_latents(str(tmp_path / "o" / "train")).values())
+    same = [r for r in rows if r["prompt"] == "sonnet about the sea"]
+    assert len(same) >= 2
+    np.testing.assert_array_equal(same[0]["prompt_emb"], same[1]["prompt_emb"])
+
+
+@pytest.mark.slow
+def test_kill_and_rerun_keeps_finished_slots(assets, tmp_path):
+    out = tmp_path / "k"
+    args = ["encode", *overrides(assets, out, "num_workers=2")]
+    r = run_cli(*args, env={encode_job.KILL_ENV: "7", encode_job.KILL_SLOT_ENV: "1"})
+    assert r.returncode != 0
+    assert os.path.exists(out / "_ranks" / "0.json") and not os.path.exists(out / "_ranks" / "1.json")
+    mtime0 = os.path.getmtime(out / "_ranks" / "0.json")
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.getmtime(out / "_ranks" / "0.json") == mtime0      # slot 0 was not redone
+    got = read_latents(str(out / "train"))
+    assert sorted(got) == sorted(f"train-{i}" for i in range(40))     # each sample exactly once
+
+
+def test_wds_output(assets, tmp_path):
+    import webdataset as wds
+
+    cfg = C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "w", "format=wds", "data.splits=[val]"))
+    encode_job.run(cfg)
+    lst = (tmp_path / "w" / "val" / "shards.txt").read_text().split()
+    urls = [str(tmp_path / "w" / "val" / p) for p in lst]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert len(samples) == 12
+    assert samples[0]["latent.npy"].shape == (32, 64) and "prompt" in samples[0]["json"]
+
+
+def test_missing_split_and_changed_config_are_one_line(assets, tmp_path):
+    cfg = C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "m", "data.splits=[train, test]"))
+    with pytest.raises(C.UserError, match=r"data.splits\[1\]: no text shards"):
+        encode_job.run(cfg)
+    cfg = C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "c", "data.splits=[val]"))
+    encode_job.run(cfg)
+    cfg = C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "c", "data.splits=[val]",
+                                                           "prompt_mode=pooled"))
+    with pytest.raises(C.UserError, match="different encode config"):
+        encode_job.run(cfg)
