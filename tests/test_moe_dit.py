@@ -170,3 +170,36 @@ def test_unconditional_model():
     x, c, _ = inputs()
     out = m(x, c, mask_ratio=0.5)
     assert out.sample.shape == x.shape and m.null_prompt(3).is_empty
+
+
+def test_learns_a_prompt_conditional_distribution_with_masked_training():
+    """End to end: masked EDM training with CFG dropout, then Heun sampling, recovers each prompt's data."""
+    from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond
+    from trainer.diffusion.sampler import SamplerConfig, edm_sampler
+
+    torch.manual_seed(0)
+    cfg = DenoiserConfig(latent_tokens=8, latent_dim=4, prompt_dim=8,
+                         moe_dit=MoEDiTConfig(dim=64, depth=2, head_dim=32, patch_mixer_depth=1, num_experts=4))
+    m = build_denoiser(cfg)
+    net = EDMPrecond(m, sigma_data=0.5)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    mus = torch.full((2, 8, 4), 0.5)
+    mus[1, 4:] = -0.5                                 # the two prompts differ on the last 4 slots
+    embs = torch.randn(2, 3, 8)
+    loss_fn = EDMLoss(EDMConfig(sigma_data=0.5))
+    first = None
+    for _ in range(200):
+        lab = torch.randint(0, 2, (32,))
+        y = mus[lab] + 0.05 * torch.randn(32, 8, 4)
+        p = drop_prompt(Prompt(embs[lab]), m.null_prompt(32, 3), 0.1)
+        loss = loss_fn(net, y, p, mask_ratio=0.5).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first
+    net.eval()
+    for i in range(2):
+        s = edm_sampler(net, torch.randn(32, 8, 4), Prompt(embs[i:i + 1].expand(32, -1, -1)))
+        assert float((s.mean(0) - mus[i]).abs().max()) < 0.2
+        assert float(s.std(0).mean()) < 0.2

@@ -126,6 +126,8 @@ def test_drop_prompt():
     # Kept samples get their masked-mean pooled vector, dropped ones the null pooled vector.
     assert torch.allclose(half.pooled[~dropped], prompt.pooled_or_mean()[~dropped])
     assert bool((half.pooled[dropped] == -1.0).all())
+    with pytest.raises(ValueError, match="null_prompt.batch, length=L"):
+        drop_prompt(prompt, Prompt(null.emb[:, :1], null.mask[:, :1], null.pooled), 0.5)
 
 
 class GaussianEpsBackbone(torch.nn.Module):

@@ -15,6 +15,9 @@ def drop_prompt(prompt: Prompt, null: Prompt, p: float, generator: Optional[torc
     `null` comes from `denoiser.null_prompt(batch, length=L)` so its shapes match the batch."""
     if p <= 0 or prompt.is_empty:
         return prompt
+    if prompt.emb is not None and (null.emb is None or null.emb.shape != prompt.emb.shape):
+        raise ValueError(f"null prompt shape {None if null.emb is None else list(null.emb.shape)} does not match "
+                         f"the prompt {list(prompt.emb.shape)}; build it with null_prompt(batch, length=L)")
     ref = prompt.emb if prompt.emb is not None else prompt.pooled
     drop = torch.rand(ref.shape[0], device=ref.device, generator=generator) < p      # [B]
     pick = (lambda c, u, d: None if c is None else torch.where(d, u.to(c.dtype), c))
