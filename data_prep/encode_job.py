@@ -60,6 +60,7 @@ class EncodeConfig:
     format: Literal["mds", "wds"] = "mds"
     batch_size: int = 64
     num_workers: int = 1                           # processes on this machine (per launcher rank)
+    threads_per_slot: Optional[int] = None         # torch threads per slot; None = share this node's cores
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compression: Optional[str] = "zstd"
     overwrite: bool = False                        # re-encode when out_dir holds a different config
@@ -249,7 +250,7 @@ def _slot_entry(args):
 
 def fingerprint(cfg: EncodeConfig, n_slots: int) -> str:
     d = dataclasses.asdict(cfg)
-    for k in ("out_dir", "overwrite", "wait_timeout_s", "num_workers", "device", "batch_size"):
+    for k in ("out_dir", "overwrite", "wait_timeout_s", "num_workers", "device", "batch_size", "threads_per_slot"):
         d.pop(k)
     d["n_slots"] = n_slots
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -291,7 +292,7 @@ def run(cfg: EncodeConfig) -> dict:
     t0 = time.time()
     # Share this machine's cores among the slots running on it (all launcher ranks of this node).
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = max(1, (os.cpu_count() or 1) // (local_world * cfg.num_workers))
+    threads = cfg.threads_per_slot or max(1, (os.cpu_count() or 1) // (local_world * cfg.num_workers))
     if len(todo) == 1:
         encode_slot(cfg, todo[0], n_slots, threads)
     elif todo:
