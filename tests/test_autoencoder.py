@@ -111,9 +111,12 @@ def test_frozen_pretrained_bart_gets_no_gradient_and_does_not_change(tok, tmp_pa
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(not torch.equal(a, b) for a, b in zip(perceiver_before, m.perceiver.parameters()))
     # The export carries the frozen BART's weights and still loads without the original path.
+    import shutil
+
     m.save_pretrained(str(tmp_path / "ae"))
+    shutil.rmtree(tmp_path / "bart")
     m2 = LatentAutoencoder.from_pretrained(str(tmp_path / "ae"))
-    assert torch.equal(m2.encode(POEMS), m.eval().encode(POEMS))
+    assert m2.frozen and torch.equal(m2.encode(POEMS), m.eval().encode(POEMS))
 
 
 def test_unfrozen_pretrained_bart_trains(tok, tmp_path):
@@ -147,7 +150,10 @@ def test_not_an_autoencoder_dir(tmp_path):
         LatentAutoencoder.from_pretrained(str(tmp_path))
 
 
-def test_config_refuses_max_tokens_out_of_range():
+@pytest.mark.parametrize("bad", [{"max_tokens": 1024}, {"pretrained_path": "/no/such/bart"},
+                                 {"decoder_token_dropout": 1.0}])
+def test_config_refuses_bad_values_in_one_line(bad):
     with pytest.raises(C.ConfigError) as e:
-        C.from_dict(AutoencoderConfig, {"max_tokens": 1024}, source="x.yaml")
-    assert str(e.value).startswith("x.yaml: ") and "max_tokens" in str(e.value)
+        C.from_dict(AutoencoderConfig, bad, source="x.yaml")
+    msg = str(e.value)
+    assert msg.startswith("x.yaml: ") and next(iter(bad)) in msg and "\n" not in msg

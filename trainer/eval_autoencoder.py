@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -129,6 +129,7 @@ def plot_training_curve(metrics_jsonl: str, png: str) -> str:
 
 @dataclasses.dataclass
 class EvalAutoencoderConfig:
+    task: Literal["autoencoder"] = "autoencoder"
     autoencoder_dir: ExistingPath = "out/demo/autoencoder/autoencoder"
     data_path: ExistingPath = "out/demo/text_shards"  # text shards: <data_path>/<split>/index.json
     split: str = "test"
@@ -165,3 +166,23 @@ def run(cfg: EvalAutoencoderConfig) -> dict:
 
 
 CONFIG = EvalAutoencoderConfig
+
+
+def main(argv=None) -> int:
+    """python -m trainer.eval_autoencoder [CONFIG.yaml] [key=value ...] (until `latentverse evaluate` routes here)."""
+    import sys
+
+    from trainer import config as C
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = args.pop(0) if args and "=" not in args[0] else None
+    try:
+        run(C.load(EvalAutoencoderConfig, path, args))
+    except UserError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

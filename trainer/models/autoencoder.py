@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ExistingPath, UserError
+from trainer.config import UserError
 from trainer.models.perceiver import PerceiverResampler, ReconstructionNetwork
 
 CONFIG_NAME = "autoencoder_config.json"
@@ -30,7 +30,7 @@ WEIGHTS_NAME = "model.safetensors"
 @dataclasses.dataclass
 class AutoencoderConfig:
     # A local BART checkpoint dir (e.g. a downloaded facebook/bart-base); None builds BART from the sizes below.
-    pretrained_path: Optional[ExistingPath] = None
+    pretrained_path: Optional[str] = None
     freeze_bart: bool = True            # only with pretrained_path: train the Perceiver parts only (as the paper)
     max_tokens: int = 64                # longest poem in tokens, <s> and </s> included; longer ones are cut
     num_latents: int = 32               # latent slots
@@ -53,6 +53,8 @@ class AutoencoderConfig:
     decoder_token_dropout: float = 0.0
 
     def __post_init__(self):
+        if self.pretrained_path is not None and not os.path.exists(self.pretrained_path):
+            raise ValueError(f"pretrained_path: path does not exist: {self.pretrained_path!r}")
         if not 4 <= self.max_tokens <= 512:
             raise ValueError(f"max_tokens must be in 4..512, got {self.max_tokens}")
         if not 0.0 <= self.decoder_token_dropout < 1.0:
@@ -236,11 +238,13 @@ class LatentAutoencoder(nn.Module):
         with open(cfg_file) as f:
             meta = json.load(f)
         fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
-        cfg = AutoencoderConfig(**{k: v for k, v in meta["autoencoder"].items() if k in fields})
-        cfg.pretrained_path = None  # the weights are all in the safetensors file
+        # pretrained_path=None: the weights are all in the safetensors file (the original path may be gone).
+        cfg = AutoencoderConfig(**{k: v for k, v in meta["autoencoder"].items() if k in fields and k != "pretrained_path"})
         tok = load_tokenizer(path)
         bart_cfg = {k: v for k, v in meta["bart"].items() if k not in ("transformers_version", "architectures")}
         model = cls(cfg, tok, bart_config=bart_cfg)
         model.frozen = bool(meta["autoencoder"].get("pretrained_path")) and cfg.freeze_bart
+        if model.frozen:
+            model.bart.requires_grad_(False)
         load_model(model, os.path.join(path, WEIGHTS_NAME), device=map_location)
         return model.eval()
