@@ -68,3 +68,12 @@ def test_bad_tokenizer_path_is_one_line(tmp_path):
 def test_pretrained_kind_needs_a_path():
     with pytest.raises(UserError, match="pretrained_path"):
         build_tokenizer(TokenizerConfig(kind="pretrained"))
+
+
+def test_gpt2_save_and_load_keeps_ids(tmp_path):
+    tok = gpt2_tokenizer()
+    save_tokenizer(tok, str(tmp_path / "gpt2"))
+    again = load_tokenizer(str(tmp_path / "gpt2"))
+    assert len(again) == len(tok)
+    for p in POEMS:
+        assert again(p)["input_ids"] == tok(p)["input_ids"] and roundtrip(again, p) == p

@@ -31,7 +31,7 @@ class TokenizerConfig:
     vocab_size: int = 3000
     min_frequency: int = 2
     # How many training texts the BPE is learnt from (the whole split is not needed for 3k merges).
-    train_texts: int = 200_000
+    train_texts: int = 50_000
 
 
 def _check_nonempty(tok, where: str):
