@@ -48,6 +48,15 @@ def moe_vs_dense(dim=384, tokens=32, batch=64, experts=8, capacity=2.0, reps=15)
 
     t_moe, t_dense = _interleaved(lambda: step(moe), lambda: step(dense), reps)
     print(f"  MoE block {t_moe * 1e3:.1f} ms, dense block {t_dense * 1e3:.1f} ms")
+    # The FFNs alone (no attention to dilute the routing overhead), for information.
+    h = torch.randn(batch, tokens, dim)
+
+    def ffn_step(ffn):
+        ffn.zero_grad(set_to_none=True)
+        ffn(h).square().mean().backward()
+
+    f_moe, f_dense = _interleaved(lambda: ffn_step(moe.mlp), lambda: ffn_step(dense.mlp), reps)
+    print(f"  FFN alone: expert-choice {f_moe * 1e3:.1f} ms, dense {f_dense * 1e3:.1f} ms, ratio {f_moe / f_dense:.2f}")
     return t_moe / t_dense
 
 
