@@ -52,7 +52,6 @@ def save_denoiser(path: str, net, denoiser_cfg, latent_stats: dict, normalize: s
 
 def load_denoiser(path: str, map_location: str = "cpu"):
     """(EDMPrecond in eval mode, meta dict). A missing or corrupt file is a one-line error naming it."""
-    from safetensors import SafetensorsError
     from safetensors.torch import load_file
 
     from trainer.diffusion.edm import EDMPrecond
@@ -71,7 +70,7 @@ def load_denoiser(path: str, map_location: str = "cpu"):
     net = EDMPrecond(build_denoiser(dcfg), sigma_data=meta["sigma_data"])
     try:
         state = load_file(weights, device=map_location)
-    except (SafetensorsError, OSError, RuntimeError) as e:
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         raise UserError(f"{weights}: corrupt weights file ({e})") from None
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
