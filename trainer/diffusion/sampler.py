@@ -52,11 +52,14 @@ def sigma_steps(cfg: SamplerConfig, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def edm_sampler(net, noise: torch.Tensor, prompt: Optional[Prompt] = None, cfg: Optional[SamplerConfig] = None,
-                generator: Optional[torch.Generator] = None, progress: bool = False) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, progress: bool = False,
+                callback=None) -> torch.Tensor:
     """noise [B, T, C] ~ N(0, I) -> samples [B, T, C] (dtype of noise).
 
     net(x, sigma, prompt) -> DenoiserOutput, and net.null_prompt(batch, length) (EDMPrecond has both).
-    The sampler state is kept in float64, as in the reference implementation."""
+    The sampler state is kept in float64, as in the reference implementation.
+    callback(i, x_next, denoised), if given, sees every step: the new state and the step's
+    denoised estimate D(x_hat; t_hat) (what `latentverse generate --show-steps` decodes)."""
     cfg = cfg or SamplerConfig()
     dtype = noise.dtype
     param = next(iter(net.parameters()), None) if hasattr(net, "parameters") else None
@@ -82,10 +85,13 @@ def edm_sampler(net, noise: torch.Tensor, prompt: Optional[Prompt] = None, cfg: 
         else:
             x_hat = x_cur
         # Euler step.
-        d_cur = (x_hat - D(x_hat, t_hat)) / t_hat
+        denoised = D(x_hat, t_hat)
+        d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
         # Heun correction, except on the last step where t_next = 0.
         if i < N - 1:
             d_prime = (x_next - D(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        if callback is not None:
+            callback(i, x_next, denoised)
     return x_next.to(dtype)

@@ -1,0 +1,75 @@
+"""Generate poems from prompts with an exported pipeline directory.
+
+    latentverse generate PIPELINE_DIR --prompt "sonnet about the sea" --num-samples 4 --steps 18 \\
+        --guidance 5 --seed 0 [--sampler heun|ddpm] [--show-steps K] [--out FILE.json]
+
+--show-steps K prints, and writes as an HTML page beside the pipeline (or --out), how the decoded
+text changes from noise to poem at K points of the sampling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from trainer.config import UserError
+from trainer.log import get_logger
+
+log = get_logger("generate")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="an exported pipeline directory")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeat for several); default: the empty prompt")
+    p.add_argument("--num-samples", type=int, default=1, help="poems per prompt")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the pipeline's; ddpm: 1000)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["heun", "ddpm"], default="heun")
+    p.add_argument("--show-steps", type=int, default=0, metavar="K",
+                   help="show the decoded text at K points of the sampling (and write an HTML page)")
+    p.add_argument("--out", default=None, help="also write the poems as JSON here")
+    p.add_argument("--device", default="cpu")
+
+
+def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=None, guidance=None, seed: int = 0,
+             sampler: str = "heun", show_steps: int = 0, device: str = "cpu") -> dict:
+    from trainer.pipeline import Pipeline
+
+    if num_samples < 1:
+        raise UserError(f"--num-samples: must be >= 1, got {num_samples}")
+    if show_steps and sampler != "heun":
+        raise UserError("--show-steps: only with --sampler heun")
+    pipe = Pipeline.from_pretrained(pipeline_dir, device=device)
+    x, trace = pipe.sample_latents(prompts, num_samples, steps, guidance, seed, sampler, show_steps)
+    poems = pipe.decode(x)
+    for t in trace:
+        t["texts"] = pipe.decode(t.pop("x0"))
+    results = [{"prompt": prompts[i // num_samples], "sample": i % num_samples, "poem": p} for i, p in enumerate(poems)]
+    return {"results": results, "trace": trace}
+
+
+def main(args) -> int:
+    prompts = args.prompt or [""]
+    out = generate(args.pipeline, prompts, args.num_samples, args.steps, args.guidance, args.seed, args.sampler,
+                   args.show_steps, args.device)
+    if out["trace"]:
+        from trainer.pipeline import show_steps_html
+
+        for b in range(len(out["results"])):
+            print(f"=== prompt {out['results'][b]['prompt']!r}, sample {out['results'][b]['sample']}: steps")
+            for t in out["trace"]:
+                print(f"--- step {t['step']} (sigma {t['sigma']:.3f})\n{t['texts'][b]}")
+        page = os.path.splitext(args.out)[0] + ".html" if args.out else os.path.join(args.pipeline, "show_steps.html")
+        with open(page, "w", encoding="utf-8") as f:
+            f.write(show_steps_html(prompts, args.num_samples, out["trace"], [r["poem"] for r in out["results"]]))
+        print(f"(steps page: {page})")
+    for r in out["results"]:
+        print(f"=== {r['prompt'] or '(no prompt)'} [{r['sample']}]\n{r['poem']}\n")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(out["results"], f, indent=1, ensure_ascii=False)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,215 @@
+"""An exported pipeline: prompt -> poem, from one directory of safetensors and JSON (no pickles).
+
+    pipeline_dir/
+      pipeline.json         format, version, sampler defaults, decoding options, prompt mode
+      prompt_encoder.json   the prompt encoder's reference (PromptEncoderConfig; "" path = bundled MiniLM)
+      autoencoder/          the latent autoencoder (safetensors + config + tokenizer files)
+      denoiser/             the EMA denoiser (safetensors + config with sigma_data and latent stats)
+
+    pipe = Pipeline.from_pretrained("out/demo/pipeline")
+    poems = pipe(["sonnet about the sea"], num_samples=4, steps=18, guidance=5.0, seed=0)
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import os
+import shutil
+import tempfile
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+
+from trainer import config as C
+from trainer.config import UserError
+from trainer.diffusion.sampler import SamplerConfig, edm_sampler, sigma_steps
+from trainer.diffusion.seam import DenoiserOutput, Prompt
+from trainer.export import load_denoiser, replace_dir
+from trainer.models.text_encoders import PromptEncoderConfig, build_prompt_encoder
+
+FORMAT = "latentverse-pipeline"
+PIPELINE_JSON = "pipeline.json"
+PROMPT_JSON = "prompt_encoder.json"
+
+
+@dataclasses.dataclass
+class DecodeConfig:
+    max_length: Optional[int] = None   # None = the autoencoder's max_tokens
+    num_beams: int = 1
+    renormalize: bool = True           # put each generated slot back on the sphere the encoder uses
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    sampler: SamplerConfig = dataclasses.field(default_factory=lambda: SamplerConfig(guidance_scale=3.0))
+    decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+    prompt_mode: Literal["tokens", "pooled", "both"] = "both"
+    latent_kind: str = "bart_perceiver"
+
+
+def export_pipeline(path: str, autoencoder_dir: str, denoiser_dir: str, prompt_encoder: PromptEncoderConfig,
+                    cfg: Optional[PipelineConfig] = None) -> str:
+    """Assemble a pipeline directory (written to a temporary name, then renamed into place)."""
+    cfg = cfg or PipelineConfig()
+    for what, d in (("autoencoder", autoencoder_dir), ("denoiser", denoiser_dir)):
+        if not os.path.isdir(d):
+            raise UserError(f"{d}: {what} directory does not exist")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=parent)
+    shutil.copytree(autoencoder_dir, os.path.join(tmp, "autoencoder"))
+    shutil.copytree(denoiser_dir, os.path.join(tmp, "denoiser"))
+    with open(os.path.join(tmp, PROMPT_JSON), "w") as f:
+        json.dump(dataclasses.asdict(prompt_encoder), f, indent=1)
+    with open(os.path.join(tmp, PIPELINE_JSON), "w") as f:
+        json.dump({"format": FORMAT, "version": 1, **dataclasses.asdict(cfg)}, f, indent=1)
+    replace_dir(tmp, path)
+    return path
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing (not a pipeline directory?)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt JSON ({e})") from None
+
+
+def _load_autoencoder(path: str, device: str):
+    """LatentAutoencoder.from_pretrained, with a damaged file named in a one-line error."""
+    from trainer.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, LatentAutoencoder
+
+    _read_json(os.path.join(path, CONFIG_NAME))  # names a missing or corrupt config
+    try:
+        return LatentAutoencoder.from_pretrained(path).to(device)
+    except UserError:
+        raise
+    except Exception as e:  # safetensors / transformers raise many types for damaged files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{os.path.join(path, WEIGHTS_NAME)}: cannot load the autoencoder: {first}") from None
+
+
+class _EDMAsEpsilon(nn.Module):
+    """Lets DDPM's ancestral sampler run an EDM denoiser: x_t = sqrt(a) (y + sigma n) with
+    sigma = sqrt((1 - a) / a), so eps = (x_t / sqrt(a) - D(x_t / sqrt(a); sigma)) / sigma."""
+
+    def __init__(self, net, alphas_cumprod: torch.Tensor, num_train_timesteps: int):
+        super().__init__()
+        self.net, self.T = net, num_train_timesteps
+        self.register_buffer("abar", alphas_cumprod.double(), persistent=False)
+
+    def null_prompt(self, batch, length=None):
+        return self.net.null_prompt(batch, length)
+
+    def forward(self, x_t, c_noise, prompt_emb=None, prompt_mask=None, prompt_pooled=None, **_):
+        t = (c_noise.double() * self.T).round().long().clamp(0, self.T - 1)
+        a = self.abar.to(x_t.device)[t].view(-1, 1, 1)
+        sigma = ((1 - a) / a).sqrt()
+        x = (x_t.double() / a.sqrt()).to(x_t.dtype)
+        D = self.net(x, sigma.view(-1).to(x_t.dtype), Prompt(prompt_emb, prompt_mask, prompt_pooled)).sample
+        return DenoiserOutput(((x.double() - D.double()) / sigma).to(x_t.dtype))
+
+
+class Pipeline:
+    def __init__(self, autoencoder, net, meta: dict, prompt_encoder, cfg: PipelineConfig, path: str = ""):
+        from trainer.data import LatentNormalizer
+
+        self.autoencoder, self.net, self.meta = autoencoder, net, meta
+        self.prompt_encoder, self.cfg, self.path = prompt_encoder, cfg, path
+        self.normalizer = LatentNormalizer(meta["latent_stats"], meta["normalize"])
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu") -> "Pipeline":
+        if not os.path.isdir(path):
+            raise UserError(f"{path}: pipeline directory does not exist")
+        meta = _read_json(os.path.join(path, PIPELINE_JSON))
+        if meta.pop("format", None) != FORMAT:
+            raise UserError(f"{os.path.join(path, PIPELINE_JSON)}: not a {FORMAT} file")
+        meta.pop("version", None)
+        cfg = C.from_dict(PipelineConfig, meta, source=os.path.join(path, PIPELINE_JSON))
+        pcfg = C.from_dict(PromptEncoderConfig, _read_json(os.path.join(path, PROMPT_JSON)),
+                           source=os.path.join(path, PROMPT_JSON))
+        ae = _load_autoencoder(os.path.join(path, "autoencoder"), device)
+        net, dmeta = load_denoiser(os.path.join(path, "denoiser"), map_location=device)
+        return cls(ae, net, dmeta, build_prompt_encoder(pcfg).to(device), cfg, path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def encode_prompts(self, prompts: list[str]) -> Prompt:
+        tokens, mask, pooled = self.prompt_encoder(prompts)
+        mode = self.cfg.prompt_mode
+        return Prompt(tokens if mode != "pooled" else None, mask if mode != "pooled" else None,
+                      pooled if mode != "tokens" else None)
+
+    def to_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Diffusion space -> the autoencoder's latent space (inverse normalisation, optional renorm)."""
+        z = self.normalizer.inverse(x.float())
+        if self.cfg.decode.renormalize:
+            z = torch.nn.functional.normalize(z, dim=-1) * z.shape[-1] ** 0.5
+        return z
+
+    def decode(self, x: torch.Tensor) -> list[str]:
+        d = self.cfg.decode
+        return self.autoencoder.decode(self.to_latents(x), max_length=d.max_length, num_beams=d.num_beams)
+
+    @torch.no_grad()
+    def sample_latents(self, prompts: list[str], num_samples: int = 1, steps: Optional[int] = None,
+                       guidance: Optional[float] = None, seed: int = 0, sampler: str = "heun",
+                       show_steps: int = 0) -> tuple[torch.Tensor, list[dict]]:
+        """Diffusion-space samples [len(prompts) * num_samples, T, C] (prompt-major), and the
+        trace of `show_steps` intermediate denoised estimates (each {"step", "sigma", "x0"})."""
+        scfg = dataclasses.replace(self.cfg.sampler, **{k: v for k, v in
+                                                        (("num_steps", steps), ("guidance_scale", guidance))
+                                                        if v is not None})
+        prompt = self.encode_prompts(list(prompts)).repeat(num_samples)
+        B = len(prompts) * num_samples
+        T, Cdim = self.net.backbone.latent_shape
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(B, T, Cdim, generator=g).to(self.device)
+        prompt = Prompt(*(None if t is None else t.to(self.device) for t in prompt))
+        trace: list[dict] = []
+        if sampler == "heun":
+            marks = set(torch.linspace(0, scfg.num_steps - 1, show_steps).round().long().tolist()) if show_steps else set()
+            sig = sigma_steps(scfg)
+
+            def cb(i, x, denoised):
+                if i in marks:
+                    trace.append({"step": i + 1, "sigma": float(sig[i]), "x0": denoised.float().cpu()})
+
+            x = edm_sampler(self.net, noise, prompt, scfg, generator=g, callback=cb if show_steps else None)
+        elif sampler == "ddpm":
+            from trainer.diffusion.ddpm import DDPM, DDPMConfig
+
+            n = steps or 1000
+            ddpm = DDPM(nn.Identity(), DDPMConfig(num_inference_steps=n, guidance_scale=scfg.guidance_scale))
+            ddpm.backbone = _EDMAsEpsilon(self.net, ddpm.scheduler.alphas_cumprod, ddpm.cfg.num_train_timesteps)
+            x = ddpm.sample(noise, prompt, generator=None)
+        else:
+            raise UserError(f"sampler: expected heun or ddpm, got {sampler!r}")
+        return x, trace
+
+    def __call__(self, prompts: list[str] | str, num_samples: int = 1, steps: Optional[int] = None,
+                 guidance: Optional[float] = None, seed: int = 0, sampler: str = "heun") -> list[str]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        x, _ = self.sample_latents(prompts, num_samples, steps, guidance, seed, sampler)
+        return self.decode(x)
+
+
+def show_steps_html(prompts: list[str], num_samples: int, trace: list[dict], finals: list[str]) -> str:
+    """An HTML page: one table per sample, one row per shown step, text from noise to poem."""
+    out = ["<!doctype html><meta charset=utf-8><title>latentverse: sampling steps</title>",
+           "<style>body{font-family:sans-serif}td{vertical-align:top;padding:4px 10px;border-bottom:1px solid #ddd}"
+           "pre{margin:0;font-family:Georgia,serif}</style>"]
+    for b, final in enumerate(finals):
+        out.append(f"<h3>{html.escape(prompts[b // num_samples]) or '(no prompt)'} — sample {b % num_samples}</h3>")
+        out.append("<table><tr><th>step</th><th>sigma</th><th>decoded</th></tr>")
+        for t in trace:
+            out.append(f"<tr><td>{t['step']}</td><td>{t['sigma']:.3f}</td><td><pre>{html.escape(t['texts'][b])}</pre></td></tr>")
+        out.append(f"<tr><td>final</td><td>0</td><td><pre>{html.escape(final)}</pre></td></tr></table>")
+    return "\n".join(out)
