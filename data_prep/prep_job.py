@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import gc
 import hashlib
 import json
 import multiprocessing as mp
@@ -42,8 +43,9 @@ from data_prep.stats import Stats, plot_histogram
 log = get_logger("prep")
 
 TOKEN_COUNTER = r"regex \w+(?:['’]\w+)*|[^\w\s] (words with inner apostrophes, or one punctuation mark)"
-# Test hook: a slot SIGKILLs its own process after writing this many records in phase 2 (optionally
-# only the slot named by LATENTVERSE_PREP_KILL_SLOT), to prove that a re-run finishes the job.
+# Test hook: a slot SIGKILLs its own process after writing this many records in phase 2, to prove
+# that a re-run finishes the job. With LATENTVERSE_PREP_KILL_SLOT only that slot dies, and only after
+# every other slot has finished (a kill after the first ranks are done).
 KILL_ENV, KILL_SLOT_ENV = "LATENTVERSE_PREP_KILL_AFTER", "LATENTVERSE_PREP_KILL_SLOT"
 
 
@@ -174,6 +176,7 @@ def clean_record(rec: readers.Record, c: CleanConfig, report: Report):
 
 
 def phase1(cfg: PrepConfig, units: list, slot: int, n_slots: int, work: str, show: bool) -> dict:
+    t, cpu = time.time(), time.process_time()
     report = Report()
     read = {}
     spill = shuffle.SpillWriter(work, slot, n_slots)
@@ -188,6 +191,8 @@ def phase1(cfg: PrepConfig, units: list, slot: int, n_slots: int, work: str, sho
                 spill.add(bucket_of(nd, n_slots), (u, i, ex, nd, n, rec.source, text, labels, rec.origin))
     info = {"read": read, "report": report.as_dict()}
     spill.finish(info)
+    log.debug(f"slot {slot}: phase 1, {sum(read.values())} records read in {time.time() - t:.2f} s "
+              f"({time.process_time() - cpu:.2f} s CPU)")
     return info
 
 
@@ -232,6 +237,8 @@ def phase2(cfg: PrepConfig, ds: RankedDataset, slot: int, n_slots: int, work: st
                      "source": source, **lab, "n_tokens": n}, split=split)
             stats.add(split, source, lab, n)
             if kill_after and k + 1 >= kill_after:
+                if kill_slot not in (None, ""):  # the other slots finish first: a kill after they are done
+                    wait_for([ds.marker(r) for r in range(n_slots) if r != slot], 300, what="the other slots")
                 log.warning(f"{KILL_ENV}={kill_after}: slot {slot} kills its process now")
                 os.kill(os.getpid(), signal.SIGKILL)
         return w.finish({"stats": stats.as_dict(), "report": report.as_dict(), "labels_merged": merged})
@@ -255,7 +262,22 @@ def _context():
 
 
 def _run_slots(fn, jobs: list[tuple], workers: int) -> None:
-    """fn(*job, show=...) for each job, in `workers` processes; the first job shows the progress bar."""
+    """fn(*job, show=...) for each job, in `workers` processes; the first job shows the progress bar.
+
+    The cyclic garbage collector is paused meanwhile: the work makes millions of small acyclic
+    tuples, and in forked workers each collection would also touch (and so copy) every page of the
+    parent's objects, e.g. the Gutenberg lines shared copy-on-write."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        _run_jobs(fn, jobs, workers)
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def _run_jobs(fn, jobs: list[tuple], workers: int) -> None:
     if workers == 1 or len(jobs) <= 1:
         for k, job in enumerate(jobs):
             fn(*job, show=k == 0)
