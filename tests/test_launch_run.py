@@ -2,6 +2,7 @@
 `latentverse train` (the autoencoder trainer) on tiny text shards with gloo on CPU.
 
   - local backend: one launcher, 2 processes;
+  - torchrun backend: one torchrun, 2 processes (through launch.worker);
   - composer backend on loopback: two launchers (nodes 0 and 1, 1 process each, world size 2,
     master 127.0.0.1, a free port), as two machines would run them.
 
@@ -157,4 +158,13 @@ def test_two_nodes_on_loopback(tmp_path, shards):
             f.close()
     out = {r: (tmp_path / f"launch_node{r}.txt").read_text() for r in (0, 1)}
     assert codes == [0, 0], out[0][-3000:] + out[1][-3000:]
+    _check_trained_on_two_ranks(tmp_path)
+
+
+def test_torchrun_two_processes(tmp_path, shards):
+    # torchrun names the node rank GROUP_RANK and shares one store between process groups:
+    # launch.worker bridges both (a checkpoint from 2 ranks says it did).
+    run = _run_yaml(tmp_path, shards, {"backend": "torchrun", "procs_per_node": 2})
+    r = run_cli("launch", run, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _check_trained_on_two_ranks(tmp_path)
