@@ -112,7 +112,7 @@ def test_unknown_task_and_unknown_key_are_one_line(tmp_path):
     p = tmp_path / "t.yaml"
     p.write_text("task: gan\n")
     r = run_cli("train", str(p))
-    assert r.returncode == 2 and r.stderr.strip().startswith("task: expected one of")
+    assert r.returncode == 2 and r.stderr.strip().startswith(f"{p}: task: expected one of")
     r = run_cli("train", "yamls/autoencoder/tiny_cpu.yaml", "model.d_modl=3")
     assert r.returncode == 2 and "model.d_modl: unknown key" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

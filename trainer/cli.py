@@ -57,8 +57,13 @@ def config_class(module, raw: dict) -> type:
 
 def load_config(module, path: str | None, overrides: list[str]) -> Any:
     """The job's checked config: YAML + overrides, refused with one line before any work."""
-    raw = C.merge(C.read_yaml(path) if path else {}, C.parse_overrides(overrides))
-    cls = config_class(module, raw)
+    extra = C.parse_overrides(overrides)
+    raw = C.merge(C.read_yaml(path) if path else {}, extra)
+    try:
+        cls = config_class(module, raw)
+    except C.KeyProblem as e:
+        top = e.key.split(".")[0].split("[")[0]
+        raise C.ConfigError(f"{'command line' if top in extra or not path else path}: {e}") from None
     return C.load(cls, path, overrides)
 
 
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _job_parser(name, module)
     args = parser.parse_args(rest)
     try:
-        if hasattr(module, "main"):
+        if hasattr(module, "add_arguments"):
             return int(module.main(args) or 0)
         # A config given as key=value only (no YAML) lands in `config`: move it to the overrides.
         if args.config is not None and "=" in args.config and not os.path.exists(args.config):

@@ -25,6 +25,15 @@ class ConfigError(UserError, ValueError):
     """A config problem; str(e) names the file (or the command line) and the key path."""
 
 
+class KeyProblem(ConfigError):
+    """A problem with one key found before the source is known (e.g. by a job's `config_class`);
+    the CLI names the file or the command line in front of it."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(f"{key}: {msg}")
+        self.key, self.msg = key, msg
+
+
 class _MustExist:
     def __repr__(self) -> str:
         return "MustExist"

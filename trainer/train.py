@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from trainer.config import ConfigError, UserError
+from trainer.config import KeyProblem, UserError
 
 TASKS = {"autoencoder": "trainer.train_autoencoder", "diffusion": "trainer.train_diffusion"}
 DEFAULT_TASK = "autoencoder"
@@ -15,7 +15,7 @@ DEFAULT_TASK = "autoencoder"
 
 def _task_module(task):
     if task not in TASKS:
-        raise ConfigError(f"task: expected one of {', '.join(map(repr, TASKS))}, got {task!r}")
+        raise KeyProblem("task", f"expected one of {', '.join(map(repr, TASKS))}, got {task!r}")
     try:
         return importlib.import_module(TASKS[task])
     except ModuleNotFoundError as e:

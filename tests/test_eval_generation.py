@@ -1,0 +1,66 @@
+"""`latentverse evaluate` on a tiny pipeline and real latent shards: every section of the report is
+there, within its range, and the PNG panel is drawn; an autoencoder evaluation routes by task."""
+import json
+import os
+
+import pytest
+
+from data_prep import encode_job
+from trainer import config as C
+
+from .conftest import run_cli
+from .test_encode_job import write_text_shards
+from .tiny import tiny_autoencoder, tiny_denoiser
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from trainer.models.text_encoders import PromptEncoderConfig
+    from trainer.pipeline import PipelineConfig, export_pipeline
+
+    root = tmp_path_factory.mktemp("evalgen")
+    text = write_text_shards(root / "text", n_train=48, n_val=24)
+    ae = tiny_autoencoder(str(root / "ae"))
+    encode_job.run(C.load(encode_job.EncodeConfig, None, [
+        f"out_dir={root / 'lat'}", f"autoencoder={ae}", f"data.path={text}", "data.splits=[train, val]",
+        "prompt_encoder.max_length=12"]))
+    pcfg = PipelineConfig()
+    pcfg.decode.max_length = 10
+    pipe = export_pipeline(str(root / "pipe"), ae, tiny_denoiser(str(root / "den")), PromptEncoderConfig(max_length=12),
+                           pcfg)
+    return {"root": root, "pipe": pipe, "lat": str(root / "lat"), "text": text, "ae": ae}
+
+
+def test_generation_report(setup, tmp_path):
+    out = tmp_path / "eval"
+    r = run_cli("evaluate", "task=generation", f"out_dir={out}", f"pipeline={setup['pipe']}",
+                f"latent_data={setup['lat']}", "held_out_split=val", "samples_per_prompt=3", "n_prompts=2",
+                "labels=[form, meter]", "steps=3", "pca_dims=4", "n_label_values=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["samples"]) == 6
+    assert rep["frechet"]["generated_vs_real"] >= 0 and rep["frechet"]["real_vs_real"] >= 0
+    for n in (1, 2, 3, 4):
+        d = rep["distinct"][f"distinct_{n}"]
+        assert 0 <= d["generated"] <= 1 and 0 < d["real"] <= 1
+    assert 0 <= rep["memorisation_4gram"]["generated"] <= 1
+    assert rep["word_validity"]["held_out"] == 1.0          # held-out poems use the training words only
+    form = rep["adherence"]["form"]
+    assert 0 <= form["accuracy"] <= 1 and form["chance"] == pytest.approx(1 / 3)
+    assert set(form["per_value"]) == {"sonnet", "tanka", "haiku"}
+    assert "skipped" in rep["adherence"]["meter"]            # the tiny corpus has no meter labels
+    assert isinstance(rep["mauve"], (float, str))
+    assert os.path.getsize(out / "generation_panel.png") > 10000
+
+
+def test_autoencoder_task_routes(setup, tmp_path):
+    r = run_cli("evaluate", "task=autoencoder", f"autoencoder_dir={setup['ae']}", f"data_path={setup['text']}",
+                "split=val", "n_samples=8", f"out_dir={tmp_path / 'ae'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "ae" / "report.json").read_text())
+    assert 0 <= rep["token_accuracy"] <= 1 and "shuffled" in rep
+
+
+def test_unknown_task_is_one_line(tmp_path):
+    r = run_cli("evaluate", "task=poetry", f"out_dir={tmp_path}")
+    assert r.returncode == 2 and r.stderr.strip().startswith("command line: task: expected one of")

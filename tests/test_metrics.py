@@ -1,0 +1,65 @@
+"""Each generation metric on hand-made inputs with known answers."""
+import numpy as np
+import pytest
+
+from trainer import metrics as M
+
+
+def test_words_and_ngrams():
+    assert M.words("O, Rose! thou art sick.\nThe invisible worm's 2 ways") == \
+        ["o", "rose", "thou", "art", "sick", "the", "invisible", "worm's", "ways"]
+    assert M.ngrams(["a", "b", "c"], 2) == [("a", "b"), ("b", "c")]
+
+
+def test_frechet_distance_of_known_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20000, 3))
+    # same distribution: ~0; mean shifted by (2, 0, 0): ~4; std doubled in every dim: 3 * (2 - 1)^2 = 3
+    assert M.frechet_distance(a, rng.normal(size=(20000, 3))) < 0.01
+    assert M.frechet_distance(a, rng.normal(size=(20000, 3)) + [2, 0, 0]) == pytest.approx(4.0, abs=0.1)
+    assert M.frechet_distance(a, 2 * rng.normal(size=(20000, 3))) == pytest.approx(3.0, abs=0.1)
+
+
+def test_pca_features_keep_the_dominant_direction():
+    rng = np.random.default_rng(0)
+    x = np.zeros((500, 2, 2))
+    x[:, 0, 0] = rng.normal(size=500) * 10
+    x[:, 1, 1] = rng.normal(size=500) * 0.1
+    f = M.PCAFeatures(x, k=1)
+    assert abs(abs(f.components[0, 0]) - 1) < 1e-6
+    assert f(x).shape == (500, 1)
+
+
+def test_distinct_n():
+    assert M.distinct_n(["a b a b"], 1) == 0.5          # 2 distinct of 4
+    assert M.distinct_n(["a b a b"], 2) == 2 / 3        # (a b), (b a), (a b)
+    assert M.distinct_n(["a b", "c d"], 2) == 1.0
+    assert M.distinct_n(["a"], 2) == 0.0
+
+
+def test_memorisation_and_validity():
+    train = M.ngram_set(["the cat sat on the mat"], 4)
+    # generated 4-grams: (the cat sat on) in train, (cat sat on a) not -> 1/2
+    assert M.memorisation(["the cat sat on a"], train, 4) == 0.5
+    assert M.memorisation(["too short"], train, 4) == 0.0
+    vocab = M.vocabulary(["the cat sat"])
+    assert M.word_validity(["the dog sat", "cat"], vocab) == 0.75
+
+
+def test_label_classifier_separates_separable_latents():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4, 4))
+    y = ["sonnet" if v > 0 else "tanka" for v in x[:, 0, 0]]
+    clf = M.LabelClassifier(x, y)
+    assert clf.accuracy(x, y) > 0.95
+    assert clf.accuracy(x, ["tanka" if v == "sonnet" else "sonnet" for v in y]) < 0.05
+
+
+def test_mauve_same_vs_different_distributions():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 8)), rng.normal(size=(200, 8))
+    far = rng.normal(size=(200, 8)) + 3
+    same, diff = M.mauve_score(a, b), M.mauve_score(a, far)
+    if same is None:
+        pytest.skip("mauve-text is not importable")
+    assert same > 0.8 and diff < 0.2

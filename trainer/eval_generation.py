@@ -1,0 +1,219 @@
+"""Evaluate an exported pipeline's samples against held-out poems; writes report.json and a PNG panel.
+
+Samples: `samples_per_prompt` poems for each of the `n_prompts` most common held-out prompts.
+  fidelity     Fréchet distance between generated and real held-out latents (top-k PCA features of
+               the flattened [32, 64] latents, fitted on training latents), beside the real-vs-real
+               baseline: the same distance between two disjoint real sets of the same size.
+  diversity    distinct-n (n = 1..4) of the samples beside the held-out set's own.
+  memorisation share of generated 4-grams found in the training texts, beside the held-out set's own.
+  validity     share of generated words found in the training vocabulary.
+  adherence    a logistic-regression classifier of each label (form, meter) trained on real training
+               latents; its accuracy on samples generated for each label's most common prompt
+               (beside its accuracy on real held-out latents, the ceiling, and chance).
+  MAUVE        over MiniLM sentence features of generated vs held-out poems (mauve-text).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter
+from typing import Literal, Optional
+
+import numpy as np
+
+from trainer import metrics as M
+from trainer.config import ExistingPath, UserError
+from trainer.log import get_logger
+
+log = get_logger("evaluate")
+
+
+@dataclasses.dataclass
+class EvalGenerationConfig:
+    task: Literal["generation"] = "generation"
+    out_dir: str = "out/demo/eval"
+    pipeline: ExistingPath = "out/demo/pipeline"
+    latent_data: ExistingPath = "out/demo/latents"     # latent shards: <latent_data>/<split>/index.json
+    train_split: str = "train"
+    held_out_split: str = "test"
+    n_real: int = 400                    # held-out poems used as the real reference
+    max_train: int = 20000               # training poems for the n-gram set, vocabulary and classifiers
+    n_prompts: int = 4
+    samples_per_prompt: int = 16
+    labels: list[str] = dataclasses.field(default_factory=lambda: ["form", "meter"])
+    n_label_values: int = 4              # most common values of each label
+    pca_dims: int = 32
+    steps: Optional[int] = None          # sampler steps (None = the pipeline's)
+    guidance: Optional[float] = None
+    sampler: Literal["heun", "ddpm"] = "heun"
+    seed: int = 0
+    mauve: bool = True
+
+
+CONFIG = EvalGenerationConfig
+
+
+def read_latent_split(root: str, split: str, limit: int) -> dict:
+    """{latent [N, T, C] float32, text, prompt, <labels>} of the first `limit` samples of a split."""
+    from streaming import StreamingDataset
+
+    from data_prep.schema import LABELS
+
+    local = os.path.join(root, split)
+    if not os.path.isfile(os.path.join(local, "index.json")):
+        raise UserError(f"latent_data: no latent shards in {local!r} (index.json missing)")
+    ds = StreamingDataset(local=local, shuffle=False, batch_size=1)
+    n = min(len(ds), limit)
+    rows = [ds[i] for i in range(n)]
+    out = {"latent": np.stack([np.asarray(r["latent"], np.float32) for r in rows]) if rows else np.zeros((0, 32, 64)),
+           "text": [r["text"] for r in rows], "prompt": [r["prompt"] for r in rows]}
+    for k in LABELS:
+        out[k] = [r.get(k, "") for r in rows]
+    return out
+
+
+def _generate(pipe, prompts: list[str], cfg: EvalGenerationConfig) -> tuple[np.ndarray, list[str]]:
+    x, _ = pipe.sample_latents(prompts, cfg.samples_per_prompt, cfg.steps, cfg.guidance, cfg.seed, cfg.sampler)
+    return pipe.to_latents(x).cpu().numpy(), pipe.decode(x)
+
+
+def run(cfg: EvalGenerationConfig) -> dict:
+    import torch
+
+    from trainer.pipeline import Pipeline
+
+    torch.manual_seed(cfg.seed)
+    pipe = Pipeline.from_pretrained(cfg.pipeline)
+    train = read_latent_split(cfg.latent_data, cfg.train_split, cfg.max_train)
+    held = read_latent_split(cfg.latent_data, cfg.held_out_split, cfg.n_real)
+    if len(held["text"]) < 4 or len(train["text"]) < 4:
+        raise UserError(f"latent_data: too few samples ({len(train['text'])} train, {len(held['text'])} held-out)")
+    report: dict = {"pipeline": os.path.abspath(cfg.pipeline), "n_train": len(train["text"]),
+                    "n_held_out": len(held["text"]), "config": dataclasses.asdict(cfg)}
+
+    # ---- samples for the most common held-out prompts
+    prompts = M.most_common(held["prompt"], cfg.n_prompts) or [""]
+    log.info(f"generating {cfg.samples_per_prompt} samples for each of {prompts}")
+    gen_lat, gen_txt = _generate(pipe, prompts, cfg)
+    report["samples"] = [{"prompt": prompts[i // cfg.samples_per_prompt], "poem": t} for i, t in enumerate(gen_txt)]
+    n_gen = len(gen_txt)
+
+    # ---- fidelity: Fréchet distance in PCA space, beside two disjoint real sets of the same size
+    feats = M.PCAFeatures(train["latent"], cfg.pca_dims)
+    real_a = held["latent"][:n_gen]
+    real_b = train["latent"][-n_gen:]
+    report["frechet"] = {"generated_vs_real": M.frechet_distance(feats(gen_lat), feats(real_a)),
+                         "real_vs_real": M.frechet_distance(feats(real_b), feats(real_a)),
+                         "n": int(min(n_gen, len(real_a))), "pca_dims": int(feats.components.shape[0])}
+    fr = report["frechet"]
+    fr["ratio"] = fr["generated_vs_real"] / max(fr["real_vs_real"], 1e-12)
+
+    # ---- diversity, memorisation, validity
+    held_txt = held["text"]
+    report["distinct"] = {f"distinct_{n}": {"generated": M.distinct_n(gen_txt, n), "real": M.distinct_n(held_txt[:n_gen], n)}
+                          for n in (1, 2, 3, 4)}
+    train_grams = M.ngram_set(train["text"], 4)
+    report["memorisation_4gram"] = {"generated": M.memorisation(gen_txt, train_grams, 4),
+                                    "held_out": M.memorisation(held_txt, train_grams, 4)}
+    vocab = M.vocabulary(train["text"])
+    report["word_validity"] = {"generated": M.word_validity(gen_txt, vocab), "held_out": M.word_validity(held_txt, vocab)}
+
+    # ---- prompt adherence: label classifiers on real latents, applied to samples made for each label
+    report["adherence"] = {}
+    for label in cfg.labels:
+        values = M.most_common(train[label], cfg.n_label_values)
+        if len(values) < 2:
+            report["adherence"][label] = {"skipped": f"fewer than 2 values of {label!r} in the training latents"}
+            continue
+        idx = [i for i, v in enumerate(train[label]) if v in values]
+        clf = M.LabelClassifier(train["latent"][idx], [train[label][i] for i in idx], seed=cfg.seed)
+        hidx = [i for i, v in enumerate(held[label]) if v in values]
+        real_acc = clf.accuracy(held["latent"][hidx], [held[label][i] for i in hidx]) if hidx else None
+        per_value, label_prompts = {}, []
+        for v in values:
+            cands = Counter(p for p, lv in zip(train["prompt"], train[label]) if lv == v and p)
+            label_prompts.append(cands.most_common(1)[0][0] if cands else v)
+        lat, _ = _generate(pipe, label_prompts, cfg)
+        pred = clf.predict(lat)
+        k = cfg.samples_per_prompt
+        for j, v in enumerate(values):
+            per_value[v] = {"prompt": label_prompts[j], "accuracy": float(np.mean([p == v for p in pred[j * k:(j + 1) * k]]))}
+        report["adherence"][label] = {"accuracy": float(np.mean([d["accuracy"] for d in per_value.values()])),
+                                      "real_held_out_accuracy": real_acc, "chance": 1.0 / len(values),
+                                      "per_value": per_value}
+
+    # ---- MAUVE over MiniLM sentence features
+    report["mauve"] = None
+    if cfg.mauve:
+        from trainer.models.text_encoders import PromptEncoderConfig, build_prompt_encoder
+
+        enc = build_prompt_encoder(PromptEncoderConfig(max_length=128))
+        f = (lambda texts: np.concatenate([enc(texts[i:i + 64])[2].numpy() for i in range(0, len(texts), 64)]))
+        score = M.mauve_score(f(gen_txt), f(held_txt[:max(n_gen, 2)]), seed=cfg.seed)
+        report["mauve"] = score if score is not None else "mauve-text is not importable here"
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    report["panel_png"] = plot_panel(report, os.path.join(cfg.out_dir, "generation_panel.png"))
+    tmp = os.path.join(cfg.out_dir, "report.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(report, fh, indent=1, ensure_ascii=False)
+    os.replace(tmp, os.path.join(cfg.out_dir, "report.json"))
+    log.info(summary_line(report))
+    print(summary_line(report))
+    return report
+
+
+def summary_line(r: dict) -> str:
+    fr = r["frechet"]
+    adh = ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in r["adherence"].items() if "accuracy" in v) or "n/a"
+    mv = r["mauve"] if isinstance(r["mauve"], (float, type(None))) else "n/a"
+    return (f"Fréchet {fr['generated_vs_real']:.3f} (real-vs-real {fr['real_vs_real']:.3f}); "
+            f"distinct-2 {r['distinct']['distinct_2']['generated']:.2f} (real {r['distinct']['distinct_2']['real']:.2f}); "
+            f"4-gram memorisation {r['memorisation_4gram']['generated']:.2f} (held-out {r['memorisation_4gram']['held_out']:.2f}); "
+            f"word validity {r['word_validity']['generated']:.2f}; adherence {adh}; MAUVE {mv}")
+
+
+def plot_panel(r: dict, png: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
+    fr = r["frechet"]
+    ax[0, 0].bar(["generated vs real", "real vs real"], [fr["generated_vs_real"], fr["real_vs_real"]],
+                 color=["tab:blue", "tab:gray"])
+    ax[0, 0].set_title(f"Fréchet distance (PCA-{fr['pca_dims']} latents)")
+    ns = [1, 2, 3, 4]
+    ax[0, 1].plot(ns, [r["distinct"][f"distinct_{n}"]["generated"] for n in ns], "o-", label="generated")
+    ax[0, 1].plot(ns, [r["distinct"][f"distinct_{n}"]["real"] for n in ns], "s--", label="held-out")
+    ax[0, 1].set_xticks(ns)
+    ax[0, 1].set_ylim(0, 1.05)
+    ax[0, 1].set_title("distinct-n")
+    ax[0, 1].legend()
+    names = ["4-gram memorisation", "word validity"]
+    g = [r["memorisation_4gram"]["generated"], r["word_validity"]["generated"]]
+    h = [r["memorisation_4gram"]["held_out"], r["word_validity"]["held_out"]]
+    xs = np.arange(2)
+    ax[1, 0].bar(xs - 0.2, g, 0.4, label="generated")
+    ax[1, 0].bar(xs + 0.2, h, 0.4, label="held-out", color="tab:gray")
+    ax[1, 0].set_xticks(xs, names)
+    ax[1, 0].set_ylim(0, 1.05)
+    ax[1, 0].legend()
+    adh = {k: v for k, v in r["adherence"].items() if "accuracy" in v}
+    if adh:
+        xs = np.arange(len(adh))
+        ax[1, 1].bar(xs - 0.2, [v["accuracy"] for v in adh.values()], 0.4, label="generated")
+        ax[1, 1].bar(xs + 0.2, [v["real_held_out_accuracy"] or 0 for v in adh.values()], 0.4, label="real held-out",
+                     color="tab:gray")
+        for x, v in zip(xs, adh.values()):
+            ax[1, 1].hlines(v["chance"], x - 0.4, x + 0.4, colors="k", linestyles=":")
+        ax[1, 1].set_xticks(xs, list(adh))
+        ax[1, 1].legend()
+    ax[1, 1].set_ylim(0, 1.05)
+    ax[1, 1].set_title("prompt adherence (dotted: chance)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
