@@ -33,8 +33,8 @@ class MoEDiTConfig:
     # or one value per block. Ratios are relative to `dim`.
     mlp_ratio: list[float] = dataclasses.field(default_factory=lambda: [4.0])
     qkv_ratio: list[float] = dataclasses.field(default_factory=lambda: [1.0])
-    patch_mixer_depth: int = 2            # dense blocks on all tokens before masking (0 = none)
-    num_experts: int = 8                  # E
+    patch_mixer_depth: int = 2            # dense blocks on all tokens before masking (0 = none); width 4*dim
+    num_experts: int = 8                  # E; 1 = no MoE (every FFN dense)
     expert_capacity: float = 2.0          # c: each expert takes k = c * T / E tokens per sample
     experts_every_n: int = 2              # MoE FFN in blocks n-1, 2n-1, ... (every second block)
     pos_embed: Literal["learned", "sincos"] = "learned"
