@@ -59,6 +59,10 @@ def align_to_labels(generated: torch.Tensor, labels: torch.Tensor, pad_id: int) 
     return out
 
 
+class GreedyTokenAccuracy(ReconstructionTokenAccuracy):
+    """Token accuracy of the greedy decode from the latent (not teacher-forced)."""
+
+
 class AutoencoderComposerModel(ComposerModel):
     """Trains a LatentAutoencoder: batch = {'input_ids', 'attention_mask'}; loss = reconstruction CE.
 
@@ -74,7 +78,7 @@ class AutoencoderComposerModel(ComposerModel):
         self.val_metrics = {"ReconstructionLoss": ReconstructionLoss(),
                             "TokenAccuracy": ReconstructionTokenAccuracy()}
         if greedy_eval:
-            self.val_metrics["GreedyTokenAccuracy"] = ReconstructionTokenAccuracy()
+            self.val_metrics["GreedyTokenAccuracy"] = GreedyTokenAccuracy()
         self.val_metrics = torch.nn.ModuleDict(self.val_metrics)
 
     def forward(self, batch: dict) -> dict:
@@ -98,7 +102,8 @@ class AutoencoderComposerModel(ComposerModel):
         labels = outputs["labels"]
         if isinstance(metric, ReconstructionLoss):
             metric.update(outputs["loss"], (labels != -100).sum())
-        elif metric is self.val_metrics["TokenAccuracy"] or metric is self.train_acc:
-            metric.update(outputs["logits"].argmax(-1), labels)
-        else:  # greedy
+        elif isinstance(metric, GreedyTokenAccuracy):
+            # Composer deep-copies metrics, so they are told apart by type, never by identity.
             metric.update(outputs["greedy"], labels)
+        else:  # teacher-forced
+            metric.update(outputs["logits"].argmax(-1), labels)
