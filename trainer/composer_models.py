@@ -89,7 +89,8 @@ class AutoencoderComposerModel(ComposerModel):
 
     def eval_forward(self, batch: dict, outputs=None) -> dict:
         out = outputs if outputs is not None else self.forward(batch)
-        if self.greedy_eval:
+        # Composer also calls eval_forward for the train metrics (model in train mode): no decode there.
+        if self.greedy_eval and not self.training:
             labels = out["labels"]
             gen = self.autoencoder.generate_ids(out["latents"], max_length=labels.shape[1])
             out = dict(out, greedy=align_to_labels(gen, labels, self.autoencoder.tokenizer.pad_token_id))
