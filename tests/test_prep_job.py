@@ -252,3 +252,22 @@ def test_kill_and_rerun_writes_every_record_exactly_once(tmp_path):
     # and a third run finds it finished
     r = run_cli("prep", *common, f"out_dir={out}", "num_workers=2")
     assert r.returncode == 0 and "nothing to do" in r.stderr
+
+
+@pytest.mark.slow
+def test_launcher_ranks_share_the_work(tmp_path):
+    """RANK/WORLD_SIZE as a launcher sets them: two processes, one output, same set as one process."""
+    import subprocess
+    import sys
+    root = kaggle_tree(str(tmp_path / "poems"), n=50)
+    args = ["prep", "yamls/prep/folder_tree.yaml", f"data.path={root}", f"out_dir={tmp_path}/ranks"]
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=os.path.dirname(os.path.dirname(__file__)),
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert os.path.isdir(f"{tmp_path}/ranks/train/1") and os.path.exists(f"{tmp_path}/ranks/_done.json")
+    prep_job.run(load([*args[2:3], f"out_dir={tmp_path}/one"], args[1]))
+    for split in SPLITS:
+        assert {r["id"] for r in read_split(f"{tmp_path}/ranks", split)} == \
+               {r["id"] for r in read_split(f"{tmp_path}/one", split)}
