@@ -1,0 +1,252 @@
+"""Composer callbacks of the diffusion job: EMA updates, a non-finite-loss stop, metrics file and loss
+curve, poems sampled for fixed prompts, the per-batch sample-index log, and test-only fault hooks.
+
+Fault hooks (tests only; read from the environment so a test can arm them in a subprocess):
+    LATENTVERSE_TEST_KILL_AT_BATCH=N          SIGKILL this process right after batch N's optimizer step
+    LATENTVERSE_TEST_NAN_AT_BATCH=N           make batch N's loss NaN (the guard must stop the run)
+    LATENTVERSE_TEST_KILL_IN_CHECKPOINT=N     the checkpoint of batch N is written half-way, then SIGKILL
+                                              (installed by trainer/train_diffusion.py)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Optional
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from trainer.config import UserError
+from trainer.log import get_logger
+
+log = get_logger("train.diffusion")
+
+KILL_AT_BATCH_ENV = "LATENTVERSE_TEST_KILL_AT_BATCH"
+NAN_AT_BATCH_ENV = "LATENTVERSE_TEST_NAN_AT_BATCH"
+KILL_IN_CHECKPOINT_ENV = "LATENTVERSE_TEST_KILL_IN_CHECKPOINT"
+
+
+def _env_int(name: str) -> Optional[int]:
+    v = os.environ.get(name, "")
+    return int(v) if v.strip() else None
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or inf; the run stops before the bad step touches the weights."""
+
+
+class EMACallback(Callback):
+    """After every optimizer step: ema <- decay ema + (1 - decay) net; before `start_batch` the EMA
+    just copies the weights (decay 0), as micro_diffusion's ema_start does."""
+
+    def __init__(self, model, decay: float, start_batch: int = 0):
+        self.model, self.decay, self.start_batch = model, decay, start_batch
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        b = int(state.timestamp.batch)
+        self.model.update_ema(0.0 if b < self.start_batch else self.decay)
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops the run with one line when the loss is NaN or inf. Runs after the loss and before the
+    backward pass, so neither the weights nor the last checkpoint see the bad step."""
+
+    def __init__(self, checkpoint_dir: str):
+        self.checkpoint_dir = checkpoint_dir
+        self.nan_at = _env_int(NAN_AT_BATCH_ENV)
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        b = int(state.timestamp.batch) + 1                     # the batch being trained
+        if self.nan_at is not None and b == self.nan_at:       # test hook
+            state.loss = state.loss * float("nan")
+        loss = state.loss if isinstance(state.loss, torch.Tensor) else torch.as_tensor(state.loss)
+        if not bool(torch.isfinite(loss.detach()).all()):
+            latest = os.path.join(self.checkpoint_dir, f"latest-rank{dist.get_global_rank()}.pt")
+            last = os.path.realpath(latest) if os.path.lexists(latest) else "none saved yet"
+            raise NonFiniteLoss(f"train loss is {float(loss.detach().reshape(-1)[0])} at batch {b}: stopping "
+                                f"(lower optim.lr or raise optim.grad_clip_norm); last good checkpoint: {last}")
+
+
+class KillAtBatch(Callback):
+    """Test hook: SIGKILL right after batch N's step (before its checkpoint), like a node dying."""
+
+    def __init__(self):
+        self.at = _env_int(KILL_AT_BATCH_ENV)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self.at is not None and int(state.timestamp.batch) == self.at:
+            log.warning(f"{KILL_AT_BATCH_ENV}={self.at}: SIGKILL at batch {self.at}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SampleIndexLog(Callback):
+    """out_dir/sample_log-rank{r}.jsonl: {"batch", "epoch", "sample_index": [...]} for every batch.
+
+    On a resumed run the entries of batches after the checkpoint are dropped first, so the replayed
+    batches replace the killed run's: the file then says exactly which samples trained each batch."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def _path(self) -> str:
+        return os.path.join(self.out_dir, f"sample_log-rank{dist.get_global_rank()}.jsonl")
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        path, done = self._path(), int(state.timestamp.batch)
+        if not os.path.exists(path):
+            return
+        keep = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:              # a line cut by the kill
+                    continue
+                if row["batch"] <= done:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        idx = state.batch.get("sample_index") if isinstance(state.batch, dict) else None
+        if idx is None:
+            return
+        row = {"batch": int(state.timestamp.batch) + 1, "epoch": int(state.timestamp.epoch),
+               "sample_index": [int(i) for i in idx.reshape(-1).tolist()]}
+        with open(self._path(), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class MetricsFile(Callback):
+    """Train loss every `log_interval` batches and every eval result -> out_dir/metrics.jsonl (rank 0);
+    out_dir/loss_curve.png at the end of training."""
+
+    def __init__(self, out_dir: str, log_interval: int):
+        self.out_dir, self.log_interval = out_dir, max(1, log_interval)
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.t0 = time.time()
+
+    def _write(self, row: dict) -> None:
+        if dist.get_global_rank() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        b = int(state.timestamp.batch)
+        if b % self.log_interval == 0:
+            lr = state.schedulers[0].get_last_lr()[0] if state.schedulers else None
+            self._write({"batch": b, "seconds": round(time.time() - self.t0, 2),
+                         "train/loss": float(state.loss.detach()), "lr": lr})
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        row = {"batch": int(state.timestamp.batch)}
+        for label, metrics in state.eval_metrics.items():
+            for name, m in metrics.items():
+                row[f"{label}/{name}"] = float(m.compute())
+        self._write(row)
+        log.info("eval " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0 and os.path.isfile(self.path):
+            plot_loss_curve(self.path, os.path.join(self.out_dir, "loss_curve.png"))
+
+
+def plot_loss_curve(metrics_jsonl: str, png: str) -> str:
+    """metrics.jsonl -> PNG of train loss (and eval losses) against batches; written to a temp name, then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_jsonl) if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["batch"], r["train/loss"]) for r in rows if "train/loss" in r and math.isfinite(r["train/loss"])]
+    if train:
+        ax.plot(*zip(*train), label="train loss (EDM, weighted)")
+    for key in sorted({k for r in rows for k in r if k.startswith("eval/")}):
+        pts = [(r["batch"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), "o-", label=key)
+    ax.set_xlabel("batch"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.set_title("diffusion loss")
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+class PoemSampler(Callback):
+    """Every `every` batches (and at the end), rank 0 samples one poem per fixed prompt with the EMA
+    denoiser (EDM Heun sampler, fixed noise, classifier-free guidance) and decodes it with the
+    autoencoder; the poems go to the log and to out_dir/samples.txt."""
+
+    def __init__(self, model, normalizer, out_dir: str, every: int, prompts: list[str], autoencoder: str,
+                 prompt_encoder_cfg, sampler_cfg, seed: int = 0):
+        self.model, self.normalizer, self.out_dir, self.every = model, normalizer, out_dir, every
+        self.prompts, self.autoencoder_dir, self.penc_cfg = prompts, autoencoder, prompt_encoder_cfg
+        self.sampler_cfg, self.seed = sampler_cfg, seed
+        self.ae = self.prompt = None
+        self.last = -1
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() != 0:
+            return
+        from trainer.diffusion.seam import Prompt
+        from trainer.models.autoencoder import LatentAutoencoder
+        from trainer.models.text_encoders import build_prompt_encoder
+
+        self.ae = LatentAutoencoder.from_pretrained(self.autoencoder_dir).eval()
+        if self.model.net.backbone.prompt_dim > 0:
+            penc = build_prompt_encoder(self.penc_cfg)
+            emb, mask, pooled = penc(self.prompts)
+            self.prompt = Prompt(emb.clone(), mask.clone(), pooled.clone())
+            del penc
+
+    def _sample(self, state: State) -> None:
+        from trainer.diffusion.sampler import edm_sampler
+
+        b = int(state.timestamp.batch)
+        if dist.get_global_rank() != 0 or self.ae is None or b == self.last:
+            return
+        self.last = b
+        net = self.model.ema
+        T, C = net.backbone.latent_shape
+        g = torch.Generator().manual_seed(self.seed)               # fixed noise: samples comparable over time
+        noise = torch.randn(len(self.prompts), T, C, generator=g)
+        dev = next(net.parameters()).device
+        prompt = None if self.prompt is None else type(self.prompt)(*(t.to(dev) for t in self.prompt))
+        x = edm_sampler(net, noise.to(dev), prompt, self.sampler_cfg, generator=g)
+        poems = self.ae.decode(self.normalizer.inverse(x.float().cpu()))
+        with open(os.path.join(self.out_dir, "samples.txt"), "a") as f:
+            for p, poem in zip(self.prompts, poems):
+                f.write(f"batch {b} | prompt: {p!r}\n{poem}\n\n")
+                log.info(f"sample at batch {b} for {p!r}: {poem}")
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self.every > 0 and int(state.timestamp.batch) % self.every == 0:
+            self._sample(state)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._sample(state)
+
+
+class WallClockLimit(Callback):
+    """Stops training after max_minutes of this process's training time (Composer has no such duration)."""
+
+    def __init__(self, max_minutes: Optional[float]):
+        self.max_minutes = max_minutes
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.t0 = time.time()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self.max_minutes is not None and time.time() - self.t0 > 60 * self.max_minutes:
+            log.info(f"max_minutes={self.max_minutes} reached at batch {int(state.timestamp.batch)}: stopping")
+            state.stop_training()
