@@ -165,3 +165,54 @@ def test_yamls_load(tmp_path):
     cfg = C.load(EvalAutoencoderConfig, "yamls/eval/autoencoder.yaml", [f"autoencoder_dir={tmp_path}",
                                                                          f"data_path={tmp_path}"])
     assert cfg.split == "test" and cfg.n_samples == 500
+
+
+def test_composer_model_metrics_are_told_apart_after_copying():
+    """Composer deep-copies metrics: each copy must still get its own figure (teacher-forced vs greedy)."""
+    import copy
+
+    from trainer.composer_models import AutoencoderComposerModel
+    from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
+    from trainer.models.tokenizers import train_bpe
+
+    texts = poems(4, 7)
+    tok = train_bpe(texts * 5, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    ae = LatentAutoencoder(AutoencoderConfig(d_model=32, encoder_layers=1, decoder_layers=1, attention_heads=2,
+                                             ffn_dim=64, perceiver_depth=1, reconstruction_depth=1, max_tokens=24), tok)
+    cm = AutoencoderComposerModel(ae).eval()
+    batch = ae.tokenize(texts)
+    with torch.no_grad():
+        out = cm.eval_forward(batch)
+    metrics = copy.deepcopy(cm.get_metrics(is_train=False))
+    for m in metrics.values():
+        cm.update_metric(batch, out, m)
+    keep = out["labels"] != -100
+    tf = ((out["logits"].argmax(-1) == out["labels"]) & keep).sum() / keep.sum()
+    greedy = ((out["greedy"] == out["labels"]) & keep).sum() / keep.sum()
+    assert not torch.isclose(tf, greedy)  # so the next two lines can tell a mix-up
+    assert torch.isclose(metrics["TokenAccuracy"].compute(), tf)
+    assert torch.isclose(metrics["GreedyTokenAccuracy"].compute(), greedy)
+    assert torch.isclose(metrics["ReconstructionLoss"].compute(), out["loss"])
+
+
+def test_train_metrics_do_not_decode(monkeypatch):
+    """Composer computes train metrics from the step's outputs every batch: that must not run a greedy decode."""
+    from trainer.composer_models import AutoencoderComposerModel
+    from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
+    from trainer.models.tokenizers import train_bpe
+
+    texts = poems(4, 8)
+    tok = train_bpe(texts * 5, vocab_size=300, min_frequency=1)
+    ae = LatentAutoencoder(AutoencoderConfig(d_model=32, encoder_layers=1, decoder_layers=1, attention_heads=2,
+                                             ffn_dim=64, perceiver_depth=1, reconstruction_depth=1, max_tokens=24), tok)
+    cm = AutoencoderComposerModel(ae)
+    calls = []
+    real = ae.generate_ids
+    monkeypatch.setattr(ae, "generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = ae.tokenize(texts)
+    outputs = cm(batch)
+    cm.eval()  # Composer's model_eval_mode around the train-metric update
+    with torch.no_grad():
+        assert "greedy" not in cm.eval_forward(batch, outputs) and calls == []
+        assert "greedy" in cm.eval_forward(batch) and calls == [1]

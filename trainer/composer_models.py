@@ -88,9 +88,13 @@ class AutoencoderComposerModel(ComposerModel):
         return outputs["loss"]
 
     def eval_forward(self, batch: dict, outputs=None) -> dict:
-        out = outputs if outputs is not None else self.forward(batch)
-        # Composer also calls eval_forward for the train metrics (model in train mode): no decode there.
-        if self.greedy_eval and not self.training:
+        # Composer calls eval_forward(batch, outputs) for the train metrics on EVERY training batch (under
+        # model_eval_mode, so self.training is False there): a greedy decode there would cost more than the
+        # step itself. Only the eval loop calls it without outputs; only there do we decode.
+        if outputs is not None:
+            return outputs
+        out = self.forward(batch)
+        if self.greedy_eval:
             labels = out["labels"]
             gen = self.autoencoder.generate_ids(out["latents"], max_length=labels.shape[1])
             out = dict(out, greedy=align_to_labels(gen, labels, self.autoencoder.tokenizer.pad_token_id))
