@@ -129,10 +129,11 @@ def _device(cfg: EncodeConfig) -> str:
 
 
 def load_latent_encoder(path: str, device: str):
-    """The latent encoder saved at `path` (the BART-Perceiver autoencoder)."""
-    from trainer.models.autoencoder import LatentAutoencoder
+    """The latent encoder saved at `path`, by the kind its config names: the BART-Perceiver autoencoder
+    (latent [32, 64]) or a causal LM's token embeddings (latent [L, d], trainer/models/token_latents.py)."""
+    from trainer.models.token_latents import load_latent_encoder as load
 
-    return LatentAutoencoder.from_pretrained(path).to(device).eval()
+    return load(path, device)
 
 
 def _block(n: int, slot: int, n_slots: int) -> range:
@@ -162,6 +163,32 @@ class _WdsRankWriter:
         self.sink.close()
 
 
+class _PromptCache:
+    """Prompt embeddings by prompt text: corpora repeat a few label-built prompts many times, so each
+    distinct prompt is encoded once per slot (same values as encoding it in every batch)."""
+
+    def __init__(self, penc, limit: int = 100_000):
+        self.penc, self.limit = penc, limit
+        self.cache: dict = {}
+
+    def get(self, prompts: list[str]):
+        """(tokens fp16 [B, L, D], pooled fp16 [B, D], lengths [B])."""
+        import torch
+
+        new = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+        if len(self.cache) + len(new) > self.limit:  # bounded memory for corpora of free-text prompts
+            self.cache.clear()
+            new = list(dict.fromkeys(prompts))
+        if new:
+            with torch.inference_mode():
+                tokens, mask, pooled = self.penc(new)
+            for j, p in enumerate(new):
+                self.cache[p] = (tokens[j].cpu().numpy().astype(np.float16), pooled[j].cpu().numpy().astype(np.float16),
+                                 int(mask[j].sum()))
+        got = [self.cache[p] for p in prompts]
+        return (np.stack([g[0] for g in got]), np.stack([g[1] for g in got]), np.array([g[2] for g in got]))
+
+
 def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dict:
     """Encode this slot's block of every split; returns its marker (counts and stat sums)."""
     import torch
@@ -183,6 +210,7 @@ def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dic
         kill_after = 0
     written = 0
     stats, counts = {}, {}
+    prompts = _PromptCache(penc)
     for split in cfg.data.splits:
         src = StreamingDataset(local=os.path.join(cfg.data.path, split), shuffle=False, batch_size=1)
         n = len(src) if cfg.data.max_samples is None else min(len(src), cfg.data.max_samples)
@@ -196,11 +224,8 @@ def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dic
             texts = [r["text"] for r in rows]
             with torch.inference_mode():
                 z = ae.encode(texts).float().cpu().numpy().astype(np.float16)   # [B, T, C]
-                tokens, mask, pooled = penc([r["prompt"] for r in rows])
+            tokens, pooled, lens = prompts.get([r["prompt"] for r in rows])
             st.add(z)
-            tokens = tokens.cpu().numpy().astype(np.float16)
-            pooled = pooled.cpu().numpy().astype(np.float16)
-            lens = mask.sum(1).cpu().numpy()
             for j, r in enumerate(rows):
                 sample = {k: r[k] for k in ("id", "text", "prompt", "source", *LABELS)}
                 sample["latent"] = z[j]

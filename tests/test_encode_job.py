@@ -75,8 +75,9 @@ def test_one_and_two_slots_give_the_same_samples_and_stats_are_exact(assets, tmp
         assert sorted(a) == sorted(b) and len(a) == {"train": 40, "val": 12}[split]
         for k in a:
             assert a[k]["latent"].dtype == np.float16 and a[k]["latent"].shape == (32, 64)
+            # equal within fp16: one rounding step (relative 2^-10) where batching changed the last bits
             np.testing.assert_allclose(a[k]["latent"].astype(np.float32), b[k]["latent"].astype(np.float32),
-                                       atol=2e-3)
+                                       rtol=2e-3, atol=2e-3)
             assert a[k]["prompt"] == b[k]["prompt"] and a[k]["form"] == b[k]["form"]
             assert a[k]["prompt_emb"].shape == (12, 384) and a[k]["prompt_pooled"].shape == (384,)
             n = int(a[k]["prompt_len"])
