@@ -25,7 +25,7 @@ import zipfile
 from typing import Literal, Optional
 
 from trainer.callbacks import KILL_IN_CHECKPOINT_ENV, _env_int
-from trainer.config import ConfigError, ExistingPath, UserError
+from trainer.config import ConfigError
 from trainer.data import LatentDataConfig, column_shape, load_latent_stats, shard_columns
 from trainer.diffusion.sampler import SamplerConfig
 from trainer.log import get_logger
@@ -96,7 +96,7 @@ class DiffusionTrainConfig:
     autoresume: bool = True
     # Stage hand-over: a checkpoint of an earlier stage (file, `latest-rank0.pt` symlink, or sharded
     # folder); loaded once when this run has no checkpoint of its own.
-    load_path: Optional[ExistingPath] = None
+    load_path: str = ""
     load_weights_only: bool = True      # weights (and EMA) only: fresh optimizer, schedule, data order
     parallelism: Literal["none", "ddp", "fsdp2"] = "ddp"  # none: one process only; ddp: DDP when >1 rank
     fsdp_state_dict: Literal["sharded", "full"] = "sharded"  # FSDP2 checkpoint layout
@@ -105,7 +105,7 @@ class DiffusionTrainConfig:
     sample_every: int = 0
     sample_prompts: list[str] = dataclasses.field(default_factory=lambda: ["a sonnet about the sea",
                                                                            "a haiku about the moon"])
-    autoencoder: Optional[ExistingPath] = None   # the autoencoder job's export (decodes samples)
+    autoencoder: str = ""               # the autoencoder job's export (decodes samples); empty = no samples
     prompt_encoder: PromptEncoderConfig = dataclasses.field(default_factory=PromptEncoderConfig)
     sampler: SamplerConfig = dataclasses.field(default_factory=lambda: SamplerConfig(num_steps=18, guidance_scale=3.0))
     log_interval: int = 20              # batches between lines in out_dir/metrics.jsonl
@@ -133,7 +133,11 @@ CONFIG = DiffusionTrainConfig
 # ---------------------------------------------------------------- checks before any work
 
 def check_data(cfg: DiffusionTrainConfig) -> dict:
-    """The latent statistics; refuses shards whose shapes do not fit the model config, in one line."""
+    """The latent statistics; refuses missing paths and shards whose shapes do not fit the model, in one line."""
+    for key in ("load_path", "autoencoder"):
+        path = getattr(cfg, key)
+        if path and not os.path.exists(path):
+            raise ConfigError(f"{key}: path does not exist: {path!r}")
     streams = cfg.data.stream_paths()
     stats = load_latent_stats(cfg.data.stats_file())
     T, C = cfg.model.latent_tokens, cfg.model.latent_dim
@@ -340,7 +344,7 @@ def run(cfg: DiffusionTrainConfig) -> dict:
                  LRMonitor(), cb.KillAtBatch()]
     if cfg.log_sample_indices:
         callbacks.append(cb.SampleIndexLog(cfg.out_dir))
-    if cfg.autoencoder is None:
+    if not cfg.autoencoder:
         log.info("no autoencoder given: poem samples during training are off")
     elif fsdp:
         log.info("parallelism fsdp2: poem samples during training are off (the EMA is sharded); "
@@ -367,7 +371,7 @@ def run(cfg: DiffusionTrainConfig) -> dict:
         save_folder=ckpt_dir, save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
         autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
-        load_path=cfg.load_path, load_weights_only=cfg.load_weights_only,
+        load_path=cfg.load_path or None, load_weights_only=cfg.load_weights_only,
         callbacks=callbacks, loggers=loggers, progress_bar=True, log_to_console=False)
     t0 = time.time()
     trainer.fit()

@@ -1,0 +1,274 @@
+"""Diffusion training job on tiny real parts (Composer, mosaicml-streaming, a tiny MoE DiT, tiny latent
+shards): stage 1 -> stage 2 through `latentverse train`, the EMA is what is exported and sampled,
+SIGKILL mid-epoch and resume gives every sample once per epoch and the same weights as an
+uninterrupted run, a kill half-way through a checkpoint write, stale shared memory, a NaN loss, and
+bad YAMLs refused in one line."""
+import json
+import os
+import re
+import signal
+
+import pytest
+import torch
+
+from trainer import config as C
+from trainer.callbacks import KILL_AT_BATCH_ENV, KILL_IN_CHECKPOINT_ENV, NAN_AT_BATCH_ENV
+
+from .conftest import ROOT, run_cli
+from .diffusion_data import write_latent_shards
+
+TINY = ["model.moe_dit.dim=32", "model.moe_dit.depth=2", "model.moe_dit.head_dim=16",
+        "model.moe_dit.patch_mixer_depth=1", "model.moe_dit.num_experts=2", "batch_size=8", "threads=1",
+        "tensorboard=false", "log_interval=1", "optim.warmup=2ba", "optim.lr=1.0e-3", "ema.decay=0.9",
+        "max_minutes=null", "autoencoder="]
+PRETRAIN = os.path.join(ROOT, "yamls/diffusion/pretrain_masked_tiny_cpu.yaml")
+FINETUNE = os.path.join(ROOT, "yamls/diffusion/finetune_unmasked_tiny_cpu.yaml")
+
+
+def model_state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state"]["model"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def stale_streaming_shm():
+    """Streaming shared-memory segments in /dev/shm that no live process maps."""
+    from trainer.data import _STREAMING_SHM, _mapped_shm_names
+
+    mapped = _mapped_shm_names()
+    return {n for n in os.listdir("/dev/shm") if _STREAMING_SHM.match(n) and n not in mapped}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_latent_shards(tmp_path_factory.mktemp("latents"), n_train=64, n_val=16, prompt_dim=384)
+
+
+def base(shards, out, *extra, eval=False):
+    return [f"data.path={shards['train']}", f"out_dir={out}", *TINY,
+            f"data.eval_path={shards['val'] if eval else ''}", *extra]
+
+
+# ---------------------------------------------------------------- stage 1 -> stage 2, EMA export and sampling
+
+@pytest.fixture(scope="module")
+def tiny_autoencoder(tmp_path_factory):
+    from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
+    from trainer.models.tokenizers import train_bpe
+
+    root = tmp_path_factory.mktemp("ae")
+    tok = train_bpe(["the sea moon night love wind stone river light dark song heart old rain"] * 5,
+                    vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    ae = LatentAutoencoder(AutoencoderConfig(d_model=32, encoder_layers=1, decoder_layers=1, attention_heads=2,
+                                             ffn_dim=64, perceiver_depth=1, perceiver_heads=2,
+                                             perceiver_dim_head=16, reconstruction_depth=1, max_tokens=12), tok)
+    ae.save_pretrained(str(root / "ae"))
+    return str(root / "ae")
+
+
+@pytest.fixture(scope="module")
+def two_stages(shards, tiny_autoencoder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    s1, s2 = root / "pretrain", root / "finetune"
+    sampling = [f"autoencoder={tiny_autoencoder}", "sample_every=3", "sampler.num_steps=2",
+                "sample_prompts=[a sonnet about the sea, '']", "prompt_encoder.max_length=8"]
+    r1 = run_cli("train", PRETRAIN, *base(shards, s1, "max_duration=6ba", "save_interval=3ba", "eval_interval=3ba",
+                                          "eval_batches=1", "tensorboard=true", *sampling, eval=True))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = run_cli("train", FINETUNE, *base(shards, s2, "max_duration=3ba", "save_interval=1ba", "save_num_checkpoints_to_keep=-1", "eval_interval=3ba",
+                                          "eval_batches=1", f"load_path={s1}/checkpoints/latest-rank0.pt",
+                                          *sampling, eval=True))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    return {"s1": s1, "s2": s2, "r1": r1, "r2": r2, "ae": tiny_autoencoder}
+
+
+def test_stage1_then_stage2_end_to_end(two_stages):
+    s1, s2 = two_stages["s1"], two_stages["s2"]
+    for out, batches in ((s1, 6), (s2, 3)):
+        summary = json.load(open(out / "train_summary.json"))
+        assert summary["batches"] == batches
+        assert summary["eval/EMALoss"] > 0 and summary["eval/Loss"] > 0
+        meta = json.load(open(out / "denoiser" / "denoiser_config.json"))
+        assert meta["weights"] == "ema" and meta["normalize"] == "center"
+        assert (out / "loss_curve.png").stat().st_size > 1000
+        rows = read_jsonl(out / "metrics.jsonl")
+        assert [r["batch"] for r in rows if "train/loss" in r] == list(range(1, batches + 1))
+        assert all(r["train/loss"] > 0 for r in rows if "train/loss" in r)
+    meta1 = json.load(open(s1 / "denoiser" / "denoiser_config.json"))
+    assert meta1["mask_ratio"] == 0.75 and json.load(open(s2 / "denoiser" / "denoiser_config.json"))["mask_ratio"] == 0.0
+    # sigma_data follows from the recorded statistics (normalize=center)
+    assert meta1["sigma_data"] == pytest.approx(meta1["latent_stats"]["sigma_data"])
+    assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(s1 / "tensorboard") for f in fs)
+    # Stage 2 starts from stage 1's weights with a fresh schedule: its first step has lr 0 (warmup from 0),
+    # so its batch-1 weights are exactly stage 1's final weights; its optimizer/timestamp start fresh.
+    w1 = model_state(s1 / "checkpoints" / "latest-rank0.pt")
+    ck2 = torch.load(s2 / "checkpoints" / "ep0-ba1-rank0.pt", map_location="cpu", weights_only=False)
+    assert int(ck2["state"]["timestamp"]["batch"]) == 1
+    nets = [k for k in w1 if k.startswith("train_step.net.")]
+    assert nets and all(torch.equal(w1[k], ck2["state"]["model"][k]) for k in nets)
+    assert read_jsonl(s2 / "metrics.jsonl")[0]["lr"] == 0.0
+
+
+def test_ema_is_exported_differs_from_raw_and_is_what_is_sampled(two_stages):
+    from trainer.data import LatentNormalizer
+    from trainer.diffusion.sampler import SamplerConfig, edm_sampler
+    from trainer.diffusion.seam import Prompt
+    from trainer.export import load_denoiser
+    from trainer.models.autoencoder import LatentAutoencoder
+    from trainer.models.text_encoders import PromptEncoderConfig, build_prompt_encoder
+
+    s1 = two_stages["s1"]
+    final = model_state(s1 / "checkpoints" / "latest-rank0.pt")
+    net, meta = load_denoiser(str(s1 / "denoiser"))
+    exported = net.state_dict()
+    for k, v in exported.items():
+        assert torch.equal(v, final[f"ema.{k}"]), k                  # the export is the EMA
+    differs = [k for k in exported if not torch.equal(exported[k], final[f"train_step.net.{k}"])]
+    assert len(differs) > len(exported) // 2                         # and not the raw weights
+    # The poems logged at the last batch were sampled with exactly these weights.
+    penc = build_prompt_encoder(PromptEncoderConfig(max_length=8))
+    prompts = ["a sonnet about the sea", ""]
+    prompt = Prompt(*penc(prompts))
+    g = torch.Generator().manual_seed(17)
+    noise = torch.randn(2, 32, 64, generator=g)
+    x = edm_sampler(net, noise, prompt, SamplerConfig(num_steps=2, guidance_scale=3.0), generator=g)
+    ae = LatentAutoencoder.from_pretrained(two_stages["ae"])
+    poems = ae.decode(LatentNormalizer(meta["latent_stats"], meta["normalize"]).inverse(x))
+    text = open(s1 / "samples.txt").read()
+    last = text.split("batch 6 | ")[1:]
+    assert len(last) == 2 and [b.split("\n", 1)[1].rstrip("\n") for b in last] == poems
+    assert "batch 3 | " in text and "sample at batch 3" in two_stages["r1"].stderr
+    # the raw weights denoise differently from the EMA ones
+    raw = type(net)(net.backbone.__class__(net.backbone.cfg, prompt_dim=384), sigma_data=net.sigma_data)
+    raw.load_state_dict({k: final[f"train_step.net.{k}"] for k in exported})
+    xs = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert not torch.allclose(raw(xs, torch.tensor(1.0), prompt).sample, net(xs, torch.tensor(1.0), prompt).sample)
+
+
+# ---------------------------------------------------------------- kill and resume
+
+RESUME = ["max_duration=12ba", "save_interval=2ba", "log_sample_indices=true"]   # 8 batches per epoch
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    r = run_cli("train", PRETRAIN, *base(shards, out, *RESUME))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("killed")
+    before = stale_streaming_shm()
+    r = run_cli("train", PRETRAIN, *base(shards, out, *RESUME), env={KILL_AT_BATCH_ENV: "5"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    left = stale_streaming_shm() - before
+    killed_log = read_jsonl(out / "sample_log-rank0.jsonl")
+    r2 = run_cli("train", PRETRAIN, *base(shards, out, *RESUME))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    return {"out": out, "killed_log": killed_log, "left_shm": left, "r2": r2}
+
+
+def test_kill_mid_epoch_then_resume_sees_each_sample_once_and_ends_with_the_same_weights(reference,
+                                                                                         killed_and_resumed):
+    out = killed_and_resumed["out"]
+    assert [r["batch"] for r in killed_and_resumed["killed_log"]] == [1, 2, 3, 4, 5]
+    log = read_jsonl(out / "sample_log-rank0.jsonl")
+    assert [r["batch"] for r in log] == list(range(1, 13))           # batch 5 replayed once, not twice
+    epoch0 = [i for r in log if r["epoch"] == 0 for i in r["sample_index"]]
+    epoch1 = [i for r in log if r["epoch"] == 1 for i in r["sample_index"]]
+    assert sorted(epoch0) == list(range(64))                         # every sample exactly once
+    assert len(epoch1) == 32 and len(set(epoch1)) == 32
+    assert log == read_jsonl(reference / "sample_log-rank0.jsonl")   # the same order as without the kill
+    a, b = model_state(reference / "checkpoints" / "latest-rank0.pt"), model_state(out / "checkpoints" / "latest-rank0.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resume"
+    from safetensors.torch import load_file
+
+    ea, eb = load_file(reference / "denoiser" / "denoiser.safetensors"), load_file(out / "denoiser" / "denoiser.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_stale_shared_memory_of_a_killed_run_is_removed_at_the_next_start(killed_and_resumed):
+    left = killed_and_resumed["left_shm"]
+    assert any(n.endswith("_locals") for n in left), "the SIGKILLed run should have left streaming shm behind"
+    assert not (left & set(os.listdir("/dev/shm")))
+    assert "stale shared-memory segments" in killed_and_resumed["r2"].stderr
+
+
+def test_kill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(shards, reference, tmp_path):
+    out = tmp_path / "ckptkill"
+    r = run_cli("train", PRETRAIN, *base(shards, out, *RESUME), env={KILL_IN_CHECKPOINT_ENV: "4"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    ck = out / "checkpoints"
+    half = ck / "ep0-ba4-rank0.pt"
+    assert half.exists() and os.path.realpath(ck / "latest-rank0.pt").endswith("ep0-ba2-rank0.pt")
+    with pytest.raises(Exception):
+        torch.load(half, weights_only=False)                         # really half-written
+    r2 = run_cli("train", PRETRAIN, *base(shards, out, *RESUME))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "half-written checkpoint" in r2.stderr
+    assert [f for f in os.listdir(ck) if ".incomplete-" in f]       # set aside, not deleted
+    a, b = model_state(reference / "checkpoints" / "latest-rank0.pt"), model_state(ck / "latest-rank0.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_jsonl(out / "sample_log-rank0.jsonl") == read_jsonl(reference / "sample_log-rank0.jsonl")
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    out = tmp_path / "nan"
+    r = run_cli("train", PRETRAIN, *base(shards, out, "max_duration=6ba", "save_interval=2ba"),
+                env={NAN_AT_BATCH_ENV: "3"})
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.match(r"train loss is nan at batch 3: stopping .*last good checkpoint: .*ep0-ba2-rank0\.pt$", last), last
+    ck = out / "checkpoints"
+    assert sorted(f for f in os.listdir(ck) if f.startswith("ep")) == ["ep0-ba2-rank0.pt"]
+    state = model_state(ck / "latest-rank0.pt")
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert not (out / "denoiser").exists()
+
+
+# ---------------------------------------------------------------- bad input, refused before any work
+
+def _load(*overrides, yaml=PRETRAIN):
+    from trainer.cli import load_config, load_job_module
+
+    return load_config(load_job_module("train"), yaml, list(overrides))
+
+
+def test_bad_yaml_is_refused_in_one_line(shards, tmp_path):
+    from trainer.train_diffusion import check_data
+
+    with pytest.raises(C.ConfigError, match=r"command line: mask_ratio: expected float"):
+        _load("mask_ratio=lots")
+    with pytest.raises(C.ConfigError, match=r"model.moe_dit.dimm: unknown key"):
+        _load("model.moe_dit.dimm=3")
+    with pytest.raises(C.ConfigError, match=r"mask_ratio must be in \[0, 1\)"):
+        _load("mask_ratio=1.0")
+    with pytest.raises(C.ConfigError, match=r"needs model.kind moe_dit"):
+        _load("model.kind=sana")
+    with pytest.raises(C.ConfigError, match=r"parallelism: expected one of"):
+        _load("parallelism=fsdp1")
+    with pytest.raises(C.ConfigError, match=r"load_path: path does not exist"):
+        check_data(_load(*base(shards, tmp_path), f"load_path={tmp_path}/nothing.pt", yaml=FINETUNE))
+    with pytest.raises(C.ConfigError, match=r"autoencoder: path does not exist"):
+        check_data(_load(*base(shards, tmp_path), f"autoencoder={tmp_path}/no-ae"))
+    with pytest.raises(C.ConfigError, match=r"data.path: no latent shards"):
+        check_data(_load(f"data.path={tmp_path}", "autoencoder="))
+    with pytest.raises(C.ConfigError, match=r"model.prompt_dim: 16, but .* width \[384\]"):
+        check_data(_load(*base(shards, tmp_path), "model.prompt_dim=16"))
+    with pytest.raises(C.ConfigError, match=r"model expects latents \[16, 64\]"):
+        check_data(_load(*base(shards, tmp_path), "model.latent_tokens=16"))
+    bad = tmp_path / "stats.json"
+    bad.write_text("{\n  \"channel_mean\": [1,\n")
+    with pytest.raises(C.ConfigError, match=r"stats.json: line \d+: not valid JSON"):
+        check_data(_load(*base(shards, tmp_path), f"data.stats_path={bad}"))
+    # the CLI prints that one line and exits 2, no traceback
+    r = run_cli("train", PRETRAIN, "optim.betas=[0.9]")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "command line: optim: betas must hold two values, got [0.9]"], r.stderr
