@@ -40,7 +40,9 @@ def write_text_shards(root, splits):
 TINY = ["model.d_model=32", "model.encoder_layers=1", "model.decoder_layers=1", "model.attention_heads=2",
         "model.ffn_dim=64", "model.perceiver_depth=1", "model.perceiver_heads=2", "model.perceiver_dim_head=16",
         "model.reconstruction_depth=1", "model.max_tokens=24", "tokenizer.vocab_size=300",
-        "tokenizer.min_frequency=1", "batch_size=8", "data.eval_samples=16", "threads=1"]
+        "tokenizer.min_frequency=1", "batch_size=8", "data.eval_samples=16", "threads=1",
+        # Other test files may run streaming at the same time: do not unlink their shared memory.
+        "data.clean_shared_memory=false"]
 
 
 @pytest.mark.slow

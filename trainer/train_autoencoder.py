@@ -30,6 +30,8 @@ class DataConfig:
     text_column: str = "text"
     eval_samples: int = 256             # held-out stanzas per evaluation (greedy decoding costs)
     num_workers: int = 0
+    # Clean streaming's leaked shared memory at start; turn off when other streaming jobs run on this machine.
+    clean_shared_memory: bool = True
 
 
 @dataclasses.dataclass
@@ -219,7 +221,13 @@ def run(cfg: AutoencoderTrainConfig) -> dict:
         return {"autoencoder_dir": export, "skipped": True}
     train_local = split_dir(cfg, cfg.data.train_split)
     eval_local = split_dir(cfg, cfg.data.eval_split)
-    clean_stale_shared_memory()  # streaming leaves shared memory behind after a crash
+    if cfg.data.clean_shared_memory:
+        # streaming leaves shared memory behind after a crash. Its cleaner unlinks EVERY streaming segment on
+        # the machine, a live job's too, and two jobs starting together race on the same names.
+        try:
+            clean_stale_shared_memory()
+        except FileNotFoundError:
+            pass  # another job unlinked it first
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out_dir, exist_ok=True)
