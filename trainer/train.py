@@ -1,7 +1,7 @@
 """`latentverse train CONFIG.yaml`: train the autoencoder or the diffusion model with Composer.
 
-The top-level `task:` key picks the job: `autoencoder` (trainer/train_autoencoder.py) or
-`diffusion` (trainer/train_diffusion.py). Without it, `autoencoder` is assumed.
+The top-level `task:` key picks the job: `autoencoder` (trainer/train_autoencoder.py), `diffusion`
+(trainer/train_diffusion.py) or `token_lm` (trainer/train_token_lm.py). Without it, `autoencoder` is assumed.
 """
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import importlib
 
 from trainer.config import KeyProblem, UserError
 
-TASKS = {"autoencoder": "trainer.train_autoencoder", "diffusion": "trainer.train_diffusion"}
+TASKS = {"autoencoder": "trainer.train_autoencoder", "diffusion": "trainer.train_diffusion",
+         "token_lm": "trainer.train_token_lm"}
 DEFAULT_TASK = "autoencoder"
 
 
