@@ -2,6 +2,11 @@
 
     latentverse generate PIPELINE_DIR --prompt "sonnet about the sea" --num-samples 4 --steps 18 \\
         --guidance 5 --seed 0 [--sampler heun|ddpm] [--show-steps K] [--out FILE.json]
+    latentverse generate TOKEN_PIPELINE_DIR --prefix "The sea at night" --show-steps 10
+
+--prefix (pipelines of latent_kind token_embeddings) continues a text: its token embeddings are
+clamped into the first latent positions at every sampler step; the guidance defaults to the
+pipeline's prefix_guidance (5, as the earlier diffusion LM).
 
 --show-steps K prints, and writes as an HTML page beside the pipeline (or --out), how the decoded
 text changes from noise to poem at K points of the sampling.
@@ -30,12 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["heun", "ddpm"], default="heun")
     p.add_argument("--show-steps", type=int, default=0, metavar="K",
                    help="show the decoded text at K points of the sampling (and write an HTML page)")
+    p.add_argument("--prefix", default=None,
+                   help="token_embeddings pipelines: continue this text (clamped into the first positions)")
     p.add_argument("--out", default=None, help="also write the poems as JSON here")
     p.add_argument("--device", default="cpu")
 
 
 def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=None, guidance=None, seed: int = 0,
-             sampler: str = "heun", show_steps: int = 0, device: str = "cpu") -> dict:
+             sampler: str = "heun", show_steps: int = 0, device: str = "cpu", prefix=None) -> dict:
     from trainer.pipeline import Pipeline
 
     if num_samples < 1:
@@ -43,7 +50,7 @@ def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=
     if show_steps and sampler != "heun":
         raise UserError("--show-steps: only with --sampler heun")
     pipe = Pipeline.from_pretrained(pipeline_dir, device=device)
-    x, trace = pipe.sample_latents(prompts, num_samples, steps, guidance, seed, sampler, show_steps)
+    x, trace = pipe.sample_latents(prompts, num_samples, steps, guidance, seed, sampler, show_steps, prefix)
     poems = pipe.decode(x)
     for t in trace:
         t["texts"] = pipe.decode(t.pop("x0"))
@@ -54,7 +61,7 @@ def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=
 def main(args) -> int:
     prompts = args.prompt or [""]
     out = generate(args.pipeline, prompts, args.num_samples, args.steps, args.guidance, args.seed, args.sampler,
-                   args.show_steps, args.device)
+                   args.show_steps, args.device, args.prefix)
     if out["trace"]:
         from trainer.pipeline import show_steps_html
 

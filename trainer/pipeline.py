@@ -3,11 +3,13 @@
     pipeline_dir/
       pipeline.json         format, version, sampler defaults, decoding options, prompt mode
       prompt_encoder.json   the prompt encoder's reference (PromptEncoderConfig; "" path = bundled MiniLM)
-      autoencoder/          the latent autoencoder (safetensors + config + tokenizer files)
+      autoencoder/          the latent encoder (safetensors + config + tokenizer files): the BART-Perceiver
+                            autoencoder, or a causal LM's token embeddings (latent_kind token_embeddings)
       denoiser/             the EMA denoiser (safetensors + config with sigma_data and latent stats)
 
     pipe = Pipeline.from_pretrained("out/demo/pipeline")
     poems = pipe(["sonnet about the sea"], num_samples=4, steps=18, guidance=5.0, seed=0)
+    poems = pipe([""], prefix="The sea at night")   # token_embeddings: continue a text (inpainting)
 """
 from __future__ import annotations
 
@@ -46,16 +48,24 @@ class PipelineConfig:
     sampler: SamplerConfig = dataclasses.field(default_factory=lambda: SamplerConfig(guidance_scale=3.0))
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     prompt_mode: Literal["tokens", "pooled", "both"] = "both"
-    latent_kind: str = "bart_perceiver"
+    latent_kind: Literal["bart_perceiver", "token_embeddings"] = "bart_perceiver"  # set by export_pipeline
+    # token_embeddings: the guidance scale used with a prefix when none is given (the earlier
+    # diffusion LM's generate_with_prompt.py default).
+    prefix_guidance: float = 5.0
 
 
 def export_pipeline(path: str, autoencoder_dir: str, denoiser_dir: str, prompt_encoder: PromptEncoderConfig,
                     cfg: Optional[PipelineConfig] = None) -> str:
     """Assemble a pipeline directory (written to a temporary name, then renamed into place)."""
+    from trainer.models.token_latents import latent_kind
+
     cfg = cfg or PipelineConfig()
     for what, d in (("autoencoder", autoencoder_dir), ("denoiser", denoiser_dir)):
         if not os.path.isdir(d):
             raise UserError(f"{d}: {what} directory does not exist")
+    # The kind is a fact of the latent encoder directory, not a choice.
+    kind = latent_kind(autoencoder_dir)
+    cfg = dataclasses.replace(cfg, latent_kind="bart_perceiver" if kind == "bart_perceiver" else "token_embeddings")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=parent)
@@ -79,10 +89,16 @@ def _read_json(path: str) -> dict:
         raise UserError(f"{path}: corrupt JSON ({e})") from None
 
 
-def _load_autoencoder(path: str, device: str):
-    """LatentAutoencoder.from_pretrained, with a damaged file named in a one-line error."""
+def _load_autoencoder(path: str, device: str, kind: str = "bart_perceiver"):
+    """The latent encoder of the pipeline's kind, with a damaged file named in a one-line error."""
+    from trainer.models import token_latents
     from trainer.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, LatentAutoencoder
 
+    if kind == "token_embeddings":
+        cfg_file = os.path.join(path, token_latents.CONFIG_NAME)
+        if _read_json(cfg_file).get("latent_kind") != kind:  # names a missing or corrupt config
+            raise UserError(f"{cfg_file}: latent_kind is not {kind!r}")
+        return token_latents.TokenEmbeddingLatents.from_pretrained(path).to(device)
     _read_json(os.path.join(path, CONFIG_NAME))  # names a missing or corrupt config
     try:
         return LatentAutoencoder.from_pretrained(path).to(device)
@@ -133,7 +149,7 @@ class Pipeline:
         cfg = C.from_dict(PipelineConfig, meta, source=os.path.join(path, PIPELINE_JSON))
         pcfg = C.from_dict(PromptEncoderConfig, _read_json(os.path.join(path, PROMPT_JSON)),
                            source=os.path.join(path, PROMPT_JSON))
-        ae = _load_autoencoder(os.path.join(path, "autoencoder"), device)
+        ae = _load_autoencoder(os.path.join(path, "autoencoder"), device, cfg.latent_kind)
         net, dmeta = load_denoiser(os.path.join(path, "denoiser"), map_location=device)
         return cls(ae, net, dmeta, build_prompt_encoder(pcfg).to(device), cfg, path)
 
@@ -150,7 +166,7 @@ class Pipeline:
     def to_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Diffusion space -> the autoencoder's latent space (inverse normalisation, optional renorm)."""
         z = self.normalizer.inverse(x.float())
-        if self.cfg.decode.renormalize:
+        if self.cfg.decode.renormalize and self.cfg.latent_kind == "bart_perceiver":  # the Perceiver's sphere
             z = torch.nn.functional.normalize(z, dim=-1) * z.shape[-1] ** 0.5
         return z
 
@@ -161,9 +177,20 @@ class Pipeline:
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], num_samples: int = 1, steps: Optional[int] = None,
                        guidance: Optional[float] = None, seed: int = 0, sampler: str = "heun",
-                       show_steps: int = 0) -> tuple[torch.Tensor, list[dict]]:
+                       show_steps: int = 0, prefix: Optional[str] = None) -> tuple[torch.Tensor, list[dict]]:
         """Diffusion-space samples [len(prompts) * num_samples, T, C] (prompt-major), and the
-        trace of `show_steps` intermediate denoised estimates (each {"step", "sigma", "x0"})."""
+        trace of `show_steps` intermediate denoised estimates (each {"step", "sigma", "x0"}).
+        `prefix` (token_embeddings only): every sample continues this text; its token embeddings are
+        clamped into the first positions at every step (inpainting)."""
+        inpaint = None
+        if prefix is not None:
+            if self.cfg.latent_kind != "token_embeddings":
+                raise UserError(f"--prefix: needs a token_embeddings pipeline; this one is {self.cfg.latent_kind}")
+            if sampler != "heun":
+                raise UserError("--prefix: only with --sampler heun")
+            z, known = self.autoencoder.prefix_latents(prefix)             # [T, C], [T]
+            inpaint = (self.normalizer(z).to(self.device), known.to(self.device))
+            guidance = self.cfg.prefix_guidance if guidance is None else guidance
         scfg = dataclasses.replace(self.cfg.sampler, **{k: v for k, v in
                                                         (("num_steps", steps), ("guidance_scale", guidance))
                                                         if v is not None})
@@ -182,7 +209,8 @@ class Pipeline:
                 if i in marks:
                     trace.append({"step": i + 1, "sigma": float(sig[i]), "x0": denoised.float().cpu()})
 
-            x = edm_sampler(self.net, noise, prompt, scfg, generator=g, callback=cb if show_steps else None)
+            x = edm_sampler(self.net, noise, prompt, scfg, generator=g, callback=cb if show_steps else None,
+                            inpaint=inpaint)
         elif sampler == "ddpm":
             from trainer.diffusion.ddpm import DDPM, DDPMConfig
 
@@ -195,9 +223,10 @@ class Pipeline:
         return x, trace
 
     def __call__(self, prompts: list[str] | str, num_samples: int = 1, steps: Optional[int] = None,
-                 guidance: Optional[float] = None, seed: int = 0, sampler: str = "heun") -> list[str]:
+                 guidance: Optional[float] = None, seed: int = 0, sampler: str = "heun",
+                 prefix: Optional[str] = None) -> list[str]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        x, _ = self.sample_latents(prompts, num_samples, steps, guidance, seed, sampler)
+        x, _ = self.sample_latents(prompts, num_samples, steps, guidance, seed, sampler, prefix=prefix)
         return self.decode(x)
 
 

@@ -53,13 +53,17 @@ def sigma_steps(cfg: SamplerConfig, device=None) -> torch.Tensor:
 @torch.no_grad()
 def edm_sampler(net, noise: torch.Tensor, prompt: Optional[Prompt] = None, cfg: Optional[SamplerConfig] = None,
                 generator: Optional[torch.Generator] = None, progress: bool = False,
-                callback=None) -> torch.Tensor:
+                callback=None, inpaint: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """noise [B, T, C] ~ N(0, I) -> samples [B, T, C] (dtype of noise).
 
     net(x, sigma, prompt) -> DenoiserOutput, and net.null_prompt(batch, length) (EDMPrecond has both).
     The sampler state is kept in float64, as in the reference implementation.
     callback(i, x_next, denoised), if given, sees every step: the new state and the step's
-    denoised estimate D(x_hat; t_hat) (what `latentverse generate --show-steps` decodes)."""
+    denoised estimate D(x_hat; t_hat) (what `latentverse generate --show-steps` decodes).
+    inpaint=(known_values [B, T, C], known_mask [B, T] bool) clamps the known token positions, as
+    RePaint does (Lugmayr et al. 2022): after every step they are set to known_values + t_next * fresh
+    noise (the noisy state the rest of x is at), so the final output holds known_values exactly;
+    the callback's denoised estimate shows them as known_values."""
     cfg = cfg or SamplerConfig()
     dtype = noise.dtype
     param = next(iter(net.parameters()), None) if hasattr(net, "parameters") else None
@@ -73,6 +77,15 @@ def edm_sampler(net, noise: torch.Tensor, prompt: Optional[Prompt] = None, cfg: 
     t = sigma_steps(cfg, noise.device)
     N = cfg.num_steps
     x_next = noise.to(torch.float64) * t[0]
+    if inpaint is not None:
+        known = inpaint[0].to(x_next.device, torch.float64)                 # [B, T, C] (or [T, C])
+        keep = inpaint[1].to(x_next.device, torch.bool).unsqueeze(-1)       # [B, T, 1] (or [T, 1])
+
+        def clamp(x, sigma):
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+            return torch.where(keep, known + sigma * eps, x)
+
+        x_next = torch.where(keep, known + t[0] * noise.to(torch.float64), x_next)
     for i in tqdm(range(N), desc="EDM sampling", disable=not progress, leave=False):
         t_cur, t_next = t[i], t[i + 1]
         x_cur = x_next
@@ -92,6 +105,9 @@ def edm_sampler(net, noise: torch.Tensor, prompt: Optional[Prompt] = None, cfg: 
         if i < N - 1:
             d_prime = (x_next - D(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        if inpaint is not None:
+            x_next = clamp(x_next, t_next) if i < N - 1 else torch.where(keep, known, x_next)
+            denoised = torch.where(keep, known, denoised)
         if callback is not None:
             callback(i, x_next, denoised)
     return x_next.to(dtype)
