@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import config as C
 from trainer.config import UserError
 from trainer.models.token_latents import (CONFIG_NAME, TokenEmbeddingLatents, TokenLatentConfig, build_causal_lm,
                                           latent_kind, load_latent_encoder)
@@ -131,18 +130,17 @@ def test_end_to_end_train_lm_encode_diffuse_generate_with_prefix_evaluate(tmp_pa
     from trainer.diffusion.sampler import SamplerConfig
     from trainer.models.text_encoders import PromptEncoderConfig
     from trainer.pipeline import Pipeline, PipelineConfig, export_pipeline
-    from trainer.train_token_lm import CONFIG as LM_CONFIG
-    from trainer.train_token_lm import run as run_lm
 
     from .test_encode_job import write_text_shards
 
     shards = write_text_shards(tmp_path / "text", n_train=48, n_val=16)
     # 1. the causal LM, trained briefly with Composer so that its embedding table means something
-    lm_cfg = C.load(LM_CONFIG, os.path.join("yamls", "autoencoder", "token_embeddings_tiny_cpu.yaml"),
-                    [f"out_dir={tmp_path / 'lm'}", f"data.path={shards}", "max_duration=12ba", "batch_size=8",
-                     "eval_interval=6ba", "eval_batches=1", "model.tokenizer.vocab_size=300",
-                     "model.tokenizer.min_frequency=1", "model.num_tokens=12", "seq_len=16", "threads=1", "log_interval=1"])
-    summary = run_lm(lm_cfg)
+    r = run_cli("train", "yamls/autoencoder/token_embeddings_tiny_cpu.yaml", f"out_dir={tmp_path / 'lm'}",
+                f"data.path={shards}", "max_duration=12ba", "batch_size=8", "eval_interval=6ba", "eval_batches=1",
+                "model.tokenizer.vocab_size=300", "model.tokenizer.min_frequency=1", "model.num_tokens=12",
+                "seq_len=16", "threads=1", "log_interval=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.load(open(tmp_path / "lm" / "train_summary.json"))
     rows = [json.loads(x) for x in open(tmp_path / "lm" / "metrics.jsonl")]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert summary["batches"] == 12 and losses[-1] < losses[0]         # it learnt something
