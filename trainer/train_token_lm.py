@@ -84,7 +84,6 @@ def _tokenizer(cfg: TokenLMTrainConfig, train_local: str):
     from composer.utils import dist
 
     from trainer.models.tokenizers import build_tokenizer, load_tokenizer, save_tokenizer
-    from trainer.train_autoencoder import read_texts
 
     path = os.path.join(cfg.out_dir, "tokenizer")
     if cfg.model.tokenizer.kind == "pretrained":
@@ -97,6 +96,14 @@ def _tokenizer(cfg: TokenLMTrainConfig, train_local: str):
         save_tokenizer(build_tokenizer(cfg.model.tokenizer, texts), path)
     dist.barrier()
     return load_tokenizer(path)
+
+
+def read_texts(local: str, column: str, limit: int) -> list[str]:
+    """The first `limit` texts of a split, through StreamingDataset (which also reads compressed shards)."""
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=local, shuffle=False, batch_size=1)
+    return [ds[i][column] for i in range(min(len(ds), limit))]
 
 
 def _dataloader(local: str, tokenizer, cfg: TokenLMTrainConfig, batch_size: int, train: bool):
