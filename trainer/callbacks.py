@@ -3,6 +3,8 @@ curve, poems sampled for fixed prompts, the per-batch sample-index log, and test
 
 Fault hooks (tests only; read from the environment so a test can arm them in a subprocess):
     LATENTVERSE_TEST_KILL_AT_BATCH=N          SIGKILL this process right after batch N's optimizer step
+    LATENTVERSE_TEST_KILL_GROUP=1             ... and its whole process group (helpers such as Python's
+                                              resource tracker die too, as when a node is lost)
     LATENTVERSE_TEST_NAN_AT_BATCH=N           make batch N's loss NaN (the guard must stop the run)
     LATENTVERSE_TEST_KILL_IN_CHECKPOINT=N     the checkpoint of batch N is written half-way, then SIGKILL
                                               (installed by trainer/train_diffusion.py)
@@ -27,6 +29,7 @@ from trainer.log import get_logger
 log = get_logger("train.diffusion")
 
 KILL_AT_BATCH_ENV = "LATENTVERSE_TEST_KILL_AT_BATCH"
+KILL_GROUP_ENV = "LATENTVERSE_TEST_KILL_GROUP"
 NAN_AT_BATCH_ENV = "LATENTVERSE_TEST_NAN_AT_BATCH"
 KILL_IN_CHECKPOINT_ENV = "LATENTVERSE_TEST_KILL_IN_CHECKPOINT"
 
@@ -72,6 +75,27 @@ class NonFiniteLossGuard(Callback):
                                 f"(lower optim.lr or raise optim.grad_clip_norm); last good checkpoint: {last}")
 
 
+class RestoreRNGOnResume(Callback):
+    """Puts back the RNG state saved in the checkpoint right before the first resumed batch.
+
+    Composer restores it only when a run resumes at an epoch start or spins the dataloader forward;
+    with streaming's own mid-epoch resumption it does neither, and the resumed run would draw other
+    noise, sigmas, masks and CFG drops than the uninterrupted one. `take(trainer)` moves the state here."""
+
+    def __init__(self):
+        self.rng = None
+
+    def take(self, trainer) -> None:
+        self.rng, trainer._rng_state = trainer._rng_state, None
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        if self.rng is not None:
+            from composer.utils import reproducibility
+
+            reproducibility.load_rng_state(self.rng)
+            self.rng = None
+
+
 class KillAtBatch(Callback):
     """Test hook: SIGKILL right after batch N's step (before its checkpoint), like a node dying."""
 
@@ -81,7 +105,28 @@ class KillAtBatch(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if self.at is not None and int(state.timestamp.batch) == self.at:
             log.warning(f"{KILL_AT_BATCH_ENV}={self.at}: SIGKILL at batch {self.at}")
+            if os.environ.get(KILL_GROUP_ENV) == "1":
+                os.killpg(os.getpgrp(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trim_jsonl(path: str, done: int) -> None:
+    """Drop the rows of batches after `done` (a resumed run replays them) and lines cut by a kill."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("batch", 0) <= done:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 class SampleIndexLog(Callback):
@@ -97,22 +142,7 @@ class SampleIndexLog(Callback):
         return os.path.join(self.out_dir, f"sample_log-rank{dist.get_global_rank()}.jsonl")
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        path, done = self._path(), int(state.timestamp.batch)
-        if not os.path.exists(path):
-            return
-        keep = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:              # a line cut by the kill
-                    continue
-                if row["batch"] <= done:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        trim_jsonl(self._path(), int(state.timestamp.batch))
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
         idx = state.batch.get("sample_index") if isinstance(state.batch, dict) else None
@@ -132,6 +162,10 @@ class MetricsFile(Callback):
         self.out_dir, self.log_interval = out_dir, max(1, log_interval)
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.t0 = time.time()
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0:
+            trim_jsonl(self.path, int(state.timestamp.batch))
 
     def _write(self, row: dict) -> None:
         if dist.get_global_rank() == 0:

@@ -85,7 +85,9 @@ class DiffusionComposerModel(ComposerModel):
         self.train_step = DiffusionTrainStep(net, loss, mask_ratio, cfg_dropout)
         self.ema = copy.deepcopy(net).requires_grad_(False).eval()
         self.ema_decay = float(ema_decay)
-        self.val_metrics = nn.ModuleDict({k: MeanLoss(k) for k in ("EMALoss", "Loss")})
+        # A plain dict, not a child module: FSDP2 would try to shard a ModuleDict child (Composer moves
+        # and copies eval metrics itself).
+        self.val_metrics = {k: MeanLoss(k) for k in ("EMALoss", "Loss")}
         self.flops_per_sample: Optional[float] = None   # set by the job (measured), read by SpeedMonitor
 
     @property
@@ -100,11 +102,12 @@ class DiffusionComposerModel(ComposerModel):
 
     def eval_forward(self, batch: dict, outputs=None) -> dict:
         seed = int(batch["sample_index"].sum()) if "sample_index" in batch else 0
-        out = {}
-        for name, module in (("EMALoss", self.ema), ("Loss", self.net)):
-            g = torch.Generator(device=batch["latent"].device).manual_seed(seed)
-            out[name] = self.train_step.loss_fn(module, batch["latent"], batch_prompt(batch), generator=g).per_sample
-        return out
+        dev = batch["latent"].device
+        # The raw net is called through train_step (in eval mode: no CFG dropout), the module FSDP2 gathers.
+        raw = self.train_step(batch, generator=torch.Generator(device=dev).manual_seed(seed), mask_ratio=0.0)
+        ema = self.train_step.loss_fn(self.ema, batch["latent"], batch_prompt(batch),
+                                      generator=torch.Generator(device=dev).manual_seed(seed))
+        return {"EMALoss": ema.per_sample, "Loss": raw.per_sample}
 
     def get_metrics(self, is_train: bool = False) -> dict:
         return {} if is_train else dict(self.val_metrics)

@@ -274,6 +274,15 @@ def ema_state_dict(model, fsdp: bool) -> dict:
     return {k: v.detach().cpu() for k, v in model.ema.state_dict().items()}
 
 
+def param_optim_bytes(model, opt) -> int:
+    """Bytes this rank holds for the trained parameters and their optimizer state (local shards under FSDP2)."""
+    local = (lambda t: t.to_local() if hasattr(t, "to_local") else t)
+    n = sum(local(p).numel() * p.element_size() for p in model.net.parameters())
+    for st in opt.state.values():
+        n += sum(local(v).numel() * v.element_size() for v in st.values() if hasattr(v, "element_size"))
+    return int(n)
+
+
 def run(cfg: DiffusionTrainConfig) -> dict:
     import torch
 
@@ -342,6 +351,8 @@ def run(cfg: DiffusionTrainConfig) -> dict:
                  cb.MetricsFile(cfg.out_dir, cfg.log_interval), cb.WallClockLimit(cfg.max_minutes),
                  SpeedMonitor(window_size=max(1, min(cfg.log_interval, 20)), gpu_flops_available=cfg.peak_flops),
                  LRMonitor(), cb.KillAtBatch()]
+    restore_rng = cb.RestoreRNGOnResume()
+    callbacks.append(restore_rng)
     if cfg.log_sample_indices:
         callbacks.append(cb.SampleIndexLog(cfg.out_dir))
     if not cfg.autoencoder:
@@ -373,13 +384,20 @@ def run(cfg: DiffusionTrainConfig) -> dict:
         autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
         load_path=cfg.load_path or None, load_weights_only=cfg.load_weights_only,
         callbacks=callbacks, loggers=loggers, progress_bar=True, log_to_console=False)
+    restore_rng.take(trainer)
     t0 = time.time()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except cb.NonFiniteLoss:
+        trainer.close()  # progress bars closed first, so the one-line message is the last thing printed
+        raise
     seconds = time.time() - t0
     batches = int(trainer.state.timestamp.batch)
     final = {f"{lbl}/{k}": float(m.compute()) for lbl, ms in trainer.state.eval_metrics.items() for k, m in ms.items()}
     ema = ema_state_dict(model, fsdp)
-    summary = {"denoiser_dir": export, "batches": batches, "fit_seconds": round(seconds, 1), **final}
+    summary = {"denoiser_dir": export, "batches": batches, "fit_seconds": round(seconds, 1),
+               "flops_per_sample": model.flops_per_sample, "param_optim_bytes_per_rank": param_optim_bytes(model, opt),
+               **final}
     if dist.get_global_rank() == 0:
         out = EDMPrecond(build_denoiser(cfg.model), sigma_data=edm.sigma_data)
         out.load_state_dict(ema)

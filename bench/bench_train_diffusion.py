@@ -1,0 +1,94 @@
+"""Diffusion training throughput and memory: 2 ranks vs 1 on CPU, FSDP2 vs DDP memory, MFU.
+
+All figures come from one run of this file, side by side on the same machine (which other people may be
+loading too: the figures are provisional there). Each configuration is a real `latentverse train` job
+(the Composer launcher for 2 ranks, gloo, one thread per rank) on synthetic latent shards; samples/s is
+read from the job's own metrics (Composer's SpeedMonitor window, after warm-up batches).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+YAML = os.path.join(ROOT, "yamls/diffusion/pretrain_masked_tiny_cpu.yaml")
+MODEL = ["model.moe_dit.dim=128", "model.moe_dit.depth=4", "model.moe_dit.head_dim=32",
+         "model.moe_dit.patch_mixer_depth=1", "model.moe_dit.num_experts=4"]
+COMMON = ["autoencoder=", "data.eval_path=", "tensorboard=false", "threads=1", "save_interval=100000ba",
+          "max_minutes=null", "log_interval=1", "mask_ratio=0.75"]
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job(tmp: str, name: str, ranks: int, parallelism: str, batches: int, batch: int, extra=()) -> dict:
+    """Run one job; returns samples/s over the batches after the first third and peak memory."""
+    out = os.path.join(tmp, name)
+    args = ["train", YAML, f"data.path={tmp}/latents/train", f"out_dir={out}", *MODEL, *COMMON,
+            f"max_duration={batches}ba", f"batch_size={batch}", f"parallelism={parallelism}", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "trainer.cli", *args]
+    else:
+        composer = os.path.join(os.path.dirname(sys.executable), "composer")
+        cmd = [composer, "-n", str(ranks), "--master_port", str(_port()), "-m", "trainer.cli", *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"{name} failed: {r.stderr[-2000:]}")
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if "train/loss" in x]
+    skip = len(rows) // 3
+    t = rows[-1]["seconds"] - rows[skip]["seconds"]
+    samples = (len(rows) - 1 - skip) * batch
+    summary = json.load(open(os.path.join(out, "train_summary.json")))
+    return {"samples_per_s": samples / t, **summary}
+
+
+def matmul_peak_flops(seconds: float = 2.0, n: int = 512) -> float:
+    """This machine's fp32 matmul FLOP/s on one thread (the MFU denominator), measured now."""
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    k, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        k += 1
+    return 2 * n ** 3 * k / (time.perf_counter() - t0)
+
+
+def main() -> list[dict]:
+    sys.path.insert(0, ROOT)
+    from tests.diffusion_data import write_latent_shards
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_latent_shards(os.path.join(tmp, "latents"), n_train=512, n_val=8, prompt_dim=384)
+        peak = matmul_peak_flops()
+        one = _job(tmp, "one", 1, "none", 30, 16)
+        two = _job(tmp, "two", 2, "ddp", 30, 32)          # same per-rank batch: weak scaling
+        ddp = _job(tmp, "ddp_mem", 2, "ddp", 4, 32)
+        fsdp = _job(tmp, "fsdp_mem", 2, "fsdp2", 4, 32)
+        rows.append({"benchmark": "diffusion train samples/s, 2 ranks / 1 rank (CPU, 1 thread each, DDP)",
+                     "ratio": two["samples_per_s"] / one["samples_per_s"], "goal": ">= 1.6"})
+        rows.append({"benchmark": "per-rank parameter+optimizer bytes, FSDP2 / DDP (2 ranks)",
+                     "ratio": fsdp["param_optim_bytes_per_rank"] / ddp["param_optim_bytes_per_rank"], "goal": "<= 0.6"})
+        rows.append({"benchmark": "MFU: model FLOP/s / this machine's 1-thread matmul peak (1 rank)",
+                     "ratio": one["flops_per_sample"] * one["samples_per_s"] / peak, "goal": "reported"})
+    for r in rows:
+        r["command"] = "python -m bench train_diffusion"
+        print(f"{r['benchmark']}: {r['ratio']:.3f} (goal {r['goal']})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
