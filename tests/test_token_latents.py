@@ -83,6 +83,16 @@ def test_latent_kind_dispatch(tmp_path):
     wrapped = load_latent_encoder(hf)
     assert latent_kind(hf) == "hf_causal_lm" and wrapped.latent_shape == (32, 32)
     assert wrapped.decode(wrapped.encode(TEXTS)) == TEXTS
+    # a pipeline exported from the plain LM dir holds the wrapped encoder, and says which kind it is
+    from trainer.models.text_encoders import PromptEncoderConfig
+    from trainer.pipeline import export_pipeline
+
+    from .tiny import tiny_denoiser
+
+    pipe = export_pipeline(str(tmp_path / "pipe"), hf, tiny_denoiser(str(tmp_path / "den")), PromptEncoderConfig())
+    assert json.load(open(os.path.join(pipe, "pipeline.json")))["latent_kind"] == "token_embeddings"
+    inner = TokenEmbeddingLatents.from_pretrained(os.path.join(pipe, "autoencoder"))
+    assert torch.equal(inner.encode(TEXTS), wrapped.encode(TEXTS))
     os.makedirs(tmp_path / "empty")
     with pytest.raises(UserError, match="not a latent encoder directory"):
         load_latent_encoder(str(tmp_path / "empty"))

@@ -69,7 +69,12 @@ def export_pipeline(path: str, autoencoder_dir: str, denoiser_dir: str, prompt_e
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=parent)
-    shutil.copytree(autoencoder_dir, os.path.join(tmp, "autoencoder"))
+    if kind == "hf_causal_lm":  # a plain Qwen / SmolLM2 directory: wrapped, so the pipeline holds its scale
+        from trainer.models.token_latents import TokenEmbeddingLatents
+
+        TokenEmbeddingLatents.from_causal_lm(autoencoder_dir).save_pretrained(os.path.join(tmp, "autoencoder"))
+    else:
+        shutil.copytree(autoencoder_dir, os.path.join(tmp, "autoencoder"))
     shutil.copytree(denoiser_dir, os.path.join(tmp, "denoiser"))
     with open(os.path.join(tmp, PROMPT_JSON), "w") as f:
         json.dump(dataclasses.asdict(prompt_encoder), f, indent=1)
