@@ -41,10 +41,10 @@ def _default_stages() -> list[Stage]:
               ["out_dir={out}/latents", f"autoencoder={ae}", "data.path={out}/text_shards"]),
         Stage("pretrain_masked", "train", "yamls/diffusion/pretrain_masked_tiny_cpu.yaml",
               ["out_dir={out}/diffusion_pretrain", "data.path={out}/latents/train",
-               "eval_data.path={out}/latents/val", f"autoencoder={ae}"], ["max_duration=60ba"]),
+               "data.eval_path={out}/latents/val", f"autoencoder={ae}"], ["max_duration=60ba"]),
         Stage("finetune_unmasked", "train", "yamls/diffusion/finetune_unmasked_tiny_cpu.yaml",
               ["out_dir={out}/diffusion_finetune", "data.path={out}/latents/train",
-               "eval_data.path={out}/latents/val", f"autoencoder={ae}",
+               "data.eval_path={out}/latents/val", f"autoencoder={ae}",
                "load_path={out}/diffusion_pretrain/checkpoints/latest-rank0.pt"], ["max_duration=30ba"]),
         Stage("generate", "generate", args=[
             "{out}/diffusion_finetune/pipeline", "--prompt", "sonnet about love", "--prompt", "tanka by Ono no Komachi",

@@ -283,6 +283,27 @@ def param_optim_bytes(model, opt) -> int:
     return int(n)
 
 
+def export_run_pipeline(cfg: DiffusionTrainConfig, denoiser_dir: str) -> str:
+    """out_dir/pipeline: the autoencoder, the EMA denoiser, and the prompt encoder + prompt mode that
+    made the training embeddings (read from the encode job's record beside the latent shards)."""
+    from trainer import config as C
+    from trainer.pipeline import PipelineConfig, export_pipeline
+
+    pcfg, mode = cfg.prompt_encoder, "both"
+    for d in (cfg.data.path, os.path.dirname(os.path.abspath(cfg.data.path))):
+        rec = os.path.join(d, "_encode_config.json")
+        if os.path.isfile(rec):
+            with open(rec) as f:
+                enc = json.load(f)["config"]
+            pcfg = C.from_dict(PromptEncoderConfig, enc["prompt_encoder"], source=rec)
+            mode = enc.get("prompt_mode", mode)
+            break
+    path = os.path.join(cfg.out_dir, "pipeline")
+    export_pipeline(path, cfg.autoencoder, denoiser_dir, pcfg, PipelineConfig(sampler=cfg.sampler, prompt_mode=mode))
+    log.info(f"exported the pipeline to {path} (latentverse generate {path} --prompt ...)")
+    return path
+
+
 def run(cfg: DiffusionTrainConfig) -> dict:
     import torch
 
@@ -409,6 +430,8 @@ def run(cfg: DiffusionTrainConfig) -> dict:
             json.dump(summary, f, indent=2)
         os.replace(tmp, os.path.join(cfg.out_dir, "train_summary.json"))
         log.info(f"exported the EMA denoiser to {export} after {batches} batches ({seconds:.0f} s): {json.dumps(final)}")
+        if cfg.autoencoder:
+            summary["pipeline_dir"] = export_run_pipeline(cfg, export)
     trainer.close()
     dist.barrier()
     return summary
