@@ -13,6 +13,7 @@ class Model:
     width: float = 1.0
     kind: Literal["moe_dit", "mlp"] = "moe_dit"
     heads: Optional[int] = None
+    weights: Optional[C.ExistingPath] = None
 
 
 @dataclasses.dataclass
@@ -116,3 +117,10 @@ def test_bad_override_syntax():
 def test_nested_list_item_error_names_index(tmp_path):
     p = write(tmp_path, "out_dir: o\ndata:\n  splits: [train, 3]\n")
     assert one_line_error(lambda: C.load(Job, p)) == f"{p}: data.splits[1]: expected str, got 3"
+
+
+def test_optional_path_keeps_the_existence_message(tmp_path):
+    p = write(tmp_path, f"out_dir: o\nmodel:\n  weights: {tmp_path}/none.pt\n")
+    assert one_line_error(lambda: C.load(Job, p)).startswith(f"{p}: model.weights: path does not exist")
+    p = write(tmp_path, "out_dir: o\nmodel:\n  weights: null\n", "n.yaml")
+    assert C.load(Job, p).model.weights is None

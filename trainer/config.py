@@ -154,7 +154,10 @@ class _Builder:
             args = typing.get_args(tp)
             if v is None and type(None) in args:
                 return None
-            for a in args:
+            others = [a for a in args if a is not type(None)]
+            if len(others) == 1:  # Optional[X]: X's own error (e.g. "path does not exist") is the message
+                return self.value(others[0], v, key)
+            for a in others:
                 if a is type(None):
                     continue
                 try:
