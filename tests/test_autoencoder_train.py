@@ -220,3 +220,14 @@ def test_train_metrics_do_not_decode(monkeypatch):
     with torch.no_grad():
         assert "greedy" not in cm.eval_forward(batch, outputs) and calls == []
         assert "greedy" in cm.eval_forward(batch) and calls == [1]
+
+
+def test_read_texts_reads_compressed_shards_like_the_prep_job_writes(tmp_path):
+    from streaming import MDSWriter
+
+    from trainer.train_autoencoder import read_texts
+
+    with MDSWriter(out=str(tmp_path / "train"), columns={"text": "str"}, compression="zstd", size_limit=1 << 10) as w:
+        for i in range(50):
+            w.write({"text": f"line {i}\nand its echo {i}"})
+    assert read_texts(str(tmp_path / "train"), "text", 30) == [f"line {i}\nand its echo {i}" for i in range(30)]

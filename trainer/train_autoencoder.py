@@ -84,21 +84,17 @@ def split_dir(cfg: AutoencoderTrainConfig, split: str) -> str:
 
 
 def read_texts(local: str, column: str, limit: Optional[int] = None) -> list[str]:
-    """Texts straight from the MDS shards (no StreamingDataset: no shared memory for a one-off read)."""
-    from streaming.base.format import reader_from_json
+    """Texts of a split, in order (StreamingDataset: it decompresses the prep job's zstd shards)."""
+    from streaming import StreamingDataset
 
     with open(os.path.join(local, "index.json")) as f:
         index = json.load(f)
-    texts = []
     for shard in index["shards"]:
         if column not in shard.get("column_names", [column]):
             raise UserError(f"{local}: shards have no column {column!r} (data.text_column)")
-        reader = reader_from_json(local, None, shard)
-        for i in range(reader.samples):
-            texts.append(reader.get_item(i)[column])
-            if limit is not None and len(texts) >= limit:
-                return texts
-    return texts
+    ds = StreamingDataset(local=local, shuffle=False, batch_size=1)
+    n = len(ds) if limit is None else min(len(ds), limit)
+    return [ds[i][column] for i in range(n)]
 
 
 class TextCollate:
