@@ -119,7 +119,6 @@ def test_unknown_task_and_unknown_key_are_one_line(tmp_path):
     assert r.returncode == 2 and "model.d_modl: unknown key" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
 def test_evaluation_shuffle_check_separates_a_working_autoencoder():
     """Overfit a tiny autoencoder on 6 poems: greedy accuracy is high, and collapses with shuffled latents."""
     from trainer.eval_autoencoder import evaluate_autoencoder
