@@ -30,7 +30,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from data_prep.mds import RankedDataset, read_json, wait_for, world_from_env, write_json_atomic
+from data_prep.mds import LocalMDS, RankedDataset, read_json, wait_for, world_from_env, write_json_atomic
 from data_prep.schema import LABELS, SPLITS, latent_columns
 from trainer.config import ExistingPath, UserError
 from trainer.log import get_logger
@@ -192,7 +192,6 @@ class _PromptCache:
 def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dict:
     """Encode this slot's block of every split; returns its marker (counts and stat sums)."""
     import torch
-    from streaming import StreamingDataset
     from tqdm import tqdm
 
     from trainer.models.text_encoders import build_prompt_encoder
@@ -212,7 +211,7 @@ def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dic
     stats, counts = {}, {}
     prompts = _PromptCache(penc)
     for split in cfg.data.splits:
-        src = StreamingDataset(local=os.path.join(cfg.data.path, split), shuffle=False, batch_size=1)
+        src = LocalMDS(os.path.join(cfg.data.path, split))
         n = len(src) if cfg.data.max_samples is None else min(len(src), cfg.data.max_samples)
         block = _block(n, slot, n_slots)
         st = stats[split] = LatentStats(C)

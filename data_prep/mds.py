@@ -203,3 +203,57 @@ class RankedDataset:
         for f in (DONE,):
             if os.path.exists(os.path.join(self.root, f)):
                 os.remove(os.path.join(self.root, f))
+
+
+class LocalMDS:
+    """Random access to a local MDS dataset without StreamingDataset's shared memory.
+
+    Several processes opening StreamingDatasets at the same moment can race for the same shared-
+    memory prefix (FileExistsError on /dev/shm/NNNNNN_locals); a job that only reads local shards in
+    order does not need that machinery. Compressed shards are decompressed next to their zip file
+    (to a temporary name, then renamed, so concurrent readers never see half a file), as streaming
+    itself does."""
+
+    def __init__(self, local: str):
+        from streaming.base.format import reader_from_json
+
+        index = read_json(os.path.join(local, "index.json"))
+        if index is None:
+            raise UserError(f"{local}: no MDS dataset (index.json missing)")
+        self.local = local
+        self.readers = [reader_from_json(local, None, shard) for shard in index["shards"]]
+        self.starts = []
+        n = 0
+        for r in self.readers:
+            self.starts.append(n)
+            n += r.samples
+        self.n = n
+        self._ready: set = set()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _prepare(self, k: int) -> None:
+        if k in self._ready:
+            return
+        r = self.readers[k]
+        raw = os.path.join(self.local, r.raw_data.basename)
+        if not os.path.exists(raw) and r.zip_data is not None:
+            from streaming.base.compression import decompress
+
+            with open(os.path.join(self.local, r.zip_data.basename), "rb") as f:
+                data = decompress(r.compression, f.read())
+            tmp = f"{raw}.tmp.{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, raw)
+        self._ready.add(k)
+
+    def __getitem__(self, i: int) -> dict:
+        import bisect
+
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        k = bisect.bisect_right(self.starts, i) - 1
+        self._prepare(k)
+        return self.readers[k].get_item(i - self.starts[k])

@@ -142,3 +142,18 @@ def test_missing_split_and_changed_config_are_one_line(assets, tmp_path):
                                                            "prompt_mode=pooled"))
     with pytest.raises(C.UserError, match="different encode config"):
         encode_job.run(cfg)
+
+
+def test_local_mds_reads_compressed_shards_without_shared_memory(tmp_path):
+    from streaming import MDSWriter
+
+    from data_prep.mds import LocalMDS
+
+    with MDSWriter(out=str(tmp_path / "d"), columns={"text": "str"}, compression="zstd", size_limit=1 << 11) as w:
+        for i in range(300):
+            w.write({"text": f"poem {i} " * 5})
+    assert not any(f.endswith(".mds") for f in os.listdir(tmp_path / "d"))   # only zstd files so far
+    d = LocalMDS(str(tmp_path / "d"))
+    assert len(d) == 300 and [d[i]["text"] for i in (0, 150, 299)] == [f"poem {i} " * 5 for i in (0, 150, 299)]
+    with pytest.raises(IndexError):
+        d[300]
