@@ -56,14 +56,13 @@ CONFIG = EvalGenerationConfig
 
 def read_latent_split(root: str, split: str, limit: int) -> dict:
     """{latent [N, T, C] float32, text, prompt, <labels>} of the first `limit` samples of a split."""
-    from streaming import StreamingDataset
-
+    from data_prep.mds import LocalMDS
     from data_prep.schema import LABELS
 
     local = os.path.join(root, split)
     if not os.path.isfile(os.path.join(local, "index.json")):
         raise UserError(f"latent_data: no latent shards in {local!r} (index.json missing)")
-    ds = StreamingDataset(local=local, shuffle=False, batch_size=1)
+    ds = LocalMDS(local)
     n = min(len(ds), limit)
     rows = [ds[i] for i in range(n)]
     out = {"latent": np.stack([np.asarray(r["latent"], np.float32) for r in rows]) if rows else np.zeros((0, 32, 64)),

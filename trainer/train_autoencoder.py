@@ -84,15 +84,16 @@ def split_dir(cfg: AutoencoderTrainConfig, split: str) -> str:
 
 
 def read_texts(local: str, column: str, limit: Optional[int] = None) -> list[str]:
-    """Texts of a split, in order (StreamingDataset: it decompresses the prep job's zstd shards)."""
-    from streaming import StreamingDataset
+    """The first `limit` texts of a split, in order (LocalMDS: reads the prep job's zstd shards, and
+    needs no shared memory for a one-off read)."""
+    from data_prep.mds import LocalMDS
 
     with open(os.path.join(local, "index.json")) as f:
         index = json.load(f)
     for shard in index["shards"]:
         if column not in shard.get("column_names", [column]):
             raise UserError(f"{local}: shards have no column {column!r} (data.text_column)")
-    ds = StreamingDataset(local=local, shuffle=False, batch_size=1)
+    ds = LocalMDS(local)
     n = len(ds) if limit is None else min(len(ds), limit)
     return [ds[i][column] for i in range(n)]
 

@@ -22,7 +22,7 @@ from typing import Literal, Optional
 from trainer.config import UserError
 from trainer.log import get_logger
 from trainer.models.token_latents import TokenLatentConfig
-from trainer.train_autoencoder import DataConfig, OptimConfig
+from trainer.train_autoencoder import DataConfig, OptimConfig, read_texts
 
 log = get_logger("train.token_lm")
 
@@ -96,14 +96,6 @@ def _tokenizer(cfg: TokenLMTrainConfig, train_local: str):
         save_tokenizer(build_tokenizer(cfg.model.tokenizer, texts), path)
     dist.barrier()
     return load_tokenizer(path)
-
-
-def read_texts(local: str, column: str, limit: int) -> list[str]:
-    """The first `limit` texts of a split, through StreamingDataset (which also reads compressed shards)."""
-    from streaming import StreamingDataset
-
-    ds = StreamingDataset(local=local, shuffle=False, batch_size=1)
-    return [ds[i][column] for i in range(min(len(ds), limit))]
 
 
 def _dataloader(local: str, tokenizer, cfg: TokenLMTrainConfig, batch_size: int, train: bool):
