@@ -98,18 +98,6 @@ def test_missing_shards_is_one_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("data.path: ") and "index.json" in r.stderr
 
 
-def test_diffusion_task_not_built_yet(tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("trainer.train_diffusion") is not None:
-        pytest.skip("the diffusion job exists now")
-    p = tmp_path / "d.yaml"
-    p.write_text("task: diffusion\n")
-    r = run_cli("train", str(p))
-    assert r.returncode == 2 and r.stderr.strip() == "latentverse train: task 'diffusion' is not built yet " \
-                                                      "(trainer.train_diffusion)"
-
-
 def test_unknown_task_and_unknown_key_are_one_line(tmp_path):
     p = tmp_path / "t.yaml"
     p.write_text("task: gan\n")
