@@ -208,7 +208,7 @@ def _last_eval_batch(out_dir: str) -> Optional[int]:
 
 def run(cfg: AutoencoderTrainConfig) -> dict:
     import torch
-    from streaming.base.util import clean_stale_shared_memory
+    from trainer.data import clean_stale_shared_memory
 
     from trainer.models.autoencoder import LatentAutoencoder
 
@@ -219,8 +219,7 @@ def run(cfg: AutoencoderTrainConfig) -> dict:
     train_local = split_dir(cfg, cfg.data.train_split)
     eval_local = split_dir(cfg, cfg.data.eval_split)
     if cfg.data.clean_shared_memory:
-        # streaming leaves shared memory behind after a crash. Its cleaner unlinks EVERY streaming segment on
-        # the machine, a live job's too, and two jobs starting together race on the same names.
+        # streaming leaves shared memory behind after a crash; only segments no live process maps are removed.
         try:
             clean_stale_shared_memory()
         except FileNotFoundError:

@@ -108,7 +108,7 @@ def _dataloader(local: str, tokenizer, cfg: TokenLMTrainConfig, batch_size: int,
 
 def run(cfg: TokenLMTrainConfig) -> dict:
     import torch
-    from streaming.base.util import clean_stale_shared_memory
+    from trainer.data import clean_stale_shared_memory
 
     from trainer.models.token_latents import CONFIG_NAME, TokenEmbeddingLatents, build_causal_lm, load_causal_lm
     from trainer.train_autoencoder import _callbacks, _precision, split_dir
