@@ -106,7 +106,8 @@ class AutoencoderComposerModel(ComposerModel):
     def update_metric(self, batch: dict, outputs: dict, metric: Metric) -> None:
         labels = outputs["labels"]
         if isinstance(metric, ReconstructionLoss):
-            metric.update(outputs["loss"], (labels != -100).sum())
+            # The reconstruction term alone, so runs with and without an auxiliary loss compare.
+            metric.update(outputs.get("reconstruction_loss", outputs["loss"]), (labels != -100).sum())
         elif isinstance(metric, GreedyTokenAccuracy):
             # Composer deep-copies metrics, so they are told apart by type, never by identity.
             metric.update(outputs["greedy"], labels)

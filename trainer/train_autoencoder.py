@@ -164,7 +164,14 @@ def _callbacks(out_dir: str, log_interval: int, max_minutes: Optional[float]):
                 log.info(f"max_minutes={max_minutes} reached at batch {int(state.timestamp.batch)}: stopping")
                 state.stop_training()
 
-    return [MetricsFile(), WallClockLimit()]
+    class TrainStep(Callback):
+        """Tells the model the optimizer step, for its decoder-token-dropout schedule (right after resume too)."""
+
+        def batch_start(self, state, logger):
+            m = state.model.module if hasattr(state.model, "module") else state.model
+            m.autoencoder.train_step = int(state.timestamp.batch)
+
+    return [MetricsFile(), WallClockLimit(), TrainStep()]
 
 
 # ---------------------------------------------------------------- the job

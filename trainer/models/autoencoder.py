@@ -51,6 +51,16 @@ class AutoencoderConfig:
     # Training only: each decoder input token is replaced by <mask> with this probability, so the
     # decoder cannot predict from its own prefix alone and has to read the latent.
     decoder_token_dropout: float = 0.0
+    # Optional schedule that replaces decoder_token_dropout while training: linear from _start to _end
+    # over _anneal_steps optimizer steps, then _end. A start of 1.0 masks every decoder input, so early
+    # on the decoder must reconstruct from the latent (and positions) alone instead of its own prefix.
+    decoder_token_dropout_start: Optional[float] = None
+    decoder_token_dropout_end: Optional[float] = None
+    decoder_token_dropout_anneal_steps: int = 0
+    # Bag-of-words auxiliary loss weight (0 = off): a linear head on the mean decoder memory predicts
+    # the poem's tokens (softmax over the vocabulary, averaged over target tokens), which pushes content
+    # into the latent before the decoder learns to babble from its prefix.
+    bow_loss_weight: float = 0.0
 
     def __post_init__(self):
         if self.pretrained_path is not None and not os.path.exists(self.pretrained_path):
@@ -59,6 +69,25 @@ class AutoencoderConfig:
             raise ValueError(f"max_tokens must be in 4..512, got {self.max_tokens}")
         if not 0.0 <= self.decoder_token_dropout < 1.0:
             raise ValueError(f"decoder_token_dropout must be in [0, 1), got {self.decoder_token_dropout}")
+        sched = (self.decoder_token_dropout_start, self.decoder_token_dropout_end)
+        if (sched[0] is None) != (sched[1] is None):
+            raise ValueError("decoder_token_dropout_start and decoder_token_dropout_end must be set together")
+        for name, v in zip(("decoder_token_dropout_start", "decoder_token_dropout_end"), sched):
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.decoder_token_dropout_anneal_steps < 0:
+            raise ValueError(f"decoder_token_dropout_anneal_steps must be >= 0, got {self.decoder_token_dropout_anneal_steps}")
+        if self.bow_loss_weight < 0:
+            raise ValueError(f"bow_loss_weight must be >= 0, got {self.bow_loss_weight}")
+
+    def token_dropout_at(self, step: int) -> float:
+        """Decoder-input mask probability at optimizer step `step` (training)."""
+        if self.decoder_token_dropout_start is None:
+            return self.decoder_token_dropout
+        a, b, n = self.decoder_token_dropout_start, self.decoder_token_dropout_end, self.decoder_token_dropout_anneal_steps
+        if n == 0 or step >= n:
+            return b
+        return a + (b - a) * max(step, 0) / n
 
 
 def _build_bart(cfg: AutoencoderConfig, tokenizer, bart_config: Optional[dict] = None):
@@ -100,6 +129,10 @@ class LatentAutoencoder(nn.Module):
                                             cfg.perceiver_heads, cfg.perceiver_dim_head, cfg.max_tokens, cfg.ff_mult)
         self.reconstruction = ReconstructionNetwork(cfg.dim_latent, d_model, cfg.num_latents,
                                                     cfg.reconstruction_depth, cfg.perceiver_heads, cfg.ff_mult)
+        # Bag-of-words head: mean memory [B, d_model] -> vocabulary logits [B, V] (only with bow_loss_weight).
+        self.bow_head = nn.Linear(d_model, bc.vocab_size) if cfg.bow_loss_weight > 0 else None
+        # Optimizer step the token-dropout schedule reads; set by the trainer each batch (not a weight).
+        self.train_step = 0
         # BART convention: the decoder starts from </s> and first predicts <s>.
         self.decoder_start_id = bc.decoder_start_token_id if bc.decoder_start_token_id is not None \
             else tokenizer.eos_token_id
@@ -139,9 +172,11 @@ class LatentAutoencoder(nn.Module):
         self.check_latents(z)
         return self.reconstruction(z)
 
-    def decoder_logits(self, z: torch.Tensor, labels: torch.Tensor, token_dropout: float = 0.0) -> torch.Tensor:
+    def decoder_logits(self, z: torch.Tensor, labels: torch.Tensor, token_dropout: float = 0.0,
+                       memory: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Teacher-forced logits [B, T, V] for reproducing `labels` [B, T] (pad = -100) from z."""
-        memory = self.reconstruct(z)
+        if memory is None:
+            memory = self.reconstruct(z)
         ids = labels.masked_fill(labels == -100, self.tokenizer.pad_token_id)
         dec_in = torch.cat([ids.new_full((ids.shape[0], 1), self.decoder_start_id), ids[:, :-1]], dim=1)
         dec_mask = torch.cat([torch.ones_like(ids[:, :1]), (labels[:, :-1] != -100).long()], dim=1)
@@ -157,10 +192,22 @@ class LatentAutoencoder(nn.Module):
         """The reconstruction loss: encode, then decode the same tokens teacher-forced."""
         z = self.encode_ids(input_ids, attention_mask)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        p = self.cfg.decoder_token_dropout if self.training else 0.0
-        logits = self.decoder_logits(z, labels, p)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return {"loss": loss, "logits": logits, "labels": labels, "latents": z}
+        p = self.cfg.token_dropout_at(self.train_step) if self.training else 0.0
+        memory = self.reconstruct(z)  # [B, N, d_model]
+        logits = self.decoder_logits(z, labels, p, memory=memory)
+        rec = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        out = {"loss": rec, "reconstruction_loss": rec, "logits": logits, "labels": labels, "latents": z}
+        if self.bow_head is not None:
+            out["bow_loss"] = bow = self.bow_loss(memory, labels)
+            out["loss"] = rec + self.cfg.bow_loss_weight * bow
+        return out
+
+    def bow_loss(self, memory: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the poem's tokens under one order-free distribution read off the memory."""
+        logp = F.log_softmax(self.bow_head(memory.mean(dim=1)).float(), dim=-1)  # [B, V]
+        keep = labels != -100
+        tok_logp = logp.gather(1, labels.clamp_min(0))  # [B, T]
+        return -(tok_logp * keep).sum() / keep.sum().clamp_min(1)
 
     # ---- texts in, texts out (inference) ----
 

@@ -1,0 +1,107 @@
+"""The two levers against a decoder that ignores the latent: a decoder-token-dropout schedule and a
+bag-of-words auxiliary loss on the decoder memory."""
+import pytest
+import torch
+
+from trainer import config as C
+from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
+from trainer.models.tokenizers import train_bpe
+
+torch.set_num_threads(1)
+
+POEMS = [
+    "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:",
+    "Rough winds do shake the darling buds of May,\nAnd summer's lease hath all too short a date;",
+    "The woods are lovely, dark and deep,\nBut I have promises to keep,",
+    "Because I could not stop for Death,\nHe kindly stopped for me;",
+]
+TINY = dict(d_model=32, encoder_layers=1, decoder_layers=1, attention_heads=2, ffn_dim=64, perceiver_depth=1,
+            perceiver_heads=2, perceiver_dim_head=16, reconstruction_depth=1, max_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe([line for p in POEMS for line in p.split("\n")] * 10, vocab_size=300, min_frequency=1)
+
+
+def make(tok, **kw):
+    torch.manual_seed(0)
+    return LatentAutoencoder(AutoencoderConfig(**{**TINY, **kw}), tok)
+
+
+def test_schedule_values_at_given_steps():
+    cfg = AutoencoderConfig(decoder_token_dropout=0.1, decoder_token_dropout_start=1.0,
+                            decoder_token_dropout_end=0.3, decoder_token_dropout_anneal_steps=100)
+    assert cfg.token_dropout_at(0) == 1.0
+    assert cfg.token_dropout_at(50) == pytest.approx(0.65)
+    assert cfg.token_dropout_at(100) == pytest.approx(0.3)
+    assert cfg.token_dropout_at(10_000) == pytest.approx(0.3)
+    # Without a schedule the fixed value keeps its old meaning at every step.
+    assert AutoencoderConfig(decoder_token_dropout=0.25).token_dropout_at(12345) == 0.25
+
+
+def test_full_dropout_masks_every_decoder_input_but_the_start(tok):
+    m = make(tok, decoder_token_dropout_start=1.0, decoder_token_dropout_end=0.0,
+             decoder_token_dropout_anneal_steps=10)
+    enc = m.tokenize(POEMS)
+    seen = {}
+    def grab(mod, args, out):
+        seen["ids"] = args[0]
+
+    hook = m.bart.model.decoder.embed_tokens.register_forward_hook(grab)
+    m.train()
+    m.train_step = 0
+    m(**enc)
+    hook.remove()
+    ids, real = seen["ids"], enc["attention_mask"]
+    assert ids[0, 0].item() == m.decoder_start_id
+    # Positions 1.. of real tokens are all <mask> at step 0 (schedule start 1.0).
+    inner = real[:, :-1].bool()
+    assert (ids[:, 1:][inner] == tok.mask_token_id).all()
+
+
+def test_bow_loss_has_gradient_into_the_encoder_and_falls_on_a_tiny_overfit(tok):
+    m = make(tok, bow_loss_weight=1.0)
+    enc = m.tokenize(POEMS)
+    m.train()
+    out = m(**enc)
+    assert torch.isclose(out["loss"], out["reconstruction_loss"] + out["bow_loss"])
+    out["bow_loss"].backward()
+    g = m.perceiver.latents.grad
+    assert g is not None and g.abs().sum() > 0
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        out = m(**enc)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first if first is not None else out["bow_loss"].item()
+    assert out["bow_loss"].item() < 0.8 * first
+
+
+def test_bow_head_survives_save_and_load(tok, tmp_path):
+    m = make(tok, bow_loss_weight=0.5).eval()
+    m.save_pretrained(str(tmp_path / "ae"))
+    m2 = LatentAutoencoder.from_pretrained(str(tmp_path / "ae"))
+    assert torch.equal(m2.bow_head.weight, m.bow_head.weight)
+    enc = m.tokenize(POEMS)
+    assert torch.equal(m(**enc)["loss"], m2(**enc)["loss"])
+
+
+def test_without_levers_no_bow_head_and_loss_is_reconstruction(tok):
+    m = make(tok)
+    assert m.bow_head is None
+    out = m.train()(**m.tokenize(POEMS))
+    assert "bow_loss" not in out and torch.equal(out["loss"], out["reconstruction_loss"])
+
+
+@pytest.mark.parametrize("bad", [{"decoder_token_dropout_start": 1.0},
+                                 {"decoder_token_dropout_start": 1.5, "decoder_token_dropout_end": 0.3},
+                                 {"decoder_token_dropout_anneal_steps": -1}, {"bow_loss_weight": -1.0}])
+def test_lever_config_refuses_bad_values_in_one_line(bad):
+    with pytest.raises(C.ConfigError) as e:
+        C.from_dict(AutoencoderConfig, bad, source="x.yaml")
+    msg = str(e.value)
+    assert msg.startswith("x.yaml: ") and "decoder_token_dropout" in msg or "bow_loss_weight" in msg
+    assert "\n" not in msg
