@@ -33,10 +33,12 @@ class Stage:
 def _default_stages() -> list[Stage]:
     ae = "{out}/autoencoder/autoencoder"
     return [
-        Stage("prep", "prep", "yamls/prep/bundled.yaml", ["out_dir={out}/text_shards"],
+        # 2-line stanzas: what the CPU autoencoder learns to reconstruct within minutes
+        Stage("prep", "prep", "yamls/prep/bundled.yaml", ["out_dir={out}/text_shards",
+              "sources.gutenberg.min_lines=2", "sources.gutenberg.max_lines=2"],
               ["sources.gutenberg.max_stanzas=2000"]),
         Stage("autoencoder", "train", "yamls/autoencoder/tiny_cpu.yaml",
-              ["out_dir={out}/autoencoder", "data.path={out}/text_shards"], ["max_minutes=1.5"]),
+              ["out_dir={out}/autoencoder", "data.path={out}/text_shards", "max_minutes=10"], ["max_minutes=1.5"]),
         Stage("encode", "encode", "yamls/encode/bundled.yaml",
               ["out_dir={out}/latents", f"autoencoder={ae}", "data.path={out}/text_shards"]),
         Stage("pretrain_masked", "train", "yamls/diffusion/pretrain_masked_tiny_cpu.yaml",
