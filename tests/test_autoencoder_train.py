@@ -142,7 +142,8 @@ def test_evaluate_refuses_empty_texts():
 
 def test_yamls_load(tmp_path):
     r = run_cli("train", "yamls/autoencoder/tiny_cpu.yaml", "--print-config")
-    assert r.returncode == 0 and "decoder_token_dropout: 0.25" in r.stdout and "max_minutes: 30" in r.stdout
+    assert r.returncode == 0 and "decoder_token_dropout_start: 1.0" in r.stdout and "max_minutes: 30" in r.stdout
+    assert "bow_loss_weight: 1.0" in r.stdout
     # bart_base.yaml needs a local BART: refused in one line without it, accepted with one.
     r = run_cli("train", "yamls/autoencoder/bart_base.yaml", "--print-config")
     assert r.returncode == 2 and r.stderr.strip().endswith("pretrained_path: path does not exist: 'models/bart-base'")
