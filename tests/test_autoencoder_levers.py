@@ -5,28 +5,8 @@ import torch
 
 from trainer import config as C
 from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
-from trainer.models.tokenizers import train_bpe
 
-torch.set_num_threads(1)
-
-POEMS = [
-    "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:",
-    "Rough winds do shake the darling buds of May,\nAnd summer's lease hath all too short a date;",
-    "The woods are lovely, dark and deep,\nBut I have promises to keep,",
-    "Because I could not stop for Death,\nHe kindly stopped for me;",
-]
-TINY = dict(d_model=32, encoder_layers=1, decoder_layers=1, attention_heads=2, ffn_dim=64, perceiver_depth=1,
-            perceiver_heads=2, perceiver_dim_head=16, reconstruction_depth=1, max_tokens=32)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_bpe([line for p in POEMS for line in p.split("\n")] * 10, vocab_size=300, min_frequency=1)
-
-
-def make(tok, **kw):
-    torch.manual_seed(0)
-    return LatentAutoencoder(AutoencoderConfig(**{**TINY, **kw}), tok)
+from .test_autoencoder import POEMS, TINY, make, tok  # noqa: F401  (the same tiny model and its tokenizer)
 
 
 def test_schedule_values_at_given_steps():
