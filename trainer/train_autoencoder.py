@@ -120,7 +120,7 @@ def dataloader(local: str, tokenizer, cfg: AutoencoderTrainConfig, batch_size: i
 
 # ---------------------------------------------------------------- callbacks
 
-def _callbacks(out_dir: str, log_interval: int, max_minutes: Optional[float]):
+def _callbacks(out_dir: str, log_interval: int, max_minutes: Optional[float], autoencoder_steps: bool = False):
     from composer.core import Callback
 
     class MetricsFile(Callback):
@@ -171,7 +171,8 @@ def _callbacks(out_dir: str, log_interval: int, max_minutes: Optional[float]):
             m = state.model.module if hasattr(state.model, "module") else state.model
             m.autoencoder.train_step = int(state.timestamp.batch)
 
-    return [MetricsFile(), WallClockLimit(), TrainStep()]
+    # TrainStep only where the model is the autoencoder (the token-LM job shares the other callbacks).
+    return [MetricsFile(), WallClockLimit()] + ([TrainStep()] if autoencoder_steps else [])
 
 
 # ---------------------------------------------------------------- the job
@@ -271,7 +272,8 @@ def run(cfg: AutoencoderTrainConfig) -> dict:
         save_folder=os.path.join(cfg.out_dir, "checkpoints"), save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
         autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
-        callbacks=_callbacks(cfg.out_dir, cfg.log_interval, cfg.max_minutes), progress_bar=True)
+        callbacks=_callbacks(cfg.out_dir, cfg.log_interval, cfg.max_minutes, autoencoder_steps=True),
+        progress_bar=True)
     t0 = time.time()
     trainer.fit()
     seconds = time.time() - t0
