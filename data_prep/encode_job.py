@@ -17,7 +17,6 @@ actually stored, per split, in `out_dir/<split>/latent_stats.json`, and the trai
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import hashlib
 import json
@@ -320,10 +319,19 @@ def run(cfg: EncodeConfig) -> dict:
     if len(todo) == 1:
         encode_slot(cfg, todo[0], n_slots, threads)
     elif todo:
-        jobs = [(dataclasses.asdict(cfg), s, n_slots, threads) for s in todo]
-        with cf.ProcessPoolExecutor(max_workers=len(todo), mp_context=mp.get_context("spawn")) as pool:
-            for f in cf.as_completed([pool.submit(_slot_entry, j) for j in jobs]):
-                f.result()
+        # One process per slot (not a pool): a slot that dies must not take its siblings down, so
+        # that their finished work is kept for the re-run.
+        ctx = mp.get_context("spawn")
+        procs = {s: ctx.Process(target=_slot_entry, args=((dataclasses.asdict(cfg), s, n_slots, threads),))
+                 for s in todo}
+        for p in procs.values():
+            p.start()
+        for p in procs.values():
+            p.join()
+        dead = [s for s, p in procs.items() if p.exitcode != 0]
+        if dead:
+            raise UserError(f"encode: slot(s) {dead} failed or were killed; run the same command again to "
+                            f"finish (finished slots are kept)")
     if rank != 0:
         wait_for([os.path.join(cfg.out_dir, "_done.json")], cfg.wait_timeout_s, what="rank 0's merge")
         return read_json(os.path.join(cfg.out_dir, "_done.json"))
