@@ -7,7 +7,7 @@ from trainer.diffusion import masking
 from trainer.diffusion.guidance import drop_prompt
 from trainer.diffusion.seam import Prompt
 from trainer.models.denoisers import DenoiserConfig, MoEDiTConfig, build_denoiser
-from trainer.models.denoisers.moe_dit import ExpertChoiceFFN, FeedForward
+from trainer.models.denoisers.moe_dit import ExpertChoiceFFN, FeedForward, trim_padding
 
 torch.set_num_threads(1)
 
@@ -149,6 +149,24 @@ def test_prompt_padding_is_ignored_and_prompt_matters():
     # Empty prompt row (no real token) does not produce NaN.
     empty = torch.zeros_like(p.mask)
     assert torch.isfinite(m(x, c, p.emb, empty).sample).all()
+
+
+def test_trailing_prompt_padding_is_trimmed_without_changing_the_output():
+    m = tiny_dit()
+    x, c, p = inputs(L=5)                               # real lengths 2, 5, 3
+    pad = 11
+    emb = torch.cat([p.emb, torch.randn(3, pad, 12) * 7], dim=1)
+    mask = torch.cat([p.mask, torch.zeros(3, pad, dtype=torch.bool)], dim=1)
+    ref = m(x, c, p.emb, p.mask).sample
+    assert torch.allclose(m(x, c, emb, mask).sample, ref, atol=1e-5)
+    e2, m2 = trim_padding(emb, mask)
+    assert e2.shape[1] == 5 and torch.equal(m2, p.mask)
+    # Shorter prompts in the whole batch: only the used columns are kept; empty rows keep everything.
+    assert trim_padding(emb, mask & (torch.arange(16) < 2))[0].shape[1] == 2
+    empty = torch.zeros_like(mask)
+    empty[0, :2] = True
+    y_mask = empty | ~empty.any(dim=1, keepdim=True)    # as the model builds it: empty rows see all
+    assert trim_padding(emb, y_mask)[0].shape[1] == 16
 
 
 def test_null_prompt_is_learned_and_used_for_cfg_dropout():
