@@ -34,6 +34,18 @@ def test_export_then_load_gives_identical_samples(pipe_dir):
     torch.testing.assert_close(z.norm(dim=-1), torch.full(z.shape[:2], 8.0), rtol=1e-4, atol=1e-4)
 
 
+def test_decode_num_beams_reaches_the_decoder(pipe_dir):
+    """decode.num_beams is beam search in the autoencoder's decoder: the pipeline's decode equals the
+    autoencoder's beam decode, and on some latents beams pick another text than greedy."""
+    p = Pipeline.from_pretrained(pipe_dir)
+    x, _ = p.sample_latents(["sonnet about the sea", "tanka", ""], num_samples=3, steps=3, seed=1)
+    greedy = p.decode(x)
+    p.cfg.decode.num_beams = 4
+    beams = p.decode(x)
+    assert beams == p.autoencoder.decode(p.to_latents(x), max_length=p.cfg.decode.max_length, num_beams=4)
+    assert beams != greedy
+
+
 def test_guidance_changes_samples_and_ddpm_runs(pipe_dir):
     p = Pipeline.from_pretrained(pipe_dir)
     x1, _ = p.sample_latents(["tanka"], steps=3, guidance=1.0, seed=0)

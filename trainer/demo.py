@@ -38,18 +38,20 @@ def _default_stages() -> list[Stage]:
               "sources.gutenberg.min_lines=2", "sources.gutenberg.max_lines=2"],
               ["sources.gutenberg.max_stanzas=2000"]),
         Stage("autoencoder", "train", "yamls/autoencoder/tiny_cpu.yaml",
-              ["out_dir={out}/autoencoder", "data.path={out}/text_shards", "model.max_tokens=32", "max_minutes=8"],
-              ["max_minutes=1.5"]),
+              # ~4 batches/s at 32 tokens: 4,800 batches in ~20 minutes, the cosine schedule run out
+              ["out_dir={out}/autoencoder", "data.path={out}/text_shards", "model.max_tokens=32",
+               "max_duration=4800ba", "max_minutes=21"],
+              ["max_duration=400ba", "max_minutes=1.5"]),
         Stage("encode", "encode", "yamls/encode/bundled.yaml",
               ["out_dir={out}/latents", f"autoencoder={ae}", "data.path={out}/text_shards"]),
         Stage("pretrain_masked", "train", "yamls/diffusion/pretrain_masked_tiny_cpu.yaml",
               ["out_dir={out}/diffusion_pretrain", "data.path={out}/latents/train",
-               "data.eval_path={out}/latents/val", f"autoencoder={ae}", "max_minutes=4"], ["max_duration=60ba"]),
+               "data.eval_path={out}/latents/val", f"autoencoder={ae}"], ["max_duration=60ba", "eval_interval=60ba"]),
         Stage("finetune_unmasked", "train", "yamls/diffusion/finetune_unmasked_tiny_cpu.yaml",
               ["out_dir={out}/diffusion_finetune", "data.path={out}/latents/train",
                "data.eval_path={out}/latents/val", f"autoencoder={ae}",
-               "load_path={out}/diffusion_pretrain/checkpoints/latest-rank0.pt", "max_minutes=3"],
-              ["max_duration=30ba"]),
+               "load_path={out}/diffusion_pretrain/checkpoints/latest-rank0.pt"],
+              ["max_duration=30ba", "eval_interval=30ba"]),
         Stage("generate", "generate", args=[
             "{out}/diffusion_finetune/pipeline", "--prompt", "sonnet about love", "--prompt", "tanka by Ono no Komachi",
             "--prompt", "stanza in iambic pentameter", "--num-samples", "2", "--steps", "18", "--guidance", "3",
@@ -63,12 +65,39 @@ def _default_stages() -> list[Stage]:
     ]
 
 
+def _token_stages() -> list[Stage]:
+    """The second latent space on the same text shards and split, with the same diffusion budget:
+    a token LM -> token-embedding latents -> the same two diffusion stages -> the same evaluation."""
+    lm = "{out}/token_lm/latent_encoder"
+    tok = ["data.path={out}/token_latents/train", "data.eval_path={out}/token_latents/val", f"autoencoder={lm}"]
+    return [
+        Stage("token_lm", "train", "yamls/autoencoder/token_embeddings_tiny_cpu.yaml",
+              ["out_dir={out}/token_lm", "data.path={out}/text_shards"], ["max_duration=100ba"]),
+        Stage("token_encode", "encode", "yamls/encode/token_embeddings.yaml",
+              ["out_dir={out}/token_latents", f"autoencoder={lm}", "data.path={out}/text_shards"]),
+        Stage("token_pretrain_masked", "train", "yamls/diffusion/pretrain_masked_tiny_cpu.yaml",
+              ["out_dir={out}/token_diffusion_pretrain", "run_name=dit-tiny-cpu-tokens-masked", *tok],
+              ["max_duration=60ba", "eval_interval=60ba"]),
+        Stage("token_finetune_unmasked", "train", "yamls/diffusion/finetune_unmasked_tiny_cpu.yaml",
+              ["out_dir={out}/token_diffusion_finetune", "run_name=dit-tiny-cpu-tokens-unmasked", *tok,
+               "load_path={out}/token_diffusion_pretrain/checkpoints/latest-rank0.pt"],
+              ["max_duration=30ba", "eval_interval=30ba"]),
+        Stage("token_evaluate_generation", "evaluate", "yamls/eval/generation.yaml",
+              ["out_dir={out}/token_eval", "pipeline={out}/token_diffusion_finetune/pipeline",
+               "latent_data={out}/token_latents"], ["samples_per_prompt=8"]),
+    ]
+
+
 @dataclasses.dataclass
 class DemoConfig:
     out_dir: str = "out/demo"
     quick: bool = False
     only: list[str] = dataclasses.field(default_factory=list)   # run just these stages (by name)
     stages: list[Stage] = dataclasses.field(default_factory=_default_stages)
+    # Also train the second latent space (a causal LM's token embeddings) on the same shards with the
+    # same diffusion budget, evaluate it the same way and write latent_comparison.{json,md,png}.
+    token_latents: bool = False
+    token_stages: list[Stage] = dataclasses.field(default_factory=_token_stages)
 
 
 CONFIG = DemoConfig
@@ -83,7 +112,7 @@ def run(cfg: DemoConfig) -> dict:
     fill = (lambda xs: [x.replace("{out}", cfg.out_dir) for x in xs])
     done, skipped, timings = [], [], {}
     t_all = time.time()
-    for stage in cfg.stages:
+    for stage in cfg.stages + (cfg.token_stages if cfg.token_latents else []):
         if cfg.only and stage.name not in cfg.only:
             continue
         try:
@@ -105,6 +134,9 @@ def run(cfg: DemoConfig) -> dict:
         timings[stage.name] = round(time.time() - t, 1)
         log.info(f"stage {stage.name}: done in {timings[stage.name]} s")
         done.append(stage.name)
+    reports = [os.path.join(cfg.out_dir, d, "report.json") for d in ("eval", "token_eval")]
+    if cfg.token_latents and all(os.path.isfile(r) for r in reports):
+        compare_latent_spaces(*reports, os.path.join(cfg.out_dir, "latent_comparison"))
     summary = {"out_dir": os.path.abspath(cfg.out_dir), "done": done, "skipped": skipped,
                "seconds": round(time.time() - t_all, 1), "stage_seconds": timings, "quick": cfg.quick}
     with open(os.path.join(cfg.out_dir, "demo_summary.json"), "w") as f:
@@ -112,3 +144,73 @@ def run(cfg: DemoConfig) -> dict:
     print(f"demo: ran {done or 'no stages'}; not built yet: {skipped or 'none'}; "
           f"{summary['seconds']} s; output in {summary['out_dir']}")
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# the two latent spaces side by side
+
+# (name, how to read it from a generation report, which direction is better)
+COMPARED = [
+    ("Fréchet ÷ real-vs-real (latents)", lambda r: r["frechet"]["ratio"], "lower"),
+    ("word validity", lambda r: r["word_validity"]["generated"], "higher"),
+    ("4-gram memorisation − held-out's own", lambda r: r["memorisation_4gram"]["generated"]
+     - r["memorisation_4gram"]["held_out"], "lower"),
+    ("adherence: form", lambda r: r["adherence"].get("form", {}).get("accuracy"), "higher"),
+    ("adherence: meter", lambda r: r["adherence"].get("meter", {}).get("accuracy"), "higher"),
+    ("distinct-2 − held-out's", lambda r: abs(r["distinct"]["distinct_2"]["generated"]
+                                              - r["distinct"]["distinct_2"]["real"]), "lower"),
+    ("MAUVE (MiniLM features)", lambda r: r["mauve"] if isinstance(r["mauve"], float) else None, "higher"),
+]
+SPACES = ("BART-Perceiver [32 x 64]", "token embeddings [32 x 64]")
+
+
+def compare_latent_spaces(report_a: str, report_b: str, out_prefix: str) -> list[dict]:
+    """Rows (metric, value per space, better, winner) from two generation reports of the same held-out
+    split; writes <out_prefix>.json, .md (a table) and .png (one bar pair per metric)."""
+    ra, rb = (json.load(open(p)) for p in (report_a, report_b))
+    rows = []
+    for name, get, better in COMPARED:
+        a, b = _get(get, ra), _get(get, rb)
+        winner = None
+        if a is not None and b is not None and a != b:
+            winner = SPACES[0] if (a < b) == (better == "lower") else SPACES[1]
+        rows.append({"metric": name, SPACES[0]: a, SPACES[1]: b, "better": better, "winner": winner})
+    with open(out_prefix + ".json", "w") as f:
+        json.dump({"reports": [report_a, report_b], "rows": rows}, f, indent=1)
+    fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
+    lines = [f"| metric (better) | {SPACES[0]} | {SPACES[1]} | wins |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['metric']} ({r['better']}) | {fmt(r[SPACES[0]])} | {fmt(r[SPACES[1]])} | "
+                     f"{(r['winner'] or 'tie / n/a').split(' [')[0]} |")
+    with open(out_prefix + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot_comparison(rows, out_prefix + ".png")
+    print("\n".join(lines))
+    return rows
+
+
+def _get(get, report):
+    try:
+        v = get(report)
+    except (KeyError, TypeError):
+        return None
+    return None if v is None else float(v)
+
+
+def _plot_comparison(rows: list[dict], png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    xs = np.arange(len(rows))
+    for k, (space, colour) in enumerate(zip(SPACES, ("tab:blue", "tab:orange"))):
+        ax.bar(xs + (k - 0.5) * 0.4, [r[space] or 0 for r in rows], 0.4, label=space, color=colour)
+    ax.set_xticks(xs, [f"{r['metric']}\n({r['better']} is better)" for r in rows], fontsize=7)
+    ax.set_title("the two latent spaces on the same held-out split and diffusion budget")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,46 @@
+"""The demo's side-by-side of the two latent spaces, on hand-made reports with known winners, and the
+token-latent stages it appends."""
+import json
+import os
+
+from trainer import demo
+
+
+def report(frechet_ratio, validity, mem, held_mem, form, meter, d2, d2_real, mauve):
+    adh = {"form": {"accuracy": form}}
+    adh["meter"] = {"accuracy": meter} if meter is not None else {"skipped": "no labels"}
+    return {"frechet": {"ratio": frechet_ratio}, "word_validity": {"generated": validity},
+            "memorisation_4gram": {"generated": mem, "held_out": held_mem}, "adherence": adh,
+            "distinct": {"distinct_2": {"generated": d2, "real": d2_real}}, "mauve": mauve}
+
+
+def test_compare_latent_spaces_picks_the_better_side_per_metric(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(report(1.2, 0.70, 0.05, 0.30, 0.5, 0.3, 0.95, 0.90, 0.10)))
+    b.write_text(json.dumps(report(1.8, 0.90, 0.50, 0.30, 0.5, None, 0.80, 0.90, "error: x")))
+    rows = {r["metric"]: r for r in demo.compare_latent_spaces(str(a), str(b), str(tmp_path / "cmp"))}
+    bart, tok = demo.SPACES
+    assert rows["Fréchet ÷ real-vs-real (latents)"]["winner"] == bart          # lower wins
+    assert rows["word validity"]["winner"] == tok                               # higher wins
+    assert rows["4-gram memorisation − held-out's own"]["winner"] == bart
+    assert abs(rows["4-gram memorisation − held-out's own"][tok] - 0.2) < 1e-9
+    assert rows["adherence: form"]["winner"] is None                            # a tie
+    assert rows["adherence: meter"][tok] is None and rows["adherence: meter"]["winner"] is None
+    assert rows["distinct-2 − held-out's"]["winner"] == bart                    # 0.05 from real vs 0.10
+    assert rows["MAUVE (MiniLM features)"]["winner"] is None                    # b has none
+    md = (tmp_path / "cmp.md").read_text()
+    assert md.count("\n") == 2 + len(demo.COMPARED) and "| word validity (higher) | 0.700 | 0.900 | token embeddings |" in md
+    assert json.loads((tmp_path / "cmp.json").read_text())["rows"][0]["metric"].startswith("Fréchet")
+    assert os.path.getsize(tmp_path / "cmp.png") > 5000
+
+
+def test_token_stages_mirror_the_bart_diffusion_stages():
+    """Same diffusion YAMLs (so the same budget), own output folders, the same evaluation YAML."""
+    main = {s.name: s for s in demo._default_stages()}
+    tok = {s.name: s for s in demo._token_stages()}
+    for a, b in (("pretrain_masked", "token_pretrain_masked"), ("finetune_unmasked", "token_finetune_unmasked"),
+                 ("evaluate_generation", "token_evaluate_generation")):
+        assert main[a].yaml == tok[b].yaml
+        assert main[a].quick == tok[b].quick
+    outs = [o for s in tok.values() for o in s.overrides if o.startswith("out_dir=")]
+    assert len(set(outs)) == len(outs) and not set(outs) & {o for s in main.values() for o in s.overrides}
