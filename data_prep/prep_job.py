@@ -189,7 +189,7 @@ def phase1(cfg: PrepConfig, units: list, slot: int, n_slots: int, work: str, sho
             if out is not None:
                 ex, nd, n, text, labels = out
                 spill.add(bucket_of(nd, n_slots), (u, i, ex, nd, n, rec.source, text, labels, rec.origin))
-    info = {"read": read, "report": report.as_dict()}
+    info = {"read": read, "report": report.as_dict(), "finished_at": time.time()}
     spill.finish(info)
     log.debug(f"slot {slot}: phase 1, {sum(read.values())} records read in {time.time() - t:.2f} s "
               f"({time.process_time() - cpu:.2f} s CPU)")
@@ -246,6 +246,17 @@ def phase2(cfg: PrepConfig, ds: RankedDataset, slot: int, n_slots: int, work: st
 
 # ---------------------------------------------------------------------------------------------
 # the job
+
+
+def run_slot(cfg: PrepConfig, units: list, ds: RankedDataset, slot: int, n_slots: int, work: str,
+             show: bool) -> dict:
+    """Both phases of one slot: phase 1 (unless an earlier run finished it), wait until every slot
+    has finished phase 1, then phase 2."""
+    if shuffle.done(work, slot) is None:
+        phase1(cfg, units, slot, n_slots, work, show)
+    wait_for([shuffle.marker(work, s) for s in range(n_slots)], cfg.wait_timeout_s, poll=0.05,
+             what="phase 1 of every slot")
+    return phase2(cfg, ds, slot, n_slots, work, show)
 
 
 def fingerprint(cfg: PrepConfig, n_slots: int) -> str:
@@ -330,21 +341,19 @@ def run(cfg: PrepConfig) -> dict:
     units = list_units(cfg)
     log.info(f"{len(units)} units of work over {n_slots} slot(s); this process runs slots {my_slots}")
 
-    todo = [s for s in my_slots if shuffle.done(work, s) is None]
-    _run_slots(phase1, [(cfg, units, s, n_slots, work) for s in todo], workers)
-    wait_for([shuffle.marker(work, s) for s in range(n_slots)], cfg.wait_timeout_s, what="phase 1 of every slot")
-    t1 = time.time()
-
     todo = [s for s in my_slots if ds.rank_done(s) is None]
     skipped = [s for s in my_slots if s not in todo]
     if skipped:
         log.info(f"slots {skipped} finished in an earlier run; kept")
-    _run_slots(phase2, [(cfg, ds, s, n_slots, work) for s in todo], workers)
+    # One process per slot runs both phases, meeting the other slots at the phase-1 barrier (files),
+    # so the workers are forked once.
+    _run_slots(run_slot, [(cfg, units, ds, s, n_slots, work) for s in todo], workers)
     if rank != 0:
         return {}
     markers = ds.wait_ranks(n_slots, cfg.wait_timeout_s)
     ds.merge(n_slots)
     t2 = time.time()
+    t1 = min(max(t0, *(shuffle.done(work, s).get("finished_at", t0) for s in range(n_slots))), t2)
 
     stats, report, read, merged = Stats(bin_width=cfg.hist_bin_width), Report(), {}, 0
     for s in range(n_slots):
