@@ -193,27 +193,11 @@ class MetricsFile(Callback):
 
 
 def plot_loss_curve(metrics_jsonl: str, png: str) -> str:
-    """metrics.jsonl -> PNG of train loss (and eval losses) against batches; written to a temp name, then renamed."""
-    import matplotlib
+    """metrics.jsonl -> PNG of train loss (and eval losses) against batches."""
+    from trainer.plots import Panel, plot_metrics
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(metrics_jsonl) if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["batch"], r["train/loss"]) for r in rows if "train/loss" in r and math.isfinite(r["train/loss"])]
-    if train:
-        ax.plot(*zip(*train), label="train loss (EDM, weighted)")
-    for key in sorted({k for r in rows for k in r if k.startswith("eval/")}):
-        pts = [(r["batch"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts), "o-", label=key)
-    ax.set_xlabel("batch"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.set_title("diffusion loss")
-    fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return plot_metrics(metrics_jsonl, png, [Panel("diffusion loss", [("train/loss", "train loss (EDM, weighted)", "-"),
+                                                                      ("eval/*", "", "o-")], "loss", log_y=True)], dpi=90)
 
 
 class PoemSampler(Callback):

@@ -95,34 +95,14 @@ def _strip(ids: list[int], tok) -> list[int]:
 
 def plot_training_curve(metrics_jsonl: str, png: str) -> str:
     """metrics.jsonl written by the training job -> PNG: train loss and held-out accuracies against batches."""
-    import matplotlib
+    from trainer.plots import Panel, plot_metrics
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not os.path.isfile(metrics_jsonl):
-        raise UserError(f"{metrics_jsonl}: no such file")
-    rows = [json.loads(line) for line in open(metrics_jsonl) if line.strip()]
-    train = [(r["batch"], r["train/loss"]) for r in rows if "train/loss" in r]
-    evals = [r for r in rows if any(k.endswith("TokenAccuracy") for k in r)]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    if train:
-        a1.plot(*zip(*train), label="train loss")
-    if evals:
-        a1.plot([r["batch"] for r in evals], [r.get("eval/ReconstructionLoss", float("nan")) for r in evals],
-                "o-", label="val loss (teacher-forced)")
-        for key, lbl in (("eval/TokenAccuracy", "val token acc, teacher-forced"),
-                         ("eval/GreedyTokenAccuracy", "val token acc, greedy from latent")):
-            if any(key in r for r in evals):
-                a2.plot([r["batch"] for r in evals if key in r], [r[key] for r in evals if key in r], "o-", label=lbl)
-    a1.set_xlabel("batch"), a1.set_yscale("log"), a1.legend(), a1.set_title("loss")
-    a2.set_xlabel("batch"), a2.set_ylim(0, 1), a2.legend(), a2.set_title("reconstruction token accuracy")
-    fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return plot_metrics(metrics_jsonl, png, [
+        Panel("loss", [("train/loss", "train loss", "-"), ("eval/ReconstructionLoss", "val loss (teacher-forced)", "o-")],
+              log_y=True),
+        Panel("reconstruction token accuracy", [("eval/TokenAccuracy", "val token acc, teacher-forced", "o-"),
+                                                ("eval/GreedyTokenAccuracy", "val token acc, greedy from latent", "o-")],
+              ylim=(0, 1))])
 
 
 # ---------------------------------------------------------------- job-style entry (for `latentverse evaluate`)
