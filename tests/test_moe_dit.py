@@ -193,7 +193,7 @@ def test_unconditional_model():
 def test_learns_a_prompt_conditional_distribution_with_masked_training():
     """End to end: masked EDM training with CFG dropout, then Heun sampling, recovers each prompt's data."""
     from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond
-    from trainer.diffusion.sampler import SamplerConfig, edm_sampler
+    from trainer.diffusion.sampler import edm_sampler
 
     torch.manual_seed(0)
     cfg = DenoiserConfig(latent_tokens=8, latent_dim=4, prompt_dim=8,

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from trainer.diffusion.ddpm import DDPM, DDPMConfig
-from trainer.diffusion.edm import EDMPrecond
 from trainer.diffusion.guidance import drop_prompt
 from trainer.diffusion.sampler import SamplerConfig, edm_sampler, sigma_steps
 from trainer.diffusion.seam import DenoiserOutput, Prompt

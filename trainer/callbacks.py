@@ -12,7 +12,6 @@ Fault hooks (tests only; read from the environment so a test can arm them in a s
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time

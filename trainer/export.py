@@ -15,8 +15,6 @@ import os
 import shutil
 import tempfile
 
-import torch
-
 from trainer import config as C
 from trainer.config import UserError
 

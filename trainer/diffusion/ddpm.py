@@ -10,7 +10,6 @@ import dataclasses
 from typing import Literal, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 from tqdm.auto import tqdm
