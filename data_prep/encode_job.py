@@ -292,21 +292,11 @@ def run(cfg: EncodeConfig) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     fp = fingerprint(cfg, n_slots)
     ds = RankedDataset(cfg.out_dir, {}, splits=cfg.data.splits)
-    cfg_file = os.path.join(cfg.out_dir, "_encode_config.json")
-    old = read_json(cfg_file)
-    if old is not None and old.get("fingerprint") != fp:
-        if not cfg.overwrite:
-            raise UserError(f"{cfg.out_dir}: holds latents of a different encode config (or slot count); "
-                            f"set overwrite=true or choose another out_dir")
-        if rank == 0:
-            ds.reset()
-            os.remove(cfg_file)
-    done = ds.complete()
-    if done is not None and done.get("fingerprint") == fp:
+    done = ds.claim(fp, {"config": dataclasses.asdict(cfg)}, cfg.overwrite, rank, "_encode_config.json", "latents",
+                    also_remove=("latent_stats.json",), wait_timeout=cfg.wait_timeout_s)
+    if done is not None:
         log.info(f"{cfg.out_dir}: already encoded ({done['counts']}); nothing to do")
         return done
-    if rank == 0 and (old is None or old.get("fingerprint") != fp):
-        write_json_atomic(cfg_file, {"fingerprint": fp, "config": dataclasses.asdict(cfg)})
 
     my_slots = [rank * cfg.num_workers + j for j in range(cfg.num_workers)]
     todo = [s for s in my_slots if ds.rank_done(s) is None]

@@ -31,6 +31,9 @@ import time
 from typing import Iterable
 
 from trainer.config import UserError
+from trainer.log import get_logger
+
+log = get_logger("mds")
 
 MARKERS = "_ranks"
 DONE = "_done.json"
@@ -188,6 +191,39 @@ class RankedDataset:
 
     def mark_complete(self, info: dict) -> None:
         write_json_atomic(os.path.join(self.root, DONE), info)
+
+    def claim(self, fingerprint: str, record: dict, overwrite: bool, rank: int, job_file: str,
+              what: str, also_remove: Iterable[str] = (), wait_timeout: float = 24 * 3600.0) -> dict | None:
+        """Tie root to one job config (its `fingerprint`, recorded with `record` in root/job_file).
+
+        Returns the completion info when this config already finished here (nothing to do), else
+        None, after rank 0 recorded the config (other ranks wait for the record). Root written with
+        another config is refused with one line, unless `overwrite`: then rank 0 removes the earlier
+        run (shards, markers, the record and `also_remove`, paths under root)."""
+        path = os.path.join(self.root, job_file)
+        old = read_json(path)
+        if old is not None and old.get("fingerprint") != fingerprint:
+            if not overwrite:
+                raise UserError(f"{self.root}: holds {what} of another config or slot count "
+                                f"({old.get('fingerprint')} != {fingerprint}); use another out_dir or overwrite=true")
+            if rank == 0:
+                log.warning(f"{self.root}: overwrite=true: removing the earlier run")
+                self.reset()
+                for name in (job_file, *also_remove):
+                    p = os.path.join(self.root, name)
+                    if os.path.isdir(p):
+                        shutil.rmtree(p)
+                    elif os.path.exists(p):
+                        os.remove(p)
+            old = None
+        done = self.complete()
+        if done is not None and old is not None:
+            return done
+        if rank == 0:
+            write_json_atomic(path, {**record, "fingerprint": fingerprint})
+        else:
+            wait_for([path], wait_timeout, what="rank 0 to start the job")
+        return None
 
     def reset(self) -> None:
         """Forget every rank (a changed config or world size): remove shards, markers and indexes."""

@@ -313,29 +313,12 @@ def run(cfg: PrepConfig) -> dict:
                        size_limit=cfg.shard_size_limit)
     work = os.path.join(out, "_work")
     fp = fingerprint(cfg, n_slots)
-    job_path = os.path.join(out, "_job.json")
-
-    old = read_json(job_path)
-    if old is not None and old.get("fingerprint") != fp:
-        if not cfg.overwrite:
-            raise UserError(f"{out}: holds a prep run with another config or slot count "
-                            f"({old.get('fingerprint')} != {fp}); use another out_dir or overwrite=true")
-        if rank == 0:
-            log.warning(f"{out}: overwrite=true: removing the earlier run")
-            ds.reset()
-            shutil.rmtree(work, ignore_errors=True)
-            for f in ("stats.json", "token_hist.png", "_job.json"):
-                if os.path.exists(os.path.join(out, f)):
-                    os.remove(os.path.join(out, f))
-            old = None
-    done = ds.complete()
-    if done is not None and old is not None:
+    done = ds.claim(fp, {"slots": n_slots, "config": C.to_dict(cfg)}, cfg.overwrite, rank, "_job.json",
+                    "text shards", also_remove=("stats.json", "token_hist.png", "_work"),
+                    wait_timeout=cfg.wait_timeout_s)
+    if done is not None:
         log.info(f"{out}: finished earlier ({done['records']} records); nothing to do")
         return read_json(os.path.join(out, "stats.json"))
-    if rank == 0:
-        write_json_atomic(job_path, {"fingerprint": fp, "slots": n_slots, "config": C.to_dict(cfg)})
-    else:
-        wait_for([job_path], cfg.wait_timeout_s, what="rank 0 to start the job")
 
     t0 = time.time()
     units = list_units(cfg)

@@ -140,7 +140,7 @@ def test_missing_split_and_changed_config_are_one_line(assets, tmp_path):
     encode_job.run(cfg)
     cfg = C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "c", "data.splits=[val]",
                                                            "prompt_mode=pooled"))
-    with pytest.raises(C.UserError, match="different encode config"):
+    with pytest.raises(C.UserError, match="holds latents of another config"):
         encode_job.run(cfg)
 
 

@@ -214,6 +214,30 @@ def _last_eval_batch(out_dir: str) -> Optional[int]:
     return evals[-1] if evals else None
 
 
+def build_trainer(cfg, model, params, train_dl, eval_dl, eval_batches: int, autoencoder_steps: bool = False):
+    """The Composer Trainer the text-model jobs share (autoencoder, token LM): AdamW over `params`,
+    warm-up + cosine, norm clipping, checkpoints with autoresume by run_name, and _callbacks."""
+    import torch
+    from composer import Trainer
+    from composer.algorithms import GradientClipping
+    from composer.optim import CosineAnnealingWithWarmupScheduler
+    from composer.utils import get_device
+
+    o = cfg.optim
+    return Trainer(
+        model=model, train_dataloader=train_dl, eval_dataloader=eval_dl, max_duration=cfg.max_duration,
+        optimizers=torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay),
+        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=o.warmup, alpha_f=o.alpha_f),
+        algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=o.grad_clip_norm)],
+        eval_interval=cfg.eval_interval, eval_subset_num_batches=eval_batches,
+        precision=_precision(cfg.precision), device=get_device(None), seed=cfg.seed,
+        save_folder=os.path.join(cfg.out_dir, "checkpoints"), save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
+        autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
+        callbacks=_callbacks(cfg.out_dir, cfg.log_interval, cfg.max_minutes, autoencoder_steps=autoencoder_steps),
+        progress_bar=True)
+
+
 def run(cfg: AutoencoderTrainConfig) -> dict:
     import torch
     from trainer.data import clean_stale_shared_memory
@@ -236,9 +260,6 @@ def run(cfg: AutoencoderTrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out_dir, exist_ok=True)
 
-    from composer import Trainer
-    from composer.algorithms import GradientClipping
-    from composer.optim import CosineAnnealingWithWarmupScheduler
     from composer.utils import dist, get_device, reproducibility
 
     from trainer.composer_models import AutoencoderComposerModel
@@ -259,21 +280,8 @@ def run(cfg: AutoencoderTrainConfig) -> dict:
     per_rank = cfg.batch_size // world
     train_dl = dataloader(train_local, tokenizer, cfg, per_rank, train=True)
     eval_dl = dataloader(eval_local, tokenizer, cfg, per_rank, train=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay)
-    trainer = Trainer(
-        model=model, train_dataloader=train_dl, eval_dataloader=eval_dl, max_duration=cfg.max_duration,
-        optimizers=opt,
-        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=cfg.optim.warmup, alpha_f=cfg.optim.alpha_f),
-        algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.optim.grad_clip_norm)],
-        eval_interval=cfg.eval_interval, eval_subset_num_batches=max(1, math.ceil(cfg.data.eval_samples / per_rank)),
-        precision=_precision(cfg.precision), device=device, seed=cfg.seed,
-        save_folder=os.path.join(cfg.out_dir, "checkpoints"), save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
-        autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
-        callbacks=_callbacks(cfg.out_dir, cfg.log_interval, cfg.max_minutes, autoencoder_steps=True),
-        progress_bar=True)
+    trainer = build_trainer(cfg, model, [p for p in model.parameters() if p.requires_grad], train_dl, eval_dl,
+                            max(1, math.ceil(cfg.data.eval_samples / per_rank)), autoencoder_steps=True)
     t0 = time.time()
     trainer.fit()
     seconds = time.time() - t0

@@ -111,7 +111,7 @@ def run(cfg: TokenLMTrainConfig) -> dict:
     from trainer.data import clean_stale_shared_memory
 
     from trainer.models.token_latents import CONFIG_NAME, TokenEmbeddingLatents, build_causal_lm, load_causal_lm
-    from trainer.train_autoencoder import _callbacks, _precision, split_dir
+    from trainer.train_autoencoder import build_trainer, split_dir
 
     export = os.path.join(cfg.out_dir, "latent_encoder")
     if os.path.isfile(os.path.join(export, CONFIG_NAME)):
@@ -130,11 +130,8 @@ def run(cfg: TokenLMTrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out_dir, exist_ok=True)
 
-    from composer import Trainer
-    from composer.algorithms import GradientClipping
     from composer.metrics.nlp import LanguageCrossEntropy
     from composer.models import HuggingFaceModel
-    from composer.optim import CosineAnnealingWithWarmupScheduler
     from composer.utils import dist, get_device, reproducibility
 
     device = get_device(None)
@@ -150,20 +147,8 @@ def run(cfg: TokenLMTrainConfig) -> dict:
     if cfg.batch_size % world:
         raise UserError(f"batch_size: {cfg.batch_size} is not divisible by the {world} ranks")
     per_rank = cfg.batch_size // world
-    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay)
-    trainer = Trainer(
-        model=model, train_dataloader=_dataloader(train_local, tokenizer, cfg, per_rank, True),
-        eval_dataloader=_dataloader(eval_local, tokenizer, cfg, per_rank, False), max_duration=cfg.max_duration,
-        optimizers=opt,
-        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=cfg.optim.warmup, alpha_f=cfg.optim.alpha_f),
-        algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.optim.grad_clip_norm)],
-        eval_interval=cfg.eval_interval, eval_subset_num_batches=cfg.eval_batches,
-        precision=_precision(cfg.precision), device=device, seed=cfg.seed,
-        save_folder=os.path.join(cfg.out_dir, "checkpoints"), save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
-        autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
-        callbacks=_callbacks(cfg.out_dir, cfg.log_interval, cfg.max_minutes), progress_bar=True)
+    trainer = build_trainer(cfg, model, list(lm.parameters()), _dataloader(train_local, tokenizer, cfg, per_rank, True),
+                            _dataloader(eval_local, tokenizer, cfg, per_rank, False), cfg.eval_batches)
     t0 = time.time()
     trainer.fit()
     seconds = time.time() - t0
