@@ -176,8 +176,12 @@ def test_end_to_end_train_lm_encode_diffuse_generate_with_prefix_evaluate(tmp_pa
                 f"data.path={lat / 'train'}", f"data.eval_path={lat / 'val'}", "max_duration=4ba", "batch_size=8",
                 "eval_interval=4ba", "eval_batches=1", "save_interval=4ba", "threads=1", "tensorboard=false",
                 "model.latent_tokens=12", "model.latent_dim=64", "model.moe_dit.dim=32", "model.moe_dit.depth=2",
-                "model.moe_dit.head_dim=16", "model.moe_dit.num_experts=2")
+                "model.moe_dit.head_dim=16", "model.moe_dit.num_experts=2", f"autoencoder={enc_dir}",
+                "sample_every=0", "prompt_encoder.max_length=8")
     assert r.returncode == 0, r.stderr[-3000:]
+    # with the token encoder as `autoencoder`: samples decoded at the end, and the pipeline exported
+    assert (tmp_path / "dit" / "samples.txt").read_text().startswith("batch 4 |")
+    assert json.load(open(tmp_path / "dit" / "pipeline" / "pipeline.json"))["latent_kind"] == "token_embeddings"
     # 4. export and generate with a prefix, showing the steps
     pipe_dir = export_pipeline(str(tmp_path / "pipe"), enc_dir, str(tmp_path / "dit" / "denoiser"),
                                PromptEncoderConfig(max_length=8), PipelineConfig(sampler=SamplerConfig(num_steps=6)))

@@ -216,10 +216,10 @@ class PoemSampler(Callback):
         if dist.get_global_rank() != 0:
             return
         from trainer.diffusion.seam import Prompt
-        from trainer.models.autoencoder import LatentAutoencoder
         from trainer.models.text_encoders import build_prompt_encoder
+        from trainer.models.token_latents import load_latent_encoder
 
-        self.ae = LatentAutoencoder.from_pretrained(self.autoencoder_dir).eval()
+        self.ae = load_latent_encoder(self.autoencoder_dir)  # either latent space, by its directory's kind
         if self.model.net.backbone.prompt_dim > 0:
             penc = build_prompt_encoder(self.penc_cfg)
             emb, mask, pooled = penc(self.prompts)
