@@ -24,6 +24,7 @@ redone from scratch, so after any kill every sample is written exactly once. A f
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -286,8 +287,6 @@ class LocalMDS:
         self._ready.add(k)
 
     def __getitem__(self, i: int) -> dict:
-        import bisect
-
         if not 0 <= i < self.n:
             raise IndexError(i)
         k = bisect.bisect_right(self.starts, i) - 1

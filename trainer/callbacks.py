@@ -217,9 +217,10 @@ class PoemSampler(Callback):
             return
         from trainer.diffusion.seam import Prompt
         from trainer.models.text_encoders import build_prompt_encoder
-        from trainer.models.token_latents import load_latent_encoder
+        from trainer.models.token_latents import latent_kind, load_latent_encoder
 
         self.ae = load_latent_encoder(self.autoencoder_dir)  # either latent space, by its directory's kind
+        self.kind = latent_kind(self.autoencoder_dir)
         if self.model.net.backbone.prompt_dim > 0:
             penc = build_prompt_encoder(self.penc_cfg)
             emb, mask, pooled = penc(self.prompts)
@@ -228,6 +229,7 @@ class PoemSampler(Callback):
 
     def _sample(self, state: State) -> None:
         from trainer.diffusion.sampler import edm_sampler
+        from trainer.pipeline import to_encoder_latents
 
         b = int(state.timestamp.batch)
         if dist.get_global_rank() != 0 or self.ae is None or b == self.last:
@@ -240,7 +242,7 @@ class PoemSampler(Callback):
         dev = next(net.parameters()).device
         prompt = None if self.prompt is None else type(self.prompt)(*(t.to(dev) for t in self.prompt))
         x = edm_sampler(net, noise.to(dev), prompt, self.sampler_cfg, generator=g)
-        poems = self.ae.decode(self.normalizer.inverse(x.float().cpu()))
+        poems = self.ae.decode(to_encoder_latents(x.cpu(), self.normalizer, self.kind))  # as the pipeline decodes
         with open(os.path.join(self.out_dir, "samples.txt"), "a") as f:
             for p, poem in zip(self.prompts, poems):
                 f.write(f"batch {b} | prompt: {p!r}\n{poem}\n\n")

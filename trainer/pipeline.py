@@ -54,6 +54,16 @@ class PipelineConfig:
     prefix_guidance: float = 5.0
 
 
+def to_encoder_latents(x: torch.Tensor, normalizer, latent_kind: str, renormalize: bool = True) -> torch.Tensor:
+    """Diffusion space -> the latent encoder's space: inverse normalisation, then for the BART-Perceiver
+    latent each slot back on the sphere its encoder uses (norm sqrt(dim)). The pipeline and the
+    training job's poem samples both decode through this."""
+    z = normalizer.inverse(x.float())
+    if renormalize and latent_kind == "bart_perceiver":
+        z = torch.nn.functional.normalize(z, dim=-1) * z.shape[-1] ** 0.5
+    return z
+
+
 def export_pipeline(path: str, autoencoder_dir: str, denoiser_dir: str, prompt_encoder: PromptEncoderConfig,
                     cfg: Optional[PipelineConfig] = None) -> str:
     """Assemble a pipeline directory (written to a temporary name, then renamed into place)."""
@@ -170,10 +180,7 @@ class Pipeline:
 
     def to_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Diffusion space -> the autoencoder's latent space (inverse normalisation, optional renorm)."""
-        z = self.normalizer.inverse(x.float())
-        if self.cfg.decode.renormalize and self.cfg.latent_kind == "bart_perceiver":  # the Perceiver's sphere
-            z = torch.nn.functional.normalize(z, dim=-1) * z.shape[-1] ** 0.5
-        return z
+        return to_encoder_latents(x, self.normalizer, self.cfg.latent_kind, self.cfg.decode.renormalize)
 
     def decode(self, x: torch.Tensor) -> list[str]:
         d = self.cfg.decode

@@ -214,14 +214,13 @@ def _last_eval_batch(out_dir: str) -> Optional[int]:
     return evals[-1] if evals else None
 
 
-def build_trainer(cfg, model, params, train_dl, eval_dl, eval_batches: int, autoencoder_steps: bool = False):
+def build_trainer(cfg, model, params, train_dl, eval_dl, eval_batches: int, device, autoencoder_steps: bool = False):
     """The Composer Trainer the text-model jobs share (autoencoder, token LM): AdamW over `params`,
     warm-up + cosine, norm clipping, checkpoints with autoresume by run_name, and _callbacks."""
     import torch
     from composer import Trainer
     from composer.algorithms import GradientClipping
     from composer.optim import CosineAnnealingWithWarmupScheduler
-    from composer.utils import get_device
 
     o = cfg.optim
     return Trainer(
@@ -230,7 +229,7 @@ def build_trainer(cfg, model, params, train_dl, eval_dl, eval_batches: int, auto
         schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=o.warmup, alpha_f=o.alpha_f),
         algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=o.grad_clip_norm)],
         eval_interval=cfg.eval_interval, eval_subset_num_batches=eval_batches,
-        precision=_precision(cfg.precision), device=get_device(None), seed=cfg.seed,
+        precision=_precision(cfg.precision), device=device, seed=cfg.seed,
         save_folder=os.path.join(cfg.out_dir, "checkpoints"), save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
         autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
@@ -281,7 +280,7 @@ def run(cfg: AutoencoderTrainConfig) -> dict:
     train_dl = dataloader(train_local, tokenizer, cfg, per_rank, train=True)
     eval_dl = dataloader(eval_local, tokenizer, cfg, per_rank, train=False)
     trainer = build_trainer(cfg, model, [p for p in model.parameters() if p.requires_grad], train_dl, eval_dl,
-                            max(1, math.ceil(cfg.data.eval_samples / per_rank)), autoencoder_steps=True)
+                            max(1, math.ceil(cfg.data.eval_samples / per_rank)), device, autoencoder_steps=True)
     t0 = time.time()
     trainer.fit()
     seconds = time.time() - t0

@@ -148,7 +148,7 @@ def run(cfg: TokenLMTrainConfig) -> dict:
         raise UserError(f"batch_size: {cfg.batch_size} is not divisible by the {world} ranks")
     per_rank = cfg.batch_size // world
     trainer = build_trainer(cfg, model, list(lm.parameters()), _dataloader(train_local, tokenizer, cfg, per_rank, True),
-                            _dataloader(eval_local, tokenizer, cfg, per_rank, False), cfg.eval_batches)
+                            _dataloader(eval_local, tokenizer, cfg, per_rank, False), cfg.eval_batches, device)
     t0 = time.time()
     trainer.fit()
     seconds = time.time() - t0
