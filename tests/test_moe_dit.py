@@ -221,3 +221,56 @@ def test_learns_a_prompt_conditional_distribution_with_masked_training():
         s = edm_sampler(net, torch.randn(32, 8, 4), Prompt(embs[i:i + 1].expand(32, -1, -1)))
         assert float((s.mean(0) - mus[i]).abs().max()) < 0.2
         assert float(s.std(0).mean()) < 0.2
+
+
+def test_lighter_patch_mixer_width_and_ffn_ratio():
+    # micro_diffusion's mixer: its own (narrower) width, mapped in and out, and a small FFN ratio.
+    m = tiny_dit(mixer=2, patch_mixer_dim=16, patch_mixer_mlp_ratio=1.0)
+    for b in m.patch_mixer:
+        assert b.attn.qkv.in_features == 16 and b.mlp.fc1.out_features == 16
+        assert b.adaLN[-1].in_features == 32 and b.cross_attn.kv.in_features == 32   # c and y stay at dim
+    assert m.mixer_in[-1].out_features == 16 and m.mixer_out[-1].out_features == 32
+    x, c, p = inputs()
+    keep_idx = masking.random_keep_idx(3, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    keep = masking.keep_mask(keep_idx, 16)
+    out = m.train()(x, c, *p, keep_idx=keep_idx)
+    out.sample.square().mean().backward()
+    assert all(p_.grad is not None for p_ in m.mixer_in.parameters())
+    # The kept tokens still see the dropped ones through the narrower mixer.
+    x2 = torch.where(keep.unsqueeze(-1), x, torch.randn_like(x) * 10)
+    with torch.no_grad():
+        assert not torch.allclose(m(x, c, *p, keep_idx=keep_idx).sample[keep],
+                                  m(x2, c, *p, keep_idx=keep_idx).sample[keep], atol=1e-4)
+    with pytest.raises(ValueError, match="patch_mixer_dim"):
+        MoEDiTConfig(dim=32, head_dim=16, patch_mixer_dim=24)
+    # Same width: no maps; the FFN ratio alone sets the mixer's FFN width.
+    m4 = tiny_dit(mixer=1, patch_mixer_mlp_ratio=4.0)
+    assert m4.mixer_in is None and m4.patch_mixer[0].mlp.fc1.out_features == 128
+
+
+def test_denoiser_saved_before_mixer_ratio_existed_still_loads(tmp_path):
+    # Exported denoisers from before `patch_mixer_mlp_ratio` had a 4*dim mixer FFN and no such key.
+    import json
+
+    from tests.tiny import tiny_denoiser, tiny_stats
+    from trainer.export import DENOISER_CONFIG, load_denoiser
+
+    d = tmp_path / "den"
+    cfg_file = d / DENOISER_CONFIG
+    tiny_denoiser(str(d))                                   # saved with the key (mixer ratio 1.0)
+    net, _ = load_denoiser(str(d))
+    assert net.backbone.patch_mixer[0].mlp.fc1.out_features == 32
+    # Rebuild it as the old code did (ratio 4) and drop the key from its config.
+    from trainer.diffusion.edm import EDMPrecond
+    from trainer.export import save_denoiser
+    from trainer.models.denoisers import DenoiserConfig, build_denoiser
+
+    old = DenoiserConfig(prompt_dim=384, moe_dit=MoEDiTConfig(dim=32, depth=2, head_dim=16, num_experts=2,
+                                                               patch_mixer_mlp_ratio=4.0))
+    save_denoiser(str(d), EDMPrecond(build_denoiser(old), 0.9), old, tiny_stats(0.9), "center")
+    meta = json.loads(cfg_file.read_text())
+    del meta["denoiser"]["moe_dit"]["patch_mixer_mlp_ratio"]
+    cfg_file.write_text(json.dumps(meta))
+    net, meta = load_denoiser(str(d))
+    assert net.backbone.patch_mixer[0].mlp.fc1.out_features == 128
+    assert meta["denoiser_config"].moe_dit.patch_mixer_mlp_ratio == 4.0

@@ -62,6 +62,9 @@ def load_denoiser(path: str, map_location: str = "cpu"):
     try:
         with open(cfg_file) as f:
             meta = json.load(f)
+        moe = meta["denoiser"].get("moe_dit")
+        if isinstance(moe, dict) and "patch_mixer_mlp_ratio" not in moe:
+            moe["patch_mixer_mlp_ratio"] = 4.0  # saved before the key existed, when the mixer FFN was 4*dim
         dcfg = C.from_dict(DenoiserConfig, meta["denoiser"], source=cfg_file)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{cfg_file}: corrupt denoiser config ({type(e).__name__}: {e})") from None

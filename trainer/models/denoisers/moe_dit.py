@@ -33,7 +33,12 @@ class MoEDiTConfig:
     # or one value per block. Ratios are relative to `dim`.
     mlp_ratio: list[float] = dataclasses.field(default_factory=lambda: [4.0])
     qkv_ratio: list[float] = dataclasses.field(default_factory=lambda: [1.0])
-    patch_mixer_depth: int = 2            # dense blocks on all tokens before masking (0 = none); width 4*dim
+    patch_mixer_depth: int = 2            # dense blocks on all tokens before masking (0 = none)
+    # The mixer is lighter than the backbone, as in micro_diffusion: its own width (None = dim; another
+    # width adds LayerNorm + Linear maps in and out) and FFN ratio. It runs on every token at every
+    # mask ratio, so its cost is the floor of the masked-training saving.
+    patch_mixer_dim: Optional[int] = None
+    patch_mixer_mlp_ratio: float = 1.0
     num_experts: int = 8                  # E; 1 = no MoE (every FFN dense)
     expert_capacity: float = 2.0          # c: each expert takes k = c * T / E tokens per sample
     experts_every_n: int = 2              # MoE FFN in blocks n-1, 2n-1, ... (every second block)
@@ -49,6 +54,10 @@ class MoEDiTConfig:
             v = getattr(self, name)
             if len(v) not in (1, 2, self.depth) or any(r <= 0 for r in v):
                 raise ValueError(f"{name} must hold 1, 2 or depth={self.depth} positive values, got {v}")
+        if self.patch_mixer_dim is not None and (self.patch_mixer_dim <= 0 or self.patch_mixer_dim % self.head_dim):
+            raise ValueError(f"patch_mixer_dim ({self.patch_mixer_dim}) must be a positive multiple of head_dim ({self.head_dim})")
+        if self.patch_mixer_mlp_ratio <= 0:
+            raise ValueError(f"patch_mixer_mlp_ratio must be > 0, got {self.patch_mixer_mlp_ratio}")
         if self.num_experts < 1 or self.expert_capacity <= 0 or self.experts_every_n < 1:
             raise ValueError("num_experts, expert_capacity and experts_every_n must be positive")
 
@@ -83,11 +92,11 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, dim: int, qkv_dim: int, head_dim: int, bias: bool):
+    def __init__(self, dim: int, qkv_dim: int, head_dim: int, bias: bool, y_dim: Optional[int] = None):
         super().__init__()
         self.heads = qkv_dim // head_dim
         self.q = nn.Linear(dim, qkv_dim, bias=bias)
-        self.kv = nn.Linear(dim, 2 * qkv_dim, bias=bias)
+        self.kv = nn.Linear(y_dim or dim, 2 * qkv_dim, bias=bias)
         self.proj = nn.Linear(qkv_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
@@ -157,13 +166,16 @@ def _round_width(dim: int, ratio: float, multiple: int) -> int:
 
 
 class DiTBlock(nn.Module):
+    """`cond_dim` (default dim): width of the conditioning c and the prompt tokens y, which stay at the
+    model width when a patch-mixer block runs narrower."""
+
     def __init__(self, dim: int, qkv_dim: int, mlp_hidden: int, head_dim: int, moe: bool,
-                 num_experts: int, capacity: float, bias: bool, eps: float):
+                 num_experts: int, capacity: float, bias: bool, eps: float, cond_dim: Optional[int] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
         self.attn = SelfAttention(dim, qkv_dim, head_dim, bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.cross_attn = CrossAttention(dim, qkv_dim, head_dim, bias)
+        self.cross_attn = CrossAttention(dim, qkv_dim, head_dim, bias, cond_dim)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
         if moe:
             # Each expert is as wide as the dense FFN would be (as in micro_diffusion); a token is
@@ -171,7 +183,7 @@ class DiTBlock(nn.Module):
             self.mlp = ExpertChoiceFFN(dim, mlp_hidden, num_experts, capacity, bias)
         else:
             self.mlp = FeedForward(dim, mlp_hidden, bias)
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
         nn.init.zeros_(self.adaLN[-1].weight)
         nn.init.zeros_(self.adaLN[-1].bias)
 
@@ -242,11 +254,19 @@ class MoEDiT(Backbone):
         else:
             self.register_parameter("uncond_token", nn.Parameter(torch.randn(1, 1, d) * 0.02))
 
-        def block(qkv_ratio, mlp_ratio, moe):
-            return DiTBlock(d, _round_width(d, qkv_ratio, cfg.head_dim), _round_width(d, mlp_ratio, 8), cfg.head_dim,
-                            moe, cfg.num_experts, cfg.expert_capacity, cfg.use_bias, cfg.norm_eps)
+        def block(qkv_ratio, mlp_ratio, moe, width=d):
+            return DiTBlock(width, _round_width(width, qkv_ratio, cfg.head_dim), _round_width(width, mlp_ratio, 8),
+                            cfg.head_dim, moe, cfg.num_experts, cfg.expert_capacity, cfg.use_bias, cfg.norm_eps,
+                            cond_dim=d)
 
-        self.patch_mixer = nn.ModuleList([block(1.0, 4.0, False) for _ in range(cfg.patch_mixer_depth)])
+        dm = cfg.patch_mixer_dim or d
+        self.patch_mixer = nn.ModuleList([block(1.0, cfg.patch_mixer_mlp_ratio, False, dm)
+                                          for _ in range(cfg.patch_mixer_depth)])
+        if cfg.patch_mixer_depth and dm != d:
+            self.mixer_in = nn.Sequential(nn.LayerNorm(d, eps=cfg.norm_eps), nn.Linear(d, dm))
+            self.mixer_out = nn.Sequential(nn.LayerNorm(dm, eps=cfg.norm_eps), nn.Linear(dm, d))
+        else:
+            self.mixer_in = self.mixer_out = None
         qkv, mlp = cfg.per_block(cfg.qkv_ratio), cfg.per_block(cfg.mlp_ratio)
         self.blocks = nn.ModuleList([block(qkv[i], mlp[i], cfg.is_moe(i)) for i in range(cfg.depth)])
         self.mask_token = nn.Parameter(torch.randn(d) * 0.02)
@@ -269,8 +289,10 @@ class MoEDiT(Backbone):
             y = self.y_embed(self.uncond_token.expand(B, 1, -1))
             y_mask = torch.ones(B, 1, dtype=torch.bool, device=x.device)
 
-        for blk in self.patch_mixer:
-            h = blk(h, y, y_mask, c)
+        if self.mixer_in is not None:
+            h = h + self.mixer_out(self._mix(self.mixer_in(h), y, y_mask, c))
+        else:
+            h = self._mix(h, y, y_mask, c)
         if keep_idx is None and mask_ratio > 0:
             keep_idx = masking.random_keep_idx(B, T, mask_ratio, device=x.device)
         if keep_idx is not None:
@@ -282,3 +304,8 @@ class MoEDiT(Backbone):
             h = masking.scatter_tokens(h, keep_idx, self.mask_token, T)   # [B, T, dim]
             keep = masking.keep_mask(keep_idx, T)
         return DenoiserOutput(self.final(h, c), keep)                     # [B, T, C]
+
+    def _mix(self, h, y, y_mask, c):
+        for blk in self.patch_mixer:
+            h = blk(h, y, y_mask, c)
+        return h
