@@ -41,10 +41,14 @@ class LossConfig:
     # the latent statistics and data.normalize (trainer/data.py).
     P_mean: float = -1.2
     P_std: float = 1.2
+    # With model.moe_dit.self_condition: share of batches trained with the model's own first estimate.
+    self_cond_prob: float = 0.5
 
     def __post_init__(self):
         if self.P_std <= 0:
             raise ValueError(f"P_std must be > 0, got {self.P_std}")
+        if not 0.0 <= self.self_cond_prob <= 1.0:
+            raise ValueError(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob}")
 
 
 @dataclasses.dataclass
@@ -348,7 +352,8 @@ def run(cfg: DiffusionTrainConfig) -> dict:
 
     train_dl, normalizer = build_latent_dataloader(cfg.data, per_rank, seed=cfg.data.shuffle_seed)
     eval_dl = build_latent_dataloader(cfg.data, per_rank, eval=True)[0] if cfg.data.eval_path else None
-    edm = EDMConfig(sigma_data=normalizer.sigma_data, P_mean=cfg.loss.P_mean, P_std=cfg.loss.P_std)
+    edm = EDMConfig(sigma_data=normalizer.sigma_data, P_mean=cfg.loss.P_mean, P_std=cfg.loss.P_std,
+                    self_cond_prob=cfg.loss.self_cond_prob, seed=cfg.seed)
     net = EDMPrecond(build_denoiser(cfg.model), sigma_data=edm.sigma_data)
     model = DiffusionComposerModel(net, EDMLoss(edm), cfg.mask_ratio, cfg.cfg_dropout, cfg.ema.decay)
     model.flops_per_sample = measure_flops_per_sample(net, (cfg.model.latent_tokens, cfg.model.latent_dim),

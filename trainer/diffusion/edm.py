@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from trainer.diffusion import masking
 from trainer.diffusion.seam import DenoiserOutput, Prompt
 
 
@@ -23,8 +24,15 @@ class EDMConfig:
     sigma_data: float = 0.5   # std of the data; the diffusion job sets it from the encode job's latent_stats.json
     P_mean: float = -1.2      # training noise distribution: ln(sigma) ~ N(P_mean, P_std^2)
     P_std: float = 1.2
+    # Self-conditioning backbones: share of training batches whose first (no-grad) pass feeds its
+    # estimate to the second; the rest see zeros, as the sampler's first step does.
+    self_cond_prob: float = 0.5
+    seed: int = 0             # of the self-conditioning draws: the same on every rank (FSDP needs
+                              # every rank to run the same passes)
 
     def __post_init__(self):
+        if not 0.0 <= self.self_cond_prob <= 1.0:
+            raise ValueError(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob}")
         if self.sigma_data <= 0:
             raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
         if self.P_std <= 0:
@@ -57,14 +65,23 @@ class EDMPrecond(nn.Module):
     def null_prompt(self, batch: int, length: Optional[int] = None) -> Prompt:
         return self.backbone.null_prompt(batch, length)
 
+    @property
+    def self_conditioning(self) -> bool:
+        return bool(getattr(self.backbone, "self_conditioning", False))
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, prompt: Optional[Prompt] = None,
-                mask_ratio: float = 0.0, keep_idx: Optional[torch.Tensor] = None) -> DenoiserOutput:
-        """x [B, T, C] noisy latent at noise level sigma ([B] or scalar) -> D(x; sigma) [B, T, C]."""
+                mask_ratio: float = 0.0, keep_idx: Optional[torch.Tensor] = None,
+                self_cond: Optional[torch.Tensor] = None) -> DenoiserOutput:
+        """x [B, T, C] noisy latent at noise level sigma ([B] or scalar) -> D(x; sigma) [B, T, C].
+        self_cond: a previous estimate of D (data scale), for self-conditioning backbones."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         bc = (lambda c: c.view(-1, 1, 1))                                # [B] -> [B, 1, 1]
+        extra = {}
+        if self.self_conditioning:  # the estimate enters at unit scale, like c_in * x
+            extra["self_cond"] = None if self_cond is None else self_cond / self.sigma_data
         out = self.backbone(bc(c_in) * x, c_noise, **(prompt or Prompt()).kwargs(),
-                            mask_ratio=mask_ratio, keep_idx=keep_idx)
+                            mask_ratio=mask_ratio, keep_idx=keep_idx, **extra)
         D = bc(c_skip) * x + bc(c_out) * out.sample.to(x.dtype)
         return DenoiserOutput(D, out.keep)
 
@@ -79,10 +96,14 @@ class EDMLossOutput(NamedTuple):
 class EDMLoss:
     """EDM training loss; with masking it averages only over the tokens the backbone kept.
 
-    `generator` makes the draws of sigma and n reproducible (tests, benchmarks)."""
+    `generator` makes the draws of sigma and n reproducible (tests, benchmarks). With a
+    self-conditioning backbone, a share `self_cond_prob` of the training calls first runs the net
+    without gradient and feeds that estimate to the graded pass (same noise, same kept tokens); out of
+    training mode every call does, as sampling does."""
 
     def __init__(self, cfg: Optional[EDMConfig] = None):
         self.cfg = cfg or EDMConfig()
+        self._sc_gen = torch.Generator().manual_seed(self.cfg.seed)
 
     def sample_sigma(self, batch: int, device=None, generator=None) -> torch.Tensor:
         ln_sigma = torch.randn(batch, device=device, generator=generator) * self.cfg.P_std + self.cfg.P_mean
@@ -98,7 +119,17 @@ class EDMLoss:
         if noise is None:
             noise = torch.randn(y.shape, device=y.device, generator=generator, dtype=y.dtype)
         n = noise * sigma.view(-1, 1, 1)
-        out = net(y + n, sigma, prompt, mask_ratio=mask_ratio, keep_idx=keep_idx)
+        sc = None
+        if getattr(net, "self_conditioning", False):
+            draw = torch.rand((), generator=generator if generator is not None and generator.device.type == "cpu"
+                              else self._sc_gen)
+            if not net.training or float(draw) < self.cfg.self_cond_prob:
+                if keep_idx is None and mask_ratio > 0:  # both passes drop the same tokens
+                    keep_idx = masking.random_keep_idx(B, y.shape[1], mask_ratio, device=y.device, generator=generator)
+                with torch.no_grad():
+                    sc = net(y + n, sigma, prompt, mask_ratio=mask_ratio, keep_idx=keep_idx).sample.detach()
+        out = net(y + n, sigma, prompt, mask_ratio=mask_ratio, keep_idx=keep_idx,
+                  **({} if sc is None else {"self_cond": sc}))
         weight = edm_loss_weight(sigma, self.cfg.sigma_data).view(-1, 1)      # [B, 1]
         acc = torch.promote_types(y.dtype, torch.float32)                     # fp16/bf16 -> fp32 for the loss
         per_token = weight.to(acc) * ((out.sample.to(acc) - y.to(acc)) ** 2).mean(-1)  # [B, T]

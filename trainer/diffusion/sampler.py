@@ -69,10 +69,21 @@ def edm_sampler(net, noise: torch.Tensor, prompt: Optional[Prompt] = None, cfg: 
     param = next(iter(net.parameters()), None) if hasattr(net, "parameters") else None
     net_dtype = param.dtype if param is not None else dtype
 
+    # Self-conditioning nets read the previous evaluation's (guided) estimate; none before the first.
+    prev: list = [None] if getattr(net, "self_conditioning", False) else []
+
     def D(x, sigma):
-        call = (lambda x_, s_, p_: net(x_.to(net_dtype), s_.to(net_dtype), p_).sample.to(torch.float64))
+        def call(x_, s_, p_):
+            extra = {}
+            if prev and prev[0] is not None:  # cond and uncond halves of a guided batch share it
+                extra["self_cond"] = prev[0].repeat(x_.shape[0] // prev[0].shape[0], 1, 1).to(net_dtype)
+            return net(x_.to(net_dtype), s_.to(net_dtype), p_, **extra).sample.to(torch.float64)
+
         s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
-        return guided_denoise(call, net.null_prompt, x, s, prompt, cfg.guidance_scale)
+        out = guided_denoise(call, net.null_prompt, x, s, prompt, cfg.guidance_scale)
+        if prev:
+            prev[0] = out
+        return out
 
     t = sigma_steps(cfg, noise.device)
     N = cfg.num_steps

@@ -43,6 +43,9 @@ class MoEDiTConfig:
     expert_capacity: float = 2.0          # c: each expert takes k = c * T / E tokens per sample
     experts_every_n: int = 2              # MoE FFN in blocks n-1, 2n-1, ... (every second block)
     pos_embed: Literal["learned", "sincos"] = "learned"
+    # Self-conditioning (Chen et al. 2022, "Analog Bits"): the model also reads its previous estimate of
+    # the clean latent (the sampler's last D; in training a no-grad first pass on half the batches).
+    self_condition: bool = False
     c_noise_scale: float = 1000.0
     use_bias: bool = True
     norm_eps: float = 1e-6
@@ -240,7 +243,8 @@ class MoEDiT(Backbone):
         super().__init__(latent_tokens, latent_dim, prompt_dim, null_tokens)
         self.cfg = cfg
         d = cfg.dim
-        self.x_embed = nn.Linear(latent_dim, d)
+        self.self_conditioning = cfg.self_condition
+        self.x_embed = nn.Linear(latent_dim * (2 if cfg.self_condition else 1), d)
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(sincos_1d(latent_tokens, d).unsqueeze(0))
         else:
@@ -273,9 +277,16 @@ class MoEDiT(Backbone):
         self.final = FinalLayer(d, latent_dim, cfg.norm_eps)
 
     def forward(self, x, c_noise, prompt_emb=None, prompt_mask=None, prompt_pooled=None,
-                mask_ratio: float = 0.0, keep_idx: Optional[torch.Tensor] = None) -> DenoiserOutput:
+                mask_ratio: float = 0.0, keep_idx: Optional[torch.Tensor] = None,
+                self_cond: Optional[torch.Tensor] = None) -> DenoiserOutput:
+        """self_cond [B, T, C]: the previous clean-latent estimate, scaled like x (None = zeros, the
+        first step); only with `self_condition`."""
         self.check_input(x, mask_ratio, keep_idx)
         B, T, _ = x.shape
+        if self.self_conditioning:
+            x = torch.cat([x, torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype)], dim=-1)
+        elif self_cond is not None:
+            raise ValueError("self_cond given to a MoE DiT built without model.moe_dit.self_condition")
         h = self.x_embed(x) + self.pos_embed                              # [B, T, dim]
         c = self.t_embed(c_noise.reshape(-1).expand(B))                   # [B, dim]
         if self.prompt_dim > 0:
