@@ -14,6 +14,11 @@ plus prompt_len, and/or prompt_pooled fp16 [D] (`prompt_mode`); text, prompt, id
 channel-centred latents, which EDM uses; see trainer/data.py) is computed from the fp16 values
 actually stored, per split, in `out_dir/<split>/latent_stats.json`, and the train split's also in
 `out_dir/latent_stats.json`.
+
+`partition_by: form` (any label column, or source) also splits every split by that column's value:
+samples go to `out_dir/<split>/form=<value>/<slot>/`, each such folder is a dataset of its own after the
+merge, and `out_dir/<split>/index.json` still covers them all. Training then weighs the partitions
+with `data.streams` proportions, e.g. to show a rare form more often (see README).
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from data_prep.mds import LocalMDS, RankedDataset, read_json, wait_for, world_from_env, write_json_atomic
+from data_prep.mds import (LocalMDS, RankedDataset, partition_name, read_json, wait_for, world_from_env,
+                           write_json_atomic)
 from data_prep.schema import LABELS, SPLITS, latent_columns
 from trainer.config import ExistingPath, UserError
 from trainer.log import get_logger
@@ -64,8 +70,15 @@ class EncodeConfig:
     compression: Optional[str] = "zstd"
     overwrite: bool = False                        # re-encode when out_dir holds a different config
     wait_timeout_s: float = 24 * 3600.0
+    partition_by: Optional[str] = None             # a label column (or source): one dataset per value
 
     def __post_init__(self):
+        if self.partition_by is not None:
+            cols = ("source", *LABELS)
+            if self.partition_by not in cols:
+                raise ValueError(f"partition_by must be one of {', '.join(cols)}, got {self.partition_by!r}")
+            if self.format != "mds":
+                raise ValueError("partition_by needs format: mds")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.batch_size < 1:
@@ -234,7 +247,8 @@ def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dic
                 if wds_writer is not None:
                     wds_writer.write(sample)
                 else:
-                    writer.write(sample, split=split)
+                    part = partition_name(cfg.partition_by, r.get(cfg.partition_by)) if cfg.partition_by else None
+                    writer.write(sample, split=split, partition=part)
             bar.update(len(rows))
             written += len(rows)
             if kill_after and written >= kill_after:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import re
 import shutil
 import time
 from typing import Iterable
@@ -91,6 +92,13 @@ def _mds_writer(out: str, columns: dict, compression, size_limit: int):
     return MDSWriter(out=out, columns=columns, compression=compression, size_limit=size_limit)
 
 
+def partition_name(key: str, value) -> str:
+    """Folder name of a partition: `key=value`, the value lower-cased with anything but letters,
+    digits, `-` and `_` replaced by `_` (an empty value is `none`)."""
+    v = re.sub(r"[^a-z0-9_-]+", "_", str(value or "").strip().lower()).strip("_") or "none"
+    return f"{key}={v}"
+
+
 class RankWriter:
     """One rank's MDS writers, one per split, opened on first use."""
 
@@ -100,15 +108,18 @@ class RankWriter:
         self.counts: dict = {}
         self.finished = False
 
-    def write(self, sample: dict, split: str | None = None) -> None:
+    def write(self, sample: dict, split: str | None = None, partition: str | None = None) -> None:
+        """`partition` (a name from `partition_name`) puts the sample in <split>/<partition>/<rank>/, a
+        dataset of its own after the merge (and part of the split's)."""
         if (split is None) != (not self.ds.splits):
             raise ValueError(f"split {split!r} does not fit splits {self.ds.splits}")
-        w = self.writers.get(split)
+        w = self.writers.get((split, partition))
         if w is None:
             if split is not None and split not in self.ds.splits:
                 raise ValueError(f"unknown split {split!r}; splits: {self.ds.splits}")
-            w = self.writers[split] = _mds_writer(self.ds.rank_dir(self.rank, split), self.ds.columns,
-                                                  self.ds.compression, self.ds.size_limit)
+            w = self.writers[(split, partition)] = _mds_writer(self.ds.rank_dir(self.rank, split, partition),
+                                                               self.ds.columns, self.ds.compression,
+                                                               self.ds.size_limit)
         w.write(sample)
         self.counts[split or ""] = self.counts.get(split or "", 0) + 1
 
@@ -116,8 +127,8 @@ class RankWriter:
         """Finalise every shard (a split this rank never wrote gets an empty index, so the merge
         sees every rank), then write the marker: the marker exists only over complete shards."""
         for split in (self.ds.splits or (None,)):
-            if split not in self.writers:
-                self.writers[split] = _mds_writer(self.ds.rank_dir(self.rank, split), self.ds.columns,
+            if (split, None) not in self.writers:
+                self.writers[(split, None)] = _mds_writer(self.ds.rank_dir(self.rank, split), self.ds.columns,
                                                   self.ds.compression, self.ds.size_limit)
         for w in self.writers.values():
             w.finish()
@@ -144,8 +155,15 @@ class RankedDataset:
         self.size_limit = size_limit
 
     # paths
-    def rank_dir(self, rank: int, split: str | None = None) -> str:
-        return os.path.join(self.root, split, str(rank)) if split else os.path.join(self.root, str(rank))
+    def rank_dir(self, rank: int, split: str | None = None, partition: str | None = None) -> str:
+        base = os.path.join(self.root, split) if split else self.root
+        return os.path.join(base, partition, str(rank)) if partition else os.path.join(base, str(rank))
+
+    def partitions(self, split: str | None = None) -> list[str]:
+        """The partition folders (`key=value`) present under a split, sorted."""
+        base = os.path.join(self.root, split) if split else self.root
+        return sorted(e for e in os.listdir(base) if "=" in e and os.path.isdir(os.path.join(base, e))) \
+            if os.path.isdir(base) else []
 
     def marker(self, rank: int) -> str:
         return os.path.join(self.root, MARKERS, f"{rank}.json")
@@ -166,6 +184,8 @@ class RankedDataset:
             raise RuntimeError(f"rank {rank} of {self.root} is already done")
         for split in (self.splits or (None,)):
             shutil.rmtree(self.rank_dir(rank, split), ignore_errors=True)
+            for part in self.partitions(split):
+                shutil.rmtree(self.rank_dir(rank, split, part), ignore_errors=True)
         return RankWriter(self, rank)
 
     def wait_ranks(self, n_slots: int, timeout: float = 24 * 3600.0) -> list[dict]:
@@ -176,18 +196,28 @@ class RankedDataset:
         """Merge the ranks' indexes into one per split, ranks in order. Same result as streaming's
         `merge_index` (shard basenames prefixed with the rank folder), but written atomically and
         without its temporary copies, so a kill mid-merge leaves no half index."""
+        def prefixed(index_file: str, prefix: str) -> list:
+            obj = read_json(index_file)
+            shards = obj["shards"] if obj is not None else []
+            for shard in shards:
+                for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                    if shard.get(key):
+                        shard[key]["basename"] = f"{prefix}/{shard[key]['basename']}"
+            return shards
+
         for split in (self.splits or (None,)):
             shards = []
             for r in range(n_slots):
                 part = os.path.join(self.rank_dir(r, split), "index.json")
-                obj = read_json(part)
-                if obj is None:
+                if not os.path.exists(part):
                     raise UserError(f"cannot merge {self.index(split)}: missing {part}")
-                for shard in obj["shards"]:
-                    for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
-                        if shard.get(key):
-                            shard[key]["basename"] = f"{r}/{shard[key]['basename']}"
-                    shards.append(shard)
+                shards += prefixed(part, str(r))
+            base = os.path.dirname(self.index(split))
+            for p in self.partitions(split):
+                # A rank with no sample of this partition wrote no folder for it.
+                own = [s for r in range(n_slots) for s in prefixed(os.path.join(self.rank_dir(r, split, p), "index.json"), str(r))]
+                write_json_atomic(os.path.join(base, p, "index.json"), {"version": 2, "shards": own})
+                shards += prefixed(os.path.join(base, p, "index.json"), p)
             write_json_atomic(self.index(split), {"version": 2, "shards": shards})
 
     def mark_complete(self, info: dict) -> None:

@@ -157,3 +157,46 @@ def test_local_mds_reads_compressed_shards_without_shared_memory(tmp_path):
     assert len(d) == 300 and [d[i]["text"] for i in (0, 150, 299)] == [f"poem {i} " * 5 for i in (0, 150, 299)]
     with pytest.raises(IndexError):
         d[300]
+
+
+def test_partition_by_form_gives_one_dataset_per_value_and_streams_weigh_them(assets, tmp_path):
+    from collections import Counter
+
+    from trainer.data import LatentDataConfig, StreamConfig, build_latent_dataloader
+
+    out = tmp_path / "p"
+    cfg = C.load(encode_job.EncodeConfig, None, overrides(assets, out, "num_workers=2", "partition_by=form"))
+    encode_job.run(cfg)
+    train = out / "train"
+    assert sorted(p for p in os.listdir(train) if "=" in p) == ["form=haiku", "form=none", "form=sonnet", "form=tanka"]
+    whole = read_latents(str(train))
+    assert len(whole) == 40                                           # the split index still covers all
+    for part, form in (("form=sonnet", "sonnet"), ("form=none", "")):
+        rows = read_latents(str(train / part))
+        assert len(rows) == 10 and {r["form"] for r in rows.values()} == {form}
+        for k, r in rows.items():
+            np.testing.assert_array_equal(r["latent"], whole[k]["latent"])
+    # Streams over the partitions: the statistics come from the split; the proportions set the mix.
+    data = LatentDataConfig(root=str(train), streams=[StreamConfig("form=none", 0.7), StreamConfig("form=sonnet", 0.3)],
+                            shuffle_seed=1)
+    assert [s.path for s in data.stream_paths()] == [str(train / "form=none"), str(train / "form=sonnet")]
+    assert data.stats_file() == str(train / "latent_stats.json")
+    dl, _ = build_latent_dataloader(data, 5, seed=1, epoch_size=200)
+    counts = Counter(int(v) for b in dl for v in b["prompt_mask"].sum(1))  # "" prompts: 2 tokens, sonnet's more
+    assert sum(counts.values()) == 200 and counts[2] == 140
+    with pytest.raises(ValueError, match="partition_by"):
+        C.load(encode_job.EncodeConfig, None, overrides(assets, out, "partition_by=colour"))
+
+
+def test_merge_with_a_partition_one_rank_never_wrote(tmp_path):
+    from data_prep.mds import LocalMDS, RankedDataset
+
+    ds = RankedDataset(str(tmp_path), {"text": "str"}, splits=["train"], compression=None)
+    for rank, parts in ((0, ["k=a", "k=b"]), (1, ["k=b"])):
+        w = ds.rank_writer(rank)
+        for p in parts:
+            w.write({"text": f"{rank}{p}"}, split="train", partition=p)
+        w.finish()
+    ds.merge(2)
+    assert [LocalMDS(str(tmp_path / "train" / "k=b"))[i]["text"] for i in range(2)] == ["0k=b", "1k=b"]
+    assert len(LocalMDS(str(tmp_path / "train" / "k=a"))) == 1 and len(LocalMDS(str(tmp_path / "train"))) == 3

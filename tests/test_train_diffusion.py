@@ -22,7 +22,7 @@ from .diffusion_data import write_latent_shards
 TINY = ["model.moe_dit.dim=32", "model.moe_dit.depth=2", "model.moe_dit.head_dim=16",
         "model.moe_dit.patch_mixer_depth=1", "model.moe_dit.num_experts=2", "batch_size=8", "threads=1",
         "tensorboard=false", "log_interval=1", "optim.warmup=2ba", "optim.lr=1.0e-3", "ema.decay=0.9",
-        "max_minutes=null", "autoencoder="]
+        "max_minutes=null", "autoencoder=", "data.root=", "data.streams=[]"]
 PRETRAIN = os.path.join(ROOT, "yamls/diffusion/pretrain_masked_tiny_cpu.yaml")
 FINETUNE = os.path.join(ROOT, "yamls/diffusion/finetune_unmasked_tiny_cpu.yaml")
 

@@ -39,7 +39,9 @@ class StreamConfig:
 class LatentDataConfig:
     path: str = ""                      # one latent-shard folder (holds index.json), or use `streams`
     streams: list[StreamConfig] = dataclasses.field(default_factory=list)
-    stats_path: str = ""                # default: <first stream>/latent_stats.json
+    root: str = ""                      # when set, `path` and stream paths are relative to this folder
+    stats_path: str = ""                # default: <first stream>/latent_stats.json, or its split's for a
+                                        # partition folder (key=value) of the encode job
     eval_path: str = ""                 # held-out latent shards; empty = no evaluation
     normalize: Literal["center", "standardize", "none"] = "center"
     num_workers: int = 0
@@ -49,8 +51,11 @@ class LatentDataConfig:
 
     def stream_paths(self) -> list[StreamConfig]:
         if self.path and self.streams:
-            raise ConfigError("data.path: set data.path or data.streams, not both")
+            raise ConfigError("data.path: set data.path or data.streams, not both (one folder with a YAML "
+                              "that has streams: add data.streams=[] data.root=)")
         streams = list(self.streams) or ([StreamConfig(self.path)] if self.path else [])
+        if self.root:
+            streams = [dataclasses.replace(s, path=os.path.join(self.root, s.path)) for s in streams]
         if not streams:
             raise ConfigError("data.path: set data.path or data.streams to the latent shards")
         for i, s in enumerate(streams):
@@ -63,7 +68,13 @@ class LatentDataConfig:
         return streams
 
     def stats_file(self) -> str:
-        return self.stats_path or os.path.join(self.stream_paths()[0].path, "latent_stats.json")
+        if self.stats_path:
+            return self.stats_path
+        first = self.stream_paths()[0].path
+        own = os.path.join(first, "latent_stats.json")
+        if not os.path.exists(own) and "=" in os.path.basename(os.path.normpath(first)):
+            return os.path.join(os.path.dirname(os.path.normpath(first)), "latent_stats.json")
+        return own
 
 
 def load_latent_stats(path: str) -> dict:

@@ -55,7 +55,8 @@ CONFIG = EvalGenerationConfig
 
 
 def read_latent_split(root: str, split: str, limit: int) -> dict:
-    """{latent [N, T, C] float32, text, prompt, <labels>} of the first `limit` samples of a split."""
+    """{latent [N, T, C] float32, text, prompt, <labels>} of `limit` samples of a split, evenly spaced
+    over it (a split the encode job partitioned holds its partitions one after another)."""
     from data_prep.mds import LocalMDS
     from data_prep.schema import LABELS
 
@@ -64,7 +65,8 @@ def read_latent_split(root: str, split: str, limit: int) -> dict:
         raise UserError(f"latent_data: no latent shards in {local!r} (index.json missing)")
     ds = LocalMDS(local)
     n = min(len(ds), limit)
-    rows = [ds[i] for i in range(n)]
+    idx = range(n) if n == len(ds) else np.linspace(0, len(ds) - 1, n).round().astype(int)
+    rows = [ds[int(i)] for i in idx]
     out = {"latent": np.stack([np.asarray(r["latent"], np.float32) for r in rows]) if rows else np.zeros((0, 32, 64)),
            "text": [r["text"] for r in rows], "prompt": [r["prompt"] for r in rows]}
     for k in LABELS:
