@@ -85,3 +85,26 @@ def test_lever_config_refuses_bad_values_in_one_line(bad):
     msg = str(e.value)
     assert msg.startswith("x.yaml: ") and "decoder_token_dropout" in msg or "bow_loss_weight" in msg
     assert "\n" not in msg
+
+
+def test_latent_noise_reaches_the_decoder_in_training_only_and_stays_on_the_sphere(tok):
+    m = make(tok, latent_noise=0.5)
+    enc = m.tokenize(POEMS)
+    seen = []
+    hook = m.reconstruction.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    m.eval()
+    z = m.encode_ids(**enc)
+    m(**enc)
+    assert torch.equal(seen[-1], z)                                  # evaluation: the clean latent
+    torch.manual_seed(0)
+    m.train()
+    m(**enc)
+    hook.remove()
+    noisy = seen[-1]
+    assert not torch.allclose(noisy, z, atol=1e-3)
+    assert torch.allclose(noisy.norm(dim=-1), torch.full(noisy.shape[:2], 64 ** 0.5), atol=1e-4)
+    # Without the lever training reads the clean latent too.
+    m0 = make(tok)
+    assert torch.equal(m0.train().noised(z), z)
+    with pytest.raises(C.ConfigError, match="latent_noise"):
+        C.from_dict(AutoencoderConfig, {"latent_noise": -0.1}, source="x.yaml")

@@ -38,17 +38,18 @@ def _default_stages() -> list[Stage]:
               "sources.gutenberg.min_lines=2", "sources.gutenberg.max_lines=2"],
               ["sources.gutenberg.max_stanzas=2000"]),
         Stage("autoencoder", "train", "yamls/autoencoder/tiny_cpu.yaml",
-              # ~4 batches/s at 32 tokens: 4,800 batches in ~20 minutes, the cosine schedule run out
+              # ~4 batches/s at 32 tokens: 4,800 batches in ~20 minutes, the cosine schedule run out;
+              # latent noise so that a latent the DiT gets slightly wrong still decodes to words
               ["out_dir={out}/autoencoder", "data.path={out}/text_shards", "model.max_tokens=32",
-               "max_duration=4800ba", "max_minutes=21"],
+               "model.latent_noise=0.5", "max_duration=4800ba", "max_minutes=21"],
               ["max_duration=400ba", "max_minutes=1.5"]),
         Stage("encode", "encode", "yamls/encode/bundled.yaml",
               ["out_dir={out}/latents", f"autoencoder={ae}", "data.path={out}/text_shards"]),
         Stage("pretrain_masked", "train", "yamls/diffusion/pretrain_masked_tiny_cpu.yaml",
-              ["out_dir={out}/diffusion_pretrain", "data.path={out}/latents/train",
+              ["out_dir={out}/diffusion_pretrain", "data.root={out}/latents/train",
                "data.eval_path={out}/latents/val", f"autoencoder={ae}"], ["max_duration=60ba", "eval_interval=60ba"]),
         Stage("finetune_unmasked", "train", "yamls/diffusion/finetune_unmasked_tiny_cpu.yaml",
-              ["out_dir={out}/diffusion_finetune", "data.path={out}/latents/train",
+              ["out_dir={out}/diffusion_finetune", "data.root={out}/latents/train",
                "data.eval_path={out}/latents/val", f"autoencoder={ae}",
                "load_path={out}/diffusion_pretrain/checkpoints/latest-rank0.pt"],
               ["max_duration=30ba", "eval_interval=30ba"]),
@@ -69,7 +70,7 @@ def _token_stages() -> list[Stage]:
     """The second latent space on the same text shards and split, with the same diffusion budget:
     a token LM -> token-embedding latents -> the same two diffusion stages -> the same evaluation."""
     lm = "{out}/token_lm/latent_encoder"
-    tok = ["data.path={out}/token_latents/train", "data.eval_path={out}/token_latents/val", f"autoencoder={lm}"]
+    tok = ["data.root={out}/token_latents/train", "data.eval_path={out}/token_latents/val", f"autoencoder={lm}"]
     return [
         Stage("token_lm", "train", "yamls/autoencoder/token_embeddings_tiny_cpu.yaml",
               ["out_dir={out}/token_lm", "data.path={out}/text_shards"], ["max_duration=100ba"]),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -61,8 +62,15 @@ class AutoencoderConfig:
     # the poem's tokens (softmax over the vocabulary, averaged over target tokens), which pushes content
     # into the latent before the decoder learns to babble from its prefix.
     bow_loss_weight: float = 0.0
+    # Training only: Gaussian noise of std sigma ~ U(0, latent_noise) per poem (in units of the
+    # latent's per-coordinate std, 1 on the encoder's sphere) is added to the latent the decoder reads,
+    # and each slot put back on the sphere. The encoder learns to keep poems apart by more than that
+    # margin, so a latent the diffusion model gets slightly wrong still decodes to words.
+    latent_noise: float = 0.0
 
     def __post_init__(self):
+        if self.latent_noise < 0:
+            raise ValueError(f"latent_noise must be >= 0, got {self.latent_noise}")
         if self.pretrained_path is not None and not os.path.exists(self.pretrained_path):
             raise ValueError(f"pretrained_path: path does not exist: {self.pretrained_path!r}")
         if not 4 <= self.max_tokens <= 512:
@@ -193,7 +201,7 @@ class LatentAutoencoder(nn.Module):
         z = self.encode_ids(input_ids, attention_mask)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         p = self.cfg.token_dropout_at(self.train_step) if self.training else 0.0
-        memory = self.reconstruct(z)  # [B, N, d_model]
+        memory = self.reconstruct(self.noised(z) if self.training else z)  # [B, N, d_model]
         logits = self.decoder_logits(z, labels, p, memory=memory)
         rec = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         out = {"loss": rec, "reconstruction_loss": rec, "logits": logits, "labels": labels, "latents": z}
@@ -201,6 +209,16 @@ class LatentAutoencoder(nn.Module):
             out["bow_loss"] = bow = self.bow_loss(memory, labels)
             out["loss"] = rec + self.cfg.bow_loss_weight * bow
         return out
+
+    def noised(self, z: torch.Tensor) -> torch.Tensor:
+        """z plus N(0, sigma^2) with sigma ~ U(0, latent_noise) per poem, slots back on the sphere."""
+        if self.cfg.latent_noise <= 0:
+            return z
+        sigma = torch.rand(z.shape[0], 1, 1, device=z.device, dtype=z.dtype) * self.cfg.latent_noise
+        zn = z + sigma * torch.randn_like(z)
+        if self.perceiver.l2_normalize:
+            zn = F.normalize(zn, dim=-1) * math.sqrt(z.shape[-1])
+        return zn
 
     def bow_loss(self, memory: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the poem's tokens under one order-free distribution read off the memory."""
