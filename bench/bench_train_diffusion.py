@@ -18,8 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAML = os.path.join(ROOT, "yamls/diffusion/pretrain_masked_tiny_cpu.yaml")
 MODEL = ["model.moe_dit.dim=128", "model.moe_dit.depth=4", "model.moe_dit.head_dim=32",
          "model.moe_dit.patch_mixer_depth=1", "model.moe_dit.num_experts=4"]
-COMMON = ["autoencoder=", "data.eval_path=", "data.root=", "data.streams=[]", "tensorboard=false", "threads=1", "save_interval=100000ba",
-          "max_minutes=null", "log_interval=1", "mask_ratio=0.75"]
+COMMON = ["autoencoder=", "data.eval_path=", "data.root=", "data.streams=[]", "tensorboard=false", "threads=1",
+          "save_interval=100000ba", "max_minutes=null", "log_interval=1", "mask_ratio=0.75"]
 
 
 def _port() -> int:
