@@ -265,7 +265,10 @@ def test_bad_yaml_is_refused_in_one_line(shards, tmp_path):
     with pytest.raises(C.ConfigError, match=r"autoencoder: path does not exist"):
         check_data(_load(*base(shards, tmp_path), f"autoencoder={tmp_path}/no-ae"))
     with pytest.raises(C.ConfigError, match=r"data.path: no latent shards"):
-        check_data(_load(f"data.path={tmp_path}", "autoencoder="))
+        check_data(_load(f"data.path={tmp_path}", "autoencoder=", "data.root=", "data.streams=[]"))
+    # The YAML's form streams under a root that holds no partitions (an encode run without partition_by)
+    with pytest.raises(C.ConfigError, match=r"data.streams\[0\].path: no latent shards .*form=stanza"):
+        check_data(_load(f"data.root={tmp_path}", "autoencoder="))
     with pytest.raises(C.ConfigError, match=r"model.prompt_dim: 16, but .* width \[384\]"):
         check_data(_load(*base(shards, tmp_path), "model.prompt_dim=16"))
     with pytest.raises(C.ConfigError, match=r"model expects latents \[16, 64\]"):
