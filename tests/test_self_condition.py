@@ -113,3 +113,26 @@ def test_sampler_passes_each_evaluation_the_previous_estimate(guidance):
             cond, uncond = prev_out.double().chunk(2)
             expect = (uncond + guidance * (cond - uncond)).float().repeat(2, 1, 1)
         assert sc.shape[0] == n and torch.allclose(sc, expect, atol=1e-5)
+
+
+def test_ddpm_path_of_the_pipeline_feeds_the_previous_estimate():
+    from trainer.diffusion.ddpm import DDPM, DDPMConfig
+    from trainer.pipeline import _EDMAsEpsilon
+
+    rec = Recorder(sc_net().eval())
+    ddpm = DDPM(torch.nn.Identity(), DDPMConfig(num_inference_steps=4, guidance_scale=2.0))
+    ddpm.backbone = _EDMAsEpsilon(rec, ddpm.scheduler.alphas_cumprod, ddpm.cfg.num_train_timesteps)
+    _, p = data(B=2)
+    ddpm.sample(torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0)), p)
+    assert len(rec.calls) == 4 and rec.calls[0][0] is None
+    for (_, prev_out, _), (sc, _, _) in zip(rec.calls, rec.calls[1:]):
+        assert torch.allclose(sc, prev_out)
+
+
+def test_flops_per_sample_count_the_expected_extra_pass():
+    from trainer.composer_diffusion import measure_flops_per_sample
+
+    plain = measure_flops_per_sample(sc_net(self_condition=False), (8, 4), (3, 6), 0.0)
+    sc = measure_flops_per_sample(sc_net(), (8, 4), (3, 6), 0.0)
+    # forward ~ 1/3 of forward + backward: half the batches add one forward, ~1/6 more
+    assert 1.10 * plain < sc < 1.25 * plain

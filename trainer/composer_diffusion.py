@@ -18,7 +18,7 @@ from composer.models import ComposerModel
 from torch import nn
 from torchmetrics import Metric
 
-from trainer.diffusion.edm import EDMLoss, EDMLossOutput, EDMPrecond
+from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMLossOutput, EDMPrecond
 from trainer.diffusion.guidance import drop_prompt
 from trainer.diffusion.seam import Prompt
 
@@ -142,8 +142,12 @@ def measure_flops_per_sample(net: EDMPrecond, latent_shape: tuple[int, int], pro
     if prompt_shape is not None:
         L, D = prompt_shape
         prompt = Prompt(torch.randn(batch, L, D), torch.ones(batch, L, dtype=torch.bool), torch.randn(batch, D))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = EDMLoss()(net, y, prompt, mask_ratio=mask_ratio)
-        out.loss.backward()
-    return counter.get_total_flops() / batch
+    # A self-conditioning net runs its extra no-grad pass on half the batches: count the expectation.
+    probs = (0.0, 1.0) if net.self_conditioning else (0.0,)
+    total = 0
+    for p in probs:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            EDMLoss(EDMConfig(self_cond_prob=p))(net, y, prompt, mask_ratio=mask_ratio).loss.backward()
+        total += counter.get_total_flops()
+    return total / len(probs) / batch

@@ -40,8 +40,8 @@ class LatentDataConfig:
     path: str = ""                      # one latent-shard folder (holds index.json), or use `streams`
     streams: list[StreamConfig] = dataclasses.field(default_factory=list)
     root: str = ""                      # when set, `path` and stream paths are relative to this folder
-    stats_path: str = ""                # default: <first stream>/latent_stats.json, or its split's for a
-                                        # partition folder (key=value) of the encode job
+    stats_path: str = ""                # default: <root>/latent_stats.json with a root, else the first
+                                        # stream's (the encode job writes one per split)
     eval_path: str = ""                 # held-out latent shards; empty = no evaluation
     normalize: Literal["center", "standardize", "none"] = "center"
     num_workers: int = 0
@@ -70,11 +70,7 @@ class LatentDataConfig:
     def stats_file(self) -> str:
         if self.stats_path:
             return self.stats_path
-        first = self.stream_paths()[0].path
-        own = os.path.join(first, "latent_stats.json")
-        if not os.path.exists(own) and "=" in os.path.basename(os.path.normpath(first)):
-            return os.path.join(os.path.dirname(os.path.normpath(first)), "latent_stats.json")
-        return own
+        return os.path.join(self.root or self.stream_paths()[0].path, "latent_stats.json")
 
 
 def load_latent_stats(path: str) -> dict:

@@ -126,12 +126,14 @@ def _load_autoencoder(path: str, device: str, kind: str = "bart_perceiver"):
 
 class _EDMAsEpsilon(nn.Module):
     """Lets DDPM's ancestral sampler run an EDM denoiser: x_t = sqrt(a) (y + sigma n) with
-    sigma = sqrt((1 - a) / a), so eps = (x_t / sqrt(a) - D(x_t / sqrt(a); sigma)) / sigma."""
+    sigma = sqrt((1 - a) / a), so eps = (x_t / sqrt(a) - D(x_t / sqrt(a); sigma)) / sigma.
+    A self-conditioning net gets its previous call's estimate (one sampling run per instance)."""
 
     def __init__(self, net, alphas_cumprod: torch.Tensor, num_train_timesteps: int):
         super().__init__()
         self.net, self.T = net, num_train_timesteps
         self.register_buffer("abar", alphas_cumprod.double(), persistent=False)
+        self.prev: Optional[torch.Tensor] = None
 
     def null_prompt(self, batch, length=None):
         return self.net.null_prompt(batch, length)
@@ -141,7 +143,12 @@ class _EDMAsEpsilon(nn.Module):
         a = self.abar.to(x_t.device)[t].view(-1, 1, 1)
         sigma = ((1 - a) / a).sqrt()
         x = (x_t.double() / a.sqrt()).to(x_t.dtype)
-        D = self.net(x, sigma.view(-1).to(x_t.dtype), Prompt(prompt_emb, prompt_mask, prompt_pooled)).sample
+        extra = {}
+        if getattr(self.net, "self_conditioning", False) and self.prev is not None and self.prev.shape == x.shape:
+            extra["self_cond"] = self.prev
+        D = self.net(x, sigma.view(-1).to(x_t.dtype), Prompt(prompt_emb, prompt_mask, prompt_pooled), **extra).sample
+        if getattr(self.net, "self_conditioning", False):
+            self.prev = D
         return DenoiserOutput(((x.double() - D.double()) / sigma).to(x_t.dtype))
 
 
