@@ -41,6 +41,10 @@ def test_shapes_and_per_slot_norm(tok):
     assert m.reconstruct(z).shape == (4, 32, 32)  # [B, slots, d_model]
     texts = m.decode(z, max_length=8)
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+    short = make(tok, max_tokens=6)                     # what a latent can hold: the first max_tokens tokens
+    clipped = short.clip_texts(POEMS[:2])
+    assert all(p.startswith(c) and 0 < len(c) < len(p) for c, p in zip(clipped, POEMS))
+    assert make(tok, max_tokens=128).clip_texts(POEMS) == POEMS   # texts that fit come back whole
 
 
 def test_latent_does_not_depend_on_batch_padding(tok):

@@ -48,8 +48,15 @@ def test_generation_report(setup, tmp_path):
     form = rep["adherence"]["form"]
     assert 0 <= form["accuracy"] <= 1 and form["chance"] == pytest.approx(1 / 3)
     assert set(form["per_value"]) == {"sonnet", "tanka", "haiku"}
+    assert 0 <= form["text"]["accuracy"] <= 1                 # the same question asked of the decoded poems
+    assert 0 <= form["text"]["real_held_out_accuracy"] <= 1     # (forms here are drawn apart from the text)
     assert "skipped" in rep["adherence"]["meter"]            # the tiny corpus has no meter labels
     assert isinstance(rep["mauve"], (float, str))
+    lin = rep["denoiser_vs_linear"]
+    assert set(lin) == {"0.2", "0.4", "0.8", "1.5"}
+    for s, v in lin.items():
+        assert abs(v["noisy"] / float(s) ** 2 - 1) < 0.1 and v["denoiser"] > 0 and v["linear"] > 0
+    assert lin["1.5"]["linear"] < lin["1.5"]["noisy"]          # the Wiener filter removes noise
     assert os.path.getsize(out / "generation_panel.png") > 10000
 
 

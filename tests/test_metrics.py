@@ -55,6 +55,25 @@ def test_label_classifier_separates_separable_latents():
     assert clf.accuracy(x, ["tanka" if v == "sonnet" else "sonnet" for v in y]) < 0.05
 
 
+def test_syllable_estimate_and_text_shape():
+    assert [M.syllables(w) for w in ("the", "love", "summer", "beautiful", "table", "free")] == [1, 1, 2, 3, 2, 1]
+    n_lines, mean_syl, _, mean_words, first, second = M.text_shape("Shall I compare thee\nto a summer's day")
+    assert (n_lines, first, second, mean_words) == (2, 5, 5, 4.0) and mean_syl == 5.0
+
+
+def test_text_label_classifier_reads_line_shape_and_words():
+    rng = np.random.default_rng(0)
+    words = ["moon", "river", "autumn", "blossom", "wind", "silver", "mountain", "dew"]
+    def poem(n_lines):
+        return "\n".join(" ".join(rng.choice(words, size=3)) for _ in range(n_lines))
+    texts = [poem(5) for _ in range(60)] + [poem(2) for _ in range(60)]
+    labels = ["tanka"] * 60 + ["stanza"] * 60
+    clf = M.TextLabelClassifier(texts, labels)
+    test = [poem(5) for _ in range(20)] + [poem(2) for _ in range(20)]
+    assert clf.accuracy(test, ["tanka"] * 20 + ["stanza"] * 20) > 0.95      # same words: the line shape decides
+    assert clf.accuracy(test, ["stanza"] * 20 + ["tanka"] * 20) < 0.05
+
+
 def test_mauve_same_vs_different_distributions():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(200, 8)), rng.normal(size=(200, 8))

@@ -61,6 +61,7 @@ def test_long_texts_keep_the_first_L_tokens_and_bad_latents_are_refused():
     assert bool(mask.all())                                           # no room for </s>: all L positions real
     out = enc.decode(enc.encode([long]))[0]
     assert long.startswith(out) and 0 < len(out) < len(long)
+    assert enc.clip_texts([long, "the sea"]) == [out, "the sea"]      # what a latent can hold
     with pytest.raises(UserError, match=r"latents must have shape \[batch, 6, 32\]"):
         enc.decode(torch.zeros(1, 5, 32))
     z, known = enc.prefix_latents("the sea")

@@ -7,10 +7,15 @@ Samples: `samples_per_prompt` poems for each of the `n_prompts` most common held
   diversity    distinct-n (n = 1..4) of the samples beside the held-out set's own.
   memorisation share of generated 4-grams found in the training texts, beside the held-out set's own.
   validity     share of generated words found in the training vocabulary.
+  (Every held-out reference text is cut to the tokens the latent encoder reads, as the samples are.)
   adherence    a logistic-regression classifier of each label (form, meter) trained on real training
                latents; its accuracy on samples generated for each label's most common prompt
-               (beside its accuracy on real held-out latents, the ceiling, and chance).
+               (beside its accuracy on real held-out latents, the ceiling, and chance). A second
+               classifier asks the same of the decoded poems (character n-grams and line shape:
+               lines, syllables and words per line), so a decoder that ignores its latent shows.
   MAUVE        over MiniLM sentence features of generated vs held-out poems (mauve-text).
+  linear check the denoiser's error on noised held-out latents beside the best linear denoiser's: how
+               much beyond the latents' mean and covariance it has learnt.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ class EvalGenerationConfig:
     sampler: Literal["heun", "ddpm"] = "heun"
     seed: int = 0
     mauve: bool = True
+    n_linear_check: int = 128            # held-out latents for the denoiser-vs-linear check
 
 
 CONFIG = EvalGenerationConfig
@@ -110,8 +116,12 @@ def run(cfg: EvalGenerationConfig) -> dict:
     fr = report["frechet"]
     fr["ratio"] = fr["generated_vs_real"] / max(fr["real_vs_real"], 1e-12)
 
+    report["denoiser_vs_linear"] = denoiser_vs_linear(pipe, train["latent"], held["latent"][:cfg.n_linear_check],
+                                                      held["prompt"][:cfg.n_linear_check], seed=cfg.seed)
+
     # ---- diversity, memorisation, validity
-    held_txt = held["text"]
+    # Real references as a latent can hold them: cut to the tokens the encoder reads, as every sample is.
+    held_txt = pipe.autoencoder.clip_texts(held["text"])
     report["distinct"] = {f"distinct_{n}": {"generated": M.distinct_n(gen_txt, n), "real": M.distinct_n(held_txt[:n_gen], n)}
                           for n in (1, 2, 3, 4)}
     train_grams = M.ngram_set(train["text"], 4)
@@ -135,14 +145,21 @@ def run(cfg: EvalGenerationConfig) -> dict:
         for v in values:
             cands = Counter(p for p, lv in zip(train["prompt"], train[label]) if lv == v and p)
             label_prompts.append(cands.most_common(1)[0][0] if cands else v)
-        lat, _ = _generate(pipe, label_prompts, cfg)
-        pred = clf.predict(lat)
+        tclf = M.TextLabelClassifier(pipe.autoencoder.clip_texts([train["text"][i] for i in idx]),
+                                     [train[label][i] for i in idx], seed=cfg.seed)
+        real_text_acc = tclf.accuracy([held_txt[i] for i in hidx], [held[label][i] for i in hidx]) if hidx else None
+        lat, txt = _generate(pipe, label_prompts, cfg)
+        pred, tpred = clf.predict(lat), tclf.predict(txt)
         k = cfg.samples_per_prompt
         for j, v in enumerate(values):
-            per_value[v] = {"prompt": label_prompts[j], "accuracy": float(np.mean([p == v for p in pred[j * k:(j + 1) * k]]))}
-        report["adherence"][label] = {"accuracy": float(np.mean([d["accuracy"] for d in per_value.values()])),
-                                      "real_held_out_accuracy": real_acc, "chance": 1.0 / len(values),
-                                      "per_value": per_value}
+            per_value[v] = {"prompt": label_prompts[j], "accuracy": float(np.mean([p == v for p in pred[j * k:(j + 1) * k]])),
+                            "text_accuracy": float(np.mean([p == v for p in tpred[j * k:(j + 1) * k]]))}
+        report["adherence"][label] = {
+            "accuracy": float(np.mean([d["accuracy"] for d in per_value.values()])),
+            "real_held_out_accuracy": real_acc, "chance": 1.0 / len(values), "per_value": per_value,
+            # the same question asked of the decoded poems (character n-grams and line shape)
+            "text": {"accuracy": float(np.mean([d["text_accuracy"] for d in per_value.values()])),
+                     "real_held_out_accuracy": real_text_acc}}
 
     # ---- MAUVE over MiniLM sentence features
     report["mauve"] = None
@@ -165,14 +182,45 @@ def run(cfg: EvalGenerationConfig) -> dict:
     return report
 
 
+def denoiser_vs_linear(pipe, train_latents: np.ndarray, held_latents: np.ndarray, prompts: list[str],
+                       sigmas=(0.2, 0.4, 0.8, 1.5), seed: int = 0) -> dict:
+    """Per noise level: mean squared error (diffusion space) of the pipeline's denoiser on noised
+    held-out latents with their own prompts, beside the best linear denoiser's (mean + Wiener filter
+    of the training latents' covariance: the exact posterior mean if latents were Gaussian) and the
+    noisy input's. A denoiser no better than the linear one knows only the latents' mean and
+    covariance, and samples from it are draws from that Gaussian."""
+    import torch
+
+    norm = (lambda z: pipe.normalizer(torch.as_tensor(z, dtype=torch.float32)))
+    x_tr = norm(train_latents).reshape(len(train_latents), -1).double()
+    mean = x_tr.mean(0)
+    ev, vecs = torch.linalg.eigh(torch.cov((x_tr - mean).T))
+    ev = ev.clamp(min=0)
+    x0 = norm(held_latents)
+    prompt = pipe.encode_prompts(list(prompts))
+    gen = torch.Generator().manual_seed(seed)
+    mse = (lambda a: float((a.float() - x0).pow(2).mean()))
+    out = {}
+    with torch.no_grad():
+        for s in sigmas:
+            xn = x0 + s * torch.randn(x0.shape, generator=gen)
+            d = pipe.net(xn.to(pipe.device), torch.tensor(float(s)), prompt).sample.cpu()
+            lin = (((xn.reshape(len(xn), -1).double() - mean) @ vecs) * (ev / (ev + s * s))) @ vecs.T + mean
+            out[str(s)] = {"denoiser": mse(d), "linear": mse(lin.reshape(x0.shape)), "noisy": mse(xn)}
+    return out
+
+
 def summary_line(r: dict) -> str:
     fr = r["frechet"]
-    adh = ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in r["adherence"].items() if "accuracy" in v) or "n/a"
+    adh = ", ".join(f"{k} {v['accuracy']:.2f} (text {v['text']['accuracy']:.2f})" if "text" in v else f"{k} {v['accuracy']:.2f}"
+                    for k, v in r["adherence"].items() if "accuracy" in v) or "n/a"
     mv = r["mauve"] if isinstance(r["mauve"], (float, type(None))) else "n/a"
+    lin = (r.get("denoiser_vs_linear") or {}).get("0.8")
+    lin_s = f"; denoiser ÷ linear MSE at sigma 0.8 {lin['denoiser'] / max(lin['linear'], 1e-12):.2f}" if lin else ""
     return (f"Fréchet {fr['generated_vs_real']:.3f} (real-vs-real {fr['real_vs_real']:.3f}); "
             f"distinct-2 {r['distinct']['distinct_2']['generated']:.2f} (real {r['distinct']['distinct_2']['real']:.2f}); "
             f"4-gram memorisation {r['memorisation_4gram']['generated']:.2f} (held-out {r['memorisation_4gram']['held_out']:.2f}); "
-            f"word validity {r['word_validity']['generated']:.2f}; adherence {adh}; MAUVE {mv}")
+            f"word validity {r['word_validity']['generated']:.2f}; adherence {adh}; MAUVE {mv}{lin_s}")
 
 
 def plot_panel(r: dict, png: str) -> str:
@@ -181,7 +229,18 @@ def plot_panel(r: dict, png: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
+    fig, ax = plt.subplots(2, 3, figsize=(15, 7))
+    lin = r.get("denoiser_vs_linear") or {}
+    if lin:
+        sig = [float(k) for k in lin]
+        for key, style in (("noisy", "k:"), ("linear", "s--"), ("denoiser", "o-")):
+            ax[0, 2].plot(sig, [v[key] for v in lin.values()], style, label=key)
+        ax[0, 2].set_xscale("log")
+        ax[0, 2].set_yscale("log")
+        ax[0, 2].set_xlabel("sigma")
+        ax[0, 2].legend()
+    ax[0, 2].set_title("denoiser MSE vs the best linear one")
+    ax[1, 2].axis("off")
     fr = r["frechet"]
     ax[0, 0].bar(["generated vs real", "real vs real"], [fr["generated_vs_real"], fr["real_vs_real"]],
                  color=["tab:blue", "tab:gray"])
@@ -205,13 +264,16 @@ def plot_panel(r: dict, png: str) -> str:
     adh = {k: v for k, v in r["adherence"].items() if "accuracy" in v}
     if adh:
         xs = np.arange(len(adh))
-        ax[1, 1].bar(xs - 0.2, [v["accuracy"] for v in adh.values()], 0.4, label="generated")
-        ax[1, 1].bar(xs + 0.2, [v["real_held_out_accuracy"] or 0 for v in adh.values()], 0.4, label="real held-out",
-                     color="tab:gray")
+        bars = [("generated (latent classifier)", lambda v: v["accuracy"], "tab:blue"),
+                ("real held-out (latent)", lambda v: v["real_held_out_accuracy"] or 0, "tab:gray"),
+                ("generated (text classifier)", lambda v: v.get("text", {}).get("accuracy") or 0, "tab:green"),
+                ("real held-out (text)", lambda v: v.get("text", {}).get("real_held_out_accuracy") or 0, "silver")]
+        for b, (name, get, colour) in enumerate(bars):
+            ax[1, 1].bar(xs + (b - 1.5) * 0.2, [get(v) for v in adh.values()], 0.2, label=name, color=colour)
         for x, v in zip(xs, adh.values()):
             ax[1, 1].hlines(v["chance"], x - 0.4, x + 0.4, colors="k", linestyles=":")
         ax[1, 1].set_xticks(xs, list(adh))
-        ax[1, 1].legend()
+        ax[1, 1].legend(fontsize=7)
     ax[1, 1].set_ylim(0, 1.05)
     ax[1, 1].set_title("prompt adherence (dotted: chance)")
     fig.tight_layout()

@@ -2,7 +2,7 @@
 
 Fréchet distance (Heusel et al., 2017) between Gaussians fitted to two feature sets; distinct-n
 (Li et al., 2016); n-gram memorisation against a training set; word validity against a vocabulary;
-prompt adherence from a small label classifier on latents; MAUVE (Pillutla et al., 2021) if the
+prompt adherence from small label classifiers on latents and on the text; MAUVE (Pillutla et al., 2021) if the
 `mauve-text` package is importable.
 """
 from __future__ import annotations
@@ -98,6 +98,55 @@ class LabelClassifier:
 
     def accuracy(self, latents: np.ndarray, labels: list[str]) -> float:
         pred = self.predict(latents)
+        return float(np.mean([p == y for p, y in zip(pred, labels)])) if labels else 0.0
+
+
+_VOWELS = re.compile(r"[aeiouy]+")
+
+
+def syllables(word: str) -> int:
+    """A vowel-group estimate of a word's syllables (a final silent e dropped), at least 1."""
+    n = len(_VOWELS.findall(word))
+    if word.endswith("e") and not word.endswith(("le", "ee")) and n > 1:
+        n -= 1
+    return max(1, n)
+
+
+def text_shape(text: str) -> list[float]:
+    """Line count, mean and spread of syllables and words per line, syllables of the first two lines."""
+    lines = [ws for ws in (words(ln) for ln in text.split("\n")) if ws]
+    syl = [sum(syllables(w) for w in ws) for ws in lines] or [0]
+    nw = [len(ws) for ws in lines] or [0]
+    return [len(lines), float(np.mean(syl)), float(np.std(syl)), float(np.mean(nw)), syl[0], syl[1] if len(syl) > 1 else 0]
+
+
+class TextLabelClassifier:
+    """Logistic regression on what a reader sees: character 1-3-grams within words plus the poem's shape
+    (lines, syllables and words per line). Judges the decoded poem, so a decoder that ignored its
+    latent would score at chance here while the latent classifier could not tell."""
+
+    def __init__(self, texts: list[str], labels: list[str], seed: int = 0):
+        from sklearn.feature_extraction.text import HashingVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        self.chars = HashingVectorizer(analyzer="char_wb", ngram_range=(1, 3), n_features=2 ** 14,
+                                       alternate_sign=False, norm="l2")
+        self.scaler = StandardScaler().fit(np.array([text_shape(t) for t in texts]))
+        self.clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed).fit(self._features(texts), labels)
+        self.classes = list(self.clf.classes_)
+
+    def _features(self, texts: list[str]):
+        from scipy import sparse
+
+        shape = self.scaler.transform(np.array([text_shape(t) for t in texts]))
+        return sparse.hstack([self.chars.transform(list(texts)), sparse.csr_matrix(shape)]).tocsr()
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return list(self.clf.predict(self._features(texts)))
+
+    def accuracy(self, texts: list[str], labels: list[str]) -> float:
+        pred = self.predict(texts)
         return float(np.mean([p == y for p, y in zip(pred, labels)])) if labels else 0.0
 
 

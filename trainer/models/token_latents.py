@@ -133,6 +133,11 @@ class TokenEmbeddingLatents(nn.Module):
             mask[i, :len(toks)] = True
         return ids, mask
 
+    def clip_texts(self, texts: list[str]) -> list[str]:
+        """The texts as a latent can hold them: cut to the num_tokens positions."""
+        ids, _ = self.token_ids(list(texts))
+        return self.ids_to_texts(ids)
+
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L] -> latents [B, L, d] (embeddings / scale)."""
         return self.lm.get_input_embeddings()(ids.to(self.device)).float() / self.scale
