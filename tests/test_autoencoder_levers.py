@@ -87,20 +87,25 @@ def test_lever_config_refuses_bad_values_in_one_line(bad):
     assert "\n" not in msg
 
 
-def test_latent_noise_reaches_the_decoder_in_training_only_and_stays_on_the_sphere(tok):
-    m = make(tok, latent_noise=0.5)
+def decoder_inputs(m):
+    """(the latents of POEMS, what the decoder side reads from them in evaluation, and in training)."""
     enc = m.tokenize(POEMS)
     seen = []
     hook = m.reconstruction.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
     m.eval()
     z = m.encode_ids(**enc)
     m(**enc)
-    assert torch.equal(seen[-1], z)                                  # evaluation: the clean latent
     torch.manual_seed(0)
     m.train()
     m(**enc)
     hook.remove()
-    noisy = seen[-1]
+    return z, seen[0], seen[1]
+
+
+def test_latent_noise_reaches_the_decoder_in_training_only_and_stays_on_the_sphere(tok):
+    m = make(tok, latent_noise=0.5)
+    z, clean, noisy = decoder_inputs(m)
+    assert torch.equal(clean, z)                                      # evaluation: the clean latent
     assert not torch.allclose(noisy, z, atol=1e-3)
     assert torch.allclose(noisy.norm(dim=-1), torch.full(noisy.shape[:2], 64 ** 0.5), atol=1e-4)
     # Without the lever training reads the clean latent too.
@@ -108,3 +113,31 @@ def test_latent_noise_reaches_the_decoder_in_training_only_and_stays_on_the_sphe
     assert torch.equal(m0.train().noised(z), z)
     with pytest.raises(C.ConfigError, match="latent_noise"):
         C.from_dict(AutoencoderConfig, {"latent_noise": -0.1}, source="x.yaml")
+
+
+def test_latent_prior_keeps_the_covariance_and_reaches_the_decoder_in_training_only(tok):
+    m = make(tok)
+    n = 32 * 64
+    g = torch.Generator().manual_seed(0)
+    factor = torch.zeros(n, 3)                       # a rank-3 Gaussian with known covariance
+    factor[:3, :3] = torch.tensor([[2.0, 0, 0], [1.0, 1.0, 0], [0, 0, 0.5]])
+    mean = torch.zeros(n)
+    mean[5] = 3.0
+    with pytest.raises(ValueError, match="prior mix"):
+        m.set_latent_prior(mean, factor, 0.0)
+    m.set_latent_prior(mean, factor, 1.0)
+    z = (mean + torch.randn(20000, 3, generator=g) @ factor.T).reshape(-1, 32, 64)
+    m.perceiver.l2_normalize = False                 # the raw mixing, without the sphere
+    torch.manual_seed(1)
+    out = m.noised(z).reshape(len(z), -1)
+    cov = torch.cov(out[:, :3].T)
+    assert torch.allclose(cov, factor[:3] @ factor[:3].T, atol=0.15)        # the covariance is kept
+    assert abs(float(out[:, 5].mean()) - 3.0) < 0.05 and float(out[:, 6:].abs().max()) == 0.0
+    # ... while each latent moves toward an independent draw: correlation with its own latent < 1.
+    r = float(torch.corrcoef(torch.stack([z.reshape(len(z), -1)[:, 0], out[:, 0]]))[0, 1])
+    assert 0.5 < r < 0.9
+    m.perceiver.l2_normalize = True
+    zc, clean, mixed = decoder_inputs(m)
+    assert torch.equal(clean, zc)                    # evaluation reads the clean latent
+    assert not torch.allclose(mixed, zc, atol=1e-3)
+    assert torch.allclose(mixed.norm(dim=-1), torch.full(zc.shape[:2], 8.0), atol=1e-4)

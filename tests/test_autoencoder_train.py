@@ -91,6 +91,25 @@ def test_train_job_exports_a_loadable_autoencoder(tmp_path):
         assert 0.0 <= report[key] <= 1.0 and 0.0 <= report["shuffled"][key] <= 1.0
     assert 0.0 <= report["bleu"] <= 100.0 and report["n"] == 8
 
+    # Decoder adaptation from the export: only the decoder side changes, so the latents stay the same.
+    adapted = tmp_path / "adapted"
+    r = run_cli("train", "yamls/autoencoder/adapt_decoder_tiny_cpu.yaml", f"out_dir={adapted}", f"data.path={data}",
+                f"adapt.init_from={ae}", "adapt.samples=64", "batch_size=8", "max_duration=12ba", "eval_interval=12ba",
+                "data.eval_samples=16", "threads=1", "data.clean_shared_memory=false", "max_minutes=null")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "latent prior fitted on 64 training poems" in r.stderr
+    a = LatentAutoencoder.from_pretrained(str(adapted / "autoencoder"))
+    m = LatentAutoencoder.from_pretrained(str(ae))       # the export it started from (re-exported at 30 batches)
+    before, after = dict(m.named_parameters()), dict(a.named_parameters())
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("reconstruction.", "bart.model.decoder.", "bow_head.")) for k in changed)
+    assert any(k.startswith("bart.model.decoder.layers.") for k in changed)
+    assert torch.equal(m.encode(poems(4, 3)), a.encode(poems(4, 3)))
+    assert a.cfg == m.cfg                                 # exported with the original training config
+    r = run_cli("train", "yamls/autoencoder/adapt_decoder_tiny_cpu.yaml", f"out_dir={tmp_path / 'a2'}",
+                f"data.path={data}", f"adapt.init_from={tmp_path / 'none'}", "data.clean_shared_memory=false")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("adapt.init_from: ")
+
 
 def test_missing_shards_is_one_line(tmp_path):
     r = run_cli("train", "yamls/autoencoder/tiny_cpu.yaml", f"out_dir={tmp_path}/o", f"data.path={tmp_path}/none")
@@ -144,6 +163,10 @@ def test_yamls_load(tmp_path):
     r = run_cli("train", "yamls/autoencoder/tiny_cpu.yaml", "--print-config")
     assert r.returncode == 0 and "decoder_token_dropout_start: 1.0" in r.stdout and "max_minutes: 30" in r.stdout
     assert "bow_loss_weight: 1.0" in r.stdout
+    r = run_cli("train", "yamls/autoencoder/adapt_decoder_tiny_cpu.yaml", "--print-config")
+    assert r.returncode == 0 and "init_from: out/demo/autoencoder/autoencoder" in r.stdout
+    r = run_cli("train", "yamls/autoencoder/adapt_decoder_tiny_cpu.yaml", "adapt.prior_mix=0", "--print-config")
+    assert r.returncode == 2 and "adapt: prior_mix must be in (0, 1]" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     # bart_base.yaml needs a local BART: refused in one line without it, accepted with one.
     r = run_cli("train", "yamls/autoencoder/bart_base.yaml", "--print-config")
     assert r.returncode == 2 and r.stderr.strip().endswith("pretrained_path: path does not exist: 'models/bart-base'")

@@ -45,6 +45,23 @@ class OptimConfig:
 
 
 @dataclasses.dataclass
+class AdaptConfig:
+    """Decoder adaptation: start from an exported autoencoder, freeze what makes the latents (token
+    embeddings, BART encoder, Perceiver: latents, and a diffusion model trained on them, stay valid)
+    and train the decoder side on latents pulled toward the Gaussian fitted to the encoder's latents
+    (LatentAutoencoder.set_latent_prior). Off while init_from is None."""
+    init_from: Optional[str] = None     # an exported autoencoder directory (a run's out_dir/autoencoder)
+    prior_mix: float = 1.0              # a ~ U(0, prior_mix): 1 = from the clean latent to a pure Gaussian draw
+    samples: int = 20000                # training poems encoded for the latents' mean and covariance
+
+    def __post_init__(self):
+        if not 0.0 < self.prior_mix <= 1.0:
+            raise ValueError(f"prior_mix must be in (0, 1], got {self.prior_mix}")
+        if self.samples < 2:
+            raise ValueError(f"samples must be >= 2, got {self.samples}")
+
+
+@dataclasses.dataclass
 class AutoencoderTrainConfig:
     task: Literal["autoencoder"] = "autoencoder"
     out_dir: str = "out/autoencoder"
@@ -53,6 +70,7 @@ class AutoencoderTrainConfig:
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    adapt: AdaptConfig = dataclasses.field(default_factory=AdaptConfig)
     batch_size: int = 64                # global; split over the ranks
     max_duration: str = "3000ba"
     max_minutes: Optional[float] = None  # also stop after this much wall-clock training time (this process)
@@ -214,6 +232,43 @@ def _last_eval_batch(out_dir: str) -> Optional[int]:
     return evals[-1] if evals else None
 
 
+def adaptable_autoencoder(cfg: AutoencoderTrainConfig, train_local: str):
+    """The exported autoencoder at adapt.init_from with only its decoder side trainable (reconstruction
+    network, BART decoder layers, bag-of-words head; the token embeddings are shared with the encoder
+    and stay frozen), the decoder-input dropout held at the value its training ended with, and the
+    latent prior fitted on the first adapt.samples training poems."""
+    import torch
+
+    from trainer.models.autoencoder import LatentAutoencoder
+
+    a = cfg.adapt
+    if not os.path.isfile(os.path.join(a.init_from, "autoencoder_config.json")):
+        raise UserError(f"adapt.init_from: {a.init_from!r} is not an exported autoencoder directory "
+                        "(no autoencoder_config.json)")
+    ae = LatentAutoencoder.from_pretrained(a.init_from)
+    ae.requires_grad_(False)
+    for name, p in ae.named_parameters():
+        if name.startswith(("reconstruction.", "bow_head.")) or (
+                name.startswith("bart.model.decoder.") and "embed_tokens" not in name):
+            p.requires_grad_(True)
+    c = ae.cfg
+    ae.exported_cfg = c
+    end = c.decoder_token_dropout if c.decoder_token_dropout_start is None else c.decoder_token_dropout_end
+    ae.cfg = dataclasses.replace(c, decoder_token_dropout=min(end, 0.99), decoder_token_dropout_start=None,
+                                 decoder_token_dropout_end=None, decoder_token_dropout_anneal_steps=0)
+    t = time.time()
+    texts = read_texts(train_local, cfg.data.text_column, a.samples)
+    with torch.no_grad():
+        z = torch.cat([ae.encode(texts[i:i + 256]) for i in range(0, len(texts), 256)])
+    z = z.reshape(len(z), -1).double()
+    mean = z.mean(0)
+    ev, vecs = torch.linalg.eigh(torch.cov((z - mean).T))
+    ae.set_latent_prior(mean, vecs * ev.clamp(min=0).sqrt(), a.prior_mix)
+    log.info(f"latent prior fitted on {len(texts)} training poems in {time.time() - t:.1f} s; "
+             f"{sum(p.numel() for p in ae.parameters() if p.requires_grad) / 1e6:.2f}M decoder-side parameters trained")
+    return ae
+
+
 def build_trainer(cfg, model, params, train_dl, eval_dl, eval_batches: int, device, autoencoder_steps: bool = False):
     """The Composer Trainer the text-model jobs share (autoencoder, token LM): AdamW over `params`,
     warm-up + cosine, norm clipping, checkpoints with autoresume by run_name, and _callbacks."""
@@ -266,8 +321,13 @@ def run(cfg: AutoencoderTrainConfig) -> dict:
     device = get_device(None)
     dist.initialize_dist(device)
     reproducibility.seed_all(cfg.seed)
-    tokenizer = _tokenizer(cfg)
-    autoencoder = LatentAutoencoder(cfg.model, tokenizer)
+    if cfg.adapt.init_from:
+        autoencoder = adaptable_autoencoder(cfg, train_local)
+        tokenizer = autoencoder.tokenizer
+        cfg = dataclasses.replace(cfg, model=autoencoder.exported_cfg)  # the model section is the export's
+    else:
+        tokenizer = _tokenizer(cfg)
+        autoencoder = LatentAutoencoder(cfg.model, tokenizer)
     model = AutoencoderComposerModel(autoencoder, greedy_eval=cfg.greedy_eval)
     n_train = sum(p.numel() for p in autoencoder.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in autoencoder.parameters())
@@ -290,6 +350,7 @@ def run(cfg: AutoencoderTrainConfig) -> dict:
     final = {f"{lbl}/{k}": float(m.compute()) for lbl, ms in trainer.state.eval_metrics.items() for k, m in ms.items()}
     summary = {"autoencoder_dir": export, "batches": batches, "fit_seconds": round(seconds, 1), **final}
     if dist.get_global_rank() == 0:
+        autoencoder.cfg = getattr(autoencoder, "exported_cfg", autoencoder.cfg)  # as it was exported
         autoencoder.save_pretrained(export)
         with open(os.path.join(cfg.out_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -210,8 +210,28 @@ class LatentAutoencoder(nn.Module):
             out["loss"] = rec + self.cfg.bow_loss_weight * bow
         return out
 
+    def set_latent_prior(self, mean: torch.Tensor, factor: torch.Tensor, mix: float) -> None:
+        """Decoder adaptation (training only): each poem's latent is pulled toward a draw from the
+        Gaussian N(mean, factor factor^T) fitted to the encoder's latents,
+            z' = mean + sqrt(1 - a) (z - mean) + sqrt(a) g,   a ~ U(0, mix) per poem,
+        which keeps the latents' covariance. A diffusion model early in training samples much like that
+        Gaussian (its denoiser is close to the linear one), so a decoder trained on z' turns its samples
+        into words where one trained on clean latents spells junk. Not saved with the weights."""
+        if not 0.0 < mix <= 1.0:
+            raise ValueError(f"prior mix must be in (0, 1], got {mix}")
+        self._prior = (mean.reshape(-1).float(), factor.float(), float(mix))
+
     def noised(self, z: torch.Tensor) -> torch.Tensor:
-        """z plus N(0, sigma^2) with sigma ~ U(0, latent_noise) per poem, slots back on the sphere."""
+        """z plus N(0, sigma^2) with sigma ~ U(0, latent_noise) per poem, slots back on the sphere; and
+        pulled toward the latent prior when one is set (set_latent_prior)."""
+        prior = getattr(self, "_prior", None)
+        if prior is not None:
+            mean, factor, mix = (t.to(z.device) if torch.is_tensor(t) else t for t in prior)
+            a = torch.rand(z.shape[0], 1, device=z.device, dtype=z.dtype) * mix
+            g = torch.randn(z.shape[0], factor.shape[1], device=z.device, dtype=z.dtype) @ factor.T
+            z = (mean + (1 - a).sqrt() * (z.reshape(len(z), -1) - mean) + a.sqrt() * g).reshape(z.shape)
+            if self.perceiver.l2_normalize:
+                z = F.normalize(z, dim=-1) * math.sqrt(z.shape[-1])
         if self.cfg.latent_noise <= 0:
             return z
         sigma = torch.rand(z.shape[0], 1, 1, device=z.device, dtype=z.dtype) * self.cfg.latent_noise
@@ -232,6 +252,11 @@ class LatentAutoencoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def clip_texts(self, texts: list[str]) -> list[str]:
+        """The texts as a latent can hold them: cut to the max_tokens the encoder reads."""
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.cfg.max_tokens)["input_ids"]
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
