@@ -1,7 +1,8 @@
 """The end-to-end demo on the bundled corpus, every stage a real job with its own YAML, all writing
 below one output folder:
 
-    prep -> autoencoder -> encode -> masked pretraining -> unmasked finetuning (exports the pipeline)
+    prep -> autoencoder -> decoder adaptation -> encode -> masked pretraining -> unmasked finetuning
+         (exports the pipeline)
          -> generate for a few prompts -> evaluate (autoencoder and generation)
 
 `quick: true` (yamls/demo/quick.yaml) runs the same stages on a small slice with short budgets for a
@@ -31,7 +32,9 @@ class Stage:
 
 
 def _default_stages() -> list[Stage]:
-    ae = "{out}/autoencoder/autoencoder"
+    # The adapted autoencoder: the same encoder (the same latents), a decoder that reads the diffusion
+    # model's samples; every stage after adapt_decoder uses it.
+    ae = "{out}/autoencoder_adapted/autoencoder"
     return [
         # 2-line stanzas: what the CPU autoencoder learns to reconstruct within minutes
         Stage("prep", "prep", "yamls/prep/bundled.yaml", ["out_dir={out}/text_shards",
@@ -43,6 +46,9 @@ def _default_stages() -> list[Stage]:
               ["out_dir={out}/autoencoder", "data.path={out}/text_shards", "model.max_tokens=32",
                "max_duration=4800ba", "max_minutes=21"],
               ["max_duration=400ba", "max_minutes=1.5"]),
+        Stage("adapt_decoder", "train", "yamls/autoencoder/adapt_decoder_tiny_cpu.yaml",
+              ["out_dir={out}/autoencoder_adapted", "adapt.init_from={out}/autoencoder/autoencoder",
+               "data.path={out}/text_shards"], ["max_duration=60ba", "adapt.samples=2000"]),
         Stage("encode", "encode", "yamls/encode/bundled.yaml",
               ["out_dir={out}/latents", f"autoencoder={ae}", "data.path={out}/text_shards"]),
         Stage("pretrain_masked", "train", "yamls/diffusion/pretrain_masked_tiny_cpu.yaml",
