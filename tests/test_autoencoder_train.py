@@ -242,3 +242,5 @@ def test_read_texts_reads_compressed_shards_like_the_prep_job_writes(tmp_path):
         for i in range(50):
             w.write({"text": f"line {i}\nand its echo {i}"})
     assert read_texts(str(tmp_path / "train"), "text", 30) == [f"line {i}\nand its echo {i}" for i in range(30)]
+    spread = read_texts(str(tmp_path / "train"), "text", 5, spread=True)
+    assert spread == [f"line {i}\nand its echo {i}" for i in (0, 12, 24, 37, 49)]      # evenly over the split

@@ -101,9 +101,9 @@ def split_dir(cfg: AutoencoderTrainConfig, split: str) -> str:
     return d
 
 
-def read_texts(local: str, column: str, limit: Optional[int] = None) -> list[str]:
-    """The first `limit` texts of a split, in order (LocalMDS: reads the prep job's zstd shards, and
-    needs no shared memory for a one-off read)."""
+def read_texts(local: str, column: str, limit: Optional[int] = None, spread: bool = False) -> list[str]:
+    """The first `limit` texts of a split, in order, or with `spread` `limit` texts evenly spaced over
+    it (LocalMDS: reads the prep job's zstd shards, and needs no shared memory for a one-off read)."""
     from data_prep.mds import LocalMDS
 
     with open(os.path.join(local, "index.json")) as f:
@@ -113,7 +113,8 @@ def read_texts(local: str, column: str, limit: Optional[int] = None) -> list[str
             raise UserError(f"{local}: shards have no column {column!r} (data.text_column)")
     ds = LocalMDS(local)
     n = len(ds) if limit is None else min(len(ds), limit)
-    return [ds[i][column] for i in range(n)]
+    idx = range(n) if not spread or n == len(ds) else [round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)]
+    return [ds[i][column] for i in idx]
 
 
 class TextCollate:
@@ -236,7 +237,7 @@ def adaptable_autoencoder(cfg: AutoencoderTrainConfig, train_local: str):
     """The exported autoencoder at adapt.init_from with only its decoder side trainable (reconstruction
     network, BART decoder layers, bag-of-words head; the token embeddings are shared with the encoder
     and stay frozen), the decoder-input dropout held at the value its training ended with, and the
-    latent prior fitted on the first adapt.samples training poems."""
+    latent prior fitted on adapt.samples training poems spread over the split."""
     import torch
 
     from trainer.models.autoencoder import LatentAutoencoder
@@ -257,7 +258,7 @@ def adaptable_autoencoder(cfg: AutoencoderTrainConfig, train_local: str):
     ae.cfg = dataclasses.replace(c, decoder_token_dropout=min(end, 0.99), decoder_token_dropout_start=None,
                                  decoder_token_dropout_end=None, decoder_token_dropout_anneal_steps=0)
     t = time.time()
-    texts = read_texts(train_local, cfg.data.text_column, a.samples)
+    texts = read_texts(train_local, cfg.data.text_column, a.samples, spread=True)  # every source, not the first
     with torch.no_grad():
         z = torch.cat([ae.encode(texts[i:i + 256]) for i in range(0, len(texts), 256)])
     z = z.reshape(len(z), -1).double()
