@@ -57,6 +57,7 @@ def test_generation_report(setup, tmp_path):
     for s, v in lin.items():
         assert abs(v["noisy"] / float(s) ** 2 - 1) < 0.1 and v["denoiser"] > 0 and v["linear"] > 0
     assert lin["1.5"]["linear"] < lin["1.5"]["noisy"]          # the Wiener filter removes noise
+    assert 0 <= rep["word_validity"]["gaussian_draws"] <= 1     # the baseline the samples have to beat
     assert os.path.getsize(out / "generation_panel.png") > 10000
 
 

@@ -15,7 +15,8 @@ Samples: `samples_per_prompt` poems for each of the `n_prompts` most common held
                lines, syllables and words per line), so a decoder that ignores its latent shows.
   MAUVE        over MiniLM sentence features of generated vs held-out poems (mauve-text).
   linear check the denoiser's error on noised held-out latents beside the best linear denoiser's: how
-               much beyond the latents' mean and covariance it has learnt.
+               much beyond the latents' mean and covariance it has learnt; and word validity and MAUVE
+               of decoded draws from that Gaussian, the baseline the samples have to beat.
 """
 from __future__ import annotations
 
@@ -116,8 +117,12 @@ def run(cfg: EvalGenerationConfig) -> dict:
     fr = report["frechet"]
     fr["ratio"] = fr["generated_vs_real"] / max(fr["real_vs_real"], 1e-12)
 
-    report["denoiser_vs_linear"] = denoiser_vs_linear(pipe, train["latent"], held["latent"][:cfg.n_linear_check],
+    gauss = GaussianLatents(train["latent"], pipe.normalizer)
+    report["denoiser_vs_linear"] = denoiser_vs_linear(pipe, gauss, held["latent"][:cfg.n_linear_check],
                                                       held["prompt"][:cfg.n_linear_check], seed=cfg.seed)
+    # The baseline a DiT has to beat: as many draws from the Gaussian fitted to the training latents,
+    # decoded the same way (no prompt).
+    gauss_txt = pipe.decode(gauss.sample(n_gen, cfg.seed).to(pipe.device))
 
     # ---- diversity, memorisation, validity
     # Real references as a latent can hold them: cut to the tokens the encoder reads, as every sample is.
@@ -128,7 +133,8 @@ def run(cfg: EvalGenerationConfig) -> dict:
     report["memorisation_4gram"] = {"generated": M.memorisation(gen_txt, train_grams, 4),
                                     "held_out": M.memorisation(held_txt, train_grams, 4)}
     vocab = M.vocabulary(train["text"])
-    report["word_validity"] = {"generated": M.word_validity(gen_txt, vocab), "held_out": M.word_validity(held_txt, vocab)}
+    report["word_validity"] = {"generated": M.word_validity(gen_txt, vocab), "held_out": M.word_validity(held_txt, vocab),
+                               "gaussian_draws": M.word_validity(gauss_txt, vocab)}
 
     # ---- prompt adherence: label classifiers on real latents, applied to samples made for each label
     report["adherence"] = {}
@@ -168,8 +174,10 @@ def run(cfg: EvalGenerationConfig) -> dict:
 
         enc = build_prompt_encoder(PromptEncoderConfig(max_length=128))
         f = (lambda texts: np.concatenate([enc(texts[i:i + 64])[2].numpy() for i in range(0, len(texts), 64)]))
-        score = M.mauve_score(f(gen_txt), f(held_txt[:max(n_gen, 2)]), seed=cfg.seed)
+        held_f = f(held_txt[:max(n_gen, 2)])
+        score = M.mauve_score(f(gen_txt), held_f, seed=cfg.seed)
         report["mauve"] = score if score is not None else "mauve-text is not importable here"
+        report["mauve_gaussian_draws"] = M.mauve_score(f(gauss_txt), held_f, seed=cfg.seed)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     report["panel_png"] = plot_panel(report, os.path.join(cfg.out_dir, "generation_panel.png"))
@@ -182,21 +190,49 @@ def run(cfg: EvalGenerationConfig) -> dict:
     return report
 
 
-def denoiser_vs_linear(pipe, train_latents: np.ndarray, held_latents: np.ndarray, prompts: list[str],
+class GaussianLatents:
+    """The Gaussian fitted to training latents in the diffusion space (`normalize`: the pipeline's
+    normalizer; mean and covariance of the flattened latents): its Wiener filter is the best linear denoiser, its draws the samples of
+    a diffusion model that has learnt nothing more."""
+
+    def __init__(self, train_latents: np.ndarray, normalize=None):
+        import torch
+
+        self.normalize = normalize
+        x = self.norm(train_latents).reshape(len(train_latents), -1).double()
+        self.shape = tuple(train_latents.shape[1:])
+        self.mean = x.mean(0)
+        ev, self.vecs = torch.linalg.eigh(torch.cov((x - self.mean).T))
+        self.ev = ev.clamp(min=0)
+
+    def norm(self, z):
+        import torch
+
+        z = torch.as_tensor(z, dtype=torch.float32)
+        return self.normalize(z) if self.normalize is not None else z
+
+    def wiener(self, x, sigma: float):
+        """The posterior mean of a clean latent given x = latent + N(0, sigma^2) if latents were this Gaussian."""
+        flat = x.reshape(len(x), -1).double() - self.mean
+        return ((((flat @ self.vecs) * (self.ev / (self.ev + sigma * sigma))) @ self.vecs.T) + self.mean).float().reshape(x.shape)
+
+    def sample(self, n: int, seed: int = 0):
+        import torch
+
+        g = torch.randn(n, len(self.ev), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return (self.mean + (g * self.ev.sqrt()) @ self.vecs.T).float().reshape(n, *self.shape)
+
+
+def denoiser_vs_linear(pipe, gauss: GaussianLatents, held_latents: np.ndarray, prompts: list[str],
                        sigmas=(0.2, 0.4, 0.8, 1.5), seed: int = 0) -> dict:
     """Per noise level: mean squared error (diffusion space) of the pipeline's denoiser on noised
-    held-out latents with their own prompts, beside the best linear denoiser's (mean + Wiener filter
-    of the training latents' covariance: the exact posterior mean if latents were Gaussian) and the
-    noisy input's. A denoiser no better than the linear one knows only the latents' mean and
-    covariance, and samples from it are draws from that Gaussian."""
+    held-out latents with their own prompts, beside the best linear denoiser's (the Wiener filter of
+    the training latents' Gaussian: the exact posterior mean if latents were Gaussian) and the noisy
+    input's. A denoiser no better than the linear one knows only the latents' mean and covariance,
+    and samples from it are draws from that Gaussian."""
     import torch
 
-    norm = (lambda z: pipe.normalizer(torch.as_tensor(z, dtype=torch.float32)))
-    x_tr = norm(train_latents).reshape(len(train_latents), -1).double()
-    mean = x_tr.mean(0)
-    ev, vecs = torch.linalg.eigh(torch.cov((x_tr - mean).T))
-    ev = ev.clamp(min=0)
-    x0 = norm(held_latents)
+    x0 = gauss.norm(held_latents)
     prompt = pipe.encode_prompts(list(prompts))
     gen = torch.Generator().manual_seed(seed)
     mse = (lambda a: float((a.float() - x0).pow(2).mean()))
@@ -205,8 +241,7 @@ def denoiser_vs_linear(pipe, train_latents: np.ndarray, held_latents: np.ndarray
         for s in sigmas:
             xn = x0 + s * torch.randn(x0.shape, generator=gen)
             d = pipe.net(xn.to(pipe.device), torch.tensor(float(s)), prompt).sample.cpu()
-            lin = (((xn.reshape(len(xn), -1).double() - mean) @ vecs) * (ev / (ev + s * s))) @ vecs.T + mean
-            out[str(s)] = {"denoiser": mse(d), "linear": mse(lin.reshape(x0.shape)), "noisy": mse(xn)}
+            out[str(s)] = {"denoiser": mse(d), "linear": mse(gauss.wiener(xn, s)), "noisy": mse(xn)}
     return out
 
 
@@ -240,7 +275,17 @@ def plot_panel(r: dict, png: str) -> str:
         ax[0, 2].set_xlabel("sigma")
         ax[0, 2].legend()
     ax[0, 2].set_title("denoiser MSE vs the best linear one")
-    ax[1, 2].axis("off")
+    wv = r["word_validity"]
+    if "gaussian_draws" in wv:
+        mv = [r["mauve"], r.get("mauve_gaussian_draws")]
+        mv = [v if isinstance(v, float) else 0.0 for v in mv]
+        xs = np.arange(2)
+        ax[1, 2].bar(xs - 0.2, [wv["generated"], mv[0]], 0.4, label="samples")
+        ax[1, 2].bar(xs + 0.2, [wv["gaussian_draws"], mv[1]], 0.4, label="Gaussian draws", color="tab:orange")
+        ax[1, 2].set_xticks(xs, ["word validity", "MAUVE"])
+        ax[1, 2].set_ylim(0, 1.05)
+        ax[1, 2].legend(fontsize=7)
+    ax[1, 2].set_title("samples vs draws from the latents' Gaussian")
     fr = r["frechet"]
     ax[0, 0].bar(["generated vs real", "real vs real"], [fr["generated_vs_real"], fr["real_vs_real"]],
                  color=["tab:blue", "tab:gray"])
