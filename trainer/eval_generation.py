@@ -192,8 +192,8 @@ def run(cfg: EvalGenerationConfig) -> dict:
 
 class GaussianLatents:
     """The Gaussian fitted to training latents in the diffusion space (`normalize`: the pipeline's
-    normalizer; mean and covariance of the flattened latents): its Wiener filter is the best linear denoiser, its draws the samples of
-    a diffusion model that has learnt nothing more."""
+    normalizer; mean and covariance of the flattened latents): its Wiener filter is the best linear
+    denoiser, its draws the samples of a diffusion model that has learnt nothing more."""
 
     def __init__(self, train_latents: np.ndarray, normalize=None):
         import torch
