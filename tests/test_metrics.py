@@ -87,17 +87,15 @@ def test_mauve_same_vs_different_distributions():
 def test_gaussian_latents_wiener_filter_and_draws_match_the_closed_form():
     import torch
 
-    from trainer.eval_generation import GaussianLatents
-
     rng = np.random.default_rng(0)
     cov = np.array([[4.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 0.25]])
     mean = np.array([1.0, -2.0, 0.5])
     x = rng.multivariate_normal(mean, cov, size=40000).reshape(-1, 1, 3)
-    g = GaussianLatents(x)
+    g = M.GaussianLatents(x)
     y = torch.tensor([[[3.0, 0.0, 1.0]]])
     expected = mean + cov @ np.linalg.solve(cov + 0.5 ** 2 * np.eye(3), y.numpy().ravel() - mean)
     assert np.allclose(g.wiener(y, 0.5).numpy().ravel(), expected, atol=0.05)
     draws = g.sample(20000, seed=1).numpy().reshape(-1, 3)
     assert np.allclose(draws.mean(0), mean, atol=0.05) and np.allclose(np.cov(draws.T), cov, atol=0.1)
-    scaled = GaussianLatents(x, normalize=lambda z: z * 2)       # fitted in the normalised space
+    scaled = M.GaussianLatents(x, normalize=lambda z: z * 2)       # fitted in the normalised space
     assert np.allclose(scaled.sample(20000, seed=1).numpy().reshape(-1, 3).mean(0), 2 * mean, atol=0.1)

@@ -136,3 +136,8 @@ def test_flops_per_sample_count_the_expected_extra_pass():
     sc = measure_flops_per_sample(sc_net(), (8, 4), (3, 6), 0.0)
     # forward ~ 1/3 of forward + backward: half the batches add one forward, ~1/6 more
     assert 1.10 * plain < sc < 1.25 * plain
+    # ... and the share follows loss.self_cond_prob: none adds nothing, every batch twice the half share
+    none = measure_flops_per_sample(sc_net(), (8, 4), (3, 6), 0.0, self_cond_prob=0.0)
+    every = measure_flops_per_sample(sc_net(), (8, 4), (3, 6), 0.0, self_cond_prob=1.0)
+    assert abs(none - plain) < 0.01 * plain
+    assert abs((every - none) - 2 * (sc - none)) < 0.01 * plain

@@ -130,7 +130,7 @@ class DiffusionComposerModel(ComposerModel):
 
 
 def measure_flops_per_sample(net: EDMPrecond, latent_shape: tuple[int, int], prompt_shape: Optional[tuple[int, int]],
-                             mask_ratio: float, batch: int = 2) -> float:
+                             mask_ratio: float, batch: int = 2, self_cond_prob: float = 0.5) -> float:
     """FLOPs of one training sample, forward + backward, counted by torch's FlopCounterMode on a tiny batch
     (matmuls and attention; elementwise ops are not counted, as in the usual MFU convention)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -142,12 +142,14 @@ def measure_flops_per_sample(net: EDMPrecond, latent_shape: tuple[int, int], pro
     if prompt_shape is not None:
         L, D = prompt_shape
         prompt = Prompt(torch.randn(batch, L, D), torch.ones(batch, L, dtype=torch.bool), torch.randn(batch, D))
-    # A self-conditioning net runs its extra no-grad pass on half the batches: count the expectation.
-    probs = (0.0, 1.0) if net.self_conditioning else (0.0,)
-    total = 0
-    for p in probs:
+    def flops(with_extra_pass: bool) -> int:
         counter = FlopCounterMode(display=False)
         with counter:
-            EDMLoss(EDMConfig(self_cond_prob=p))(net, y, prompt, mask_ratio=mask_ratio).loss.backward()
-        total += counter.get_total_flops()
-    return total / len(probs) / batch
+            EDMLoss(EDMConfig(self_cond_prob=float(with_extra_pass)))(net, y, prompt, mask_ratio=mask_ratio).loss.backward()
+        return counter.get_total_flops()
+
+    plain = flops(False)
+    if not net.self_conditioning:
+        return plain / batch
+    # A self-conditioning net runs its extra no-grad pass on a share self_cond_prob of the batches.
+    return ((1 - self_cond_prob) * plain + self_cond_prob * flops(True)) / batch

@@ -117,7 +117,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
     fr = report["frechet"]
     fr["ratio"] = fr["generated_vs_real"] / max(fr["real_vs_real"], 1e-12)
 
-    gauss = GaussianLatents(train["latent"], pipe.normalizer)
+    gauss = M.GaussianLatents(train["latent"], pipe.normalizer)
     report["denoiser_vs_linear"] = denoiser_vs_linear(pipe, gauss, held["latent"][:cfg.n_linear_check],
                                                       held["prompt"][:cfg.n_linear_check], seed=cfg.seed)
     # The baseline a DiT has to beat: as many draws from the Gaussian fitted to the training latents,
@@ -127,6 +127,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
     # ---- diversity, memorisation, validity
     # Real references as a latent can hold them: cut to the tokens the encoder reads, as every sample is.
     held_txt = pipe.autoencoder.clip_texts(held["text"])
+    train_txt = pipe.autoencoder.clip_texts(train["text"])      # for the text classifiers
     report["distinct"] = {f"distinct_{n}": {"generated": M.distinct_n(gen_txt, n), "real": M.distinct_n(held_txt[:n_gen], n)}
                           for n in (1, 2, 3, 4)}
     train_grams = M.ngram_set(train["text"], 4)
@@ -151,8 +152,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
         for v in values:
             cands = Counter(p for p, lv in zip(train["prompt"], train[label]) if lv == v and p)
             label_prompts.append(cands.most_common(1)[0][0] if cands else v)
-        tclf = M.TextLabelClassifier(pipe.autoencoder.clip_texts([train["text"][i] for i in idx]),
-                                     [train[label][i] for i in idx], seed=cfg.seed)
+        tclf = M.TextLabelClassifier([train_txt[i] for i in idx], [train[label][i] for i in idx], seed=cfg.seed)
         real_text_acc = tclf.accuracy([held_txt[i] for i in hidx], [held[label][i] for i in hidx]) if hidx else None
         lat, txt = _generate(pipe, label_prompts, cfg)
         pred, tpred = clf.predict(lat), tclf.predict(txt)
@@ -190,40 +190,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
     return report
 
 
-class GaussianLatents:
-    """The Gaussian fitted to training latents in the diffusion space (`normalize`: the pipeline's
-    normalizer; mean and covariance of the flattened latents): its Wiener filter is the best linear
-    denoiser, its draws the samples of a diffusion model that has learnt nothing more."""
-
-    def __init__(self, train_latents: np.ndarray, normalize=None):
-        import torch
-
-        self.normalize = normalize
-        x = self.norm(train_latents).reshape(len(train_latents), -1).double()
-        self.shape = tuple(train_latents.shape[1:])
-        self.mean = x.mean(0)
-        ev, self.vecs = torch.linalg.eigh(torch.cov((x - self.mean).T))
-        self.ev = ev.clamp(min=0)
-
-    def norm(self, z):
-        import torch
-
-        z = torch.as_tensor(z, dtype=torch.float32)
-        return self.normalize(z) if self.normalize is not None else z
-
-    def wiener(self, x, sigma: float):
-        """The posterior mean of a clean latent given x = latent + N(0, sigma^2) if latents were this Gaussian."""
-        flat = x.reshape(len(x), -1).double() - self.mean
-        return ((((flat @ self.vecs) * (self.ev / (self.ev + sigma * sigma))) @ self.vecs.T) + self.mean).float().reshape(x.shape)
-
-    def sample(self, n: int, seed: int = 0):
-        import torch
-
-        g = torch.randn(n, len(self.ev), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        return (self.mean + (g * self.ev.sqrt()) @ self.vecs.T).float().reshape(n, *self.shape)
-
-
-def denoiser_vs_linear(pipe, gauss: GaussianLatents, held_latents: np.ndarray, prompts: list[str],
+def denoiser_vs_linear(pipe, gauss: M.GaussianLatents, held_latents: np.ndarray, prompts: list[str],
                        sigmas=(0.2, 0.4, 0.8, 1.5), seed: int = 0) -> dict:
     """Per noise level: mean squared error (diffusion space) of the pipeline's denoiser on noised
     held-out latents with their own prompts, beside the best linear denoiser's (the Wiener filter of

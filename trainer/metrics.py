@@ -132,15 +132,17 @@ class TextLabelClassifier:
 
         self.chars = HashingVectorizer(analyzer="char_wb", ngram_range=(1, 3), n_features=2 ** 14,
                                        alternate_sign=False, norm="l2")
-        self.scaler = StandardScaler().fit(np.array([text_shape(t) for t in texts]))
-        self.clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed).fit(self._features(texts), labels)
+        shapes = np.array([text_shape(t) for t in texts])
+        self.scaler = StandardScaler().fit(shapes)
+        self.clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed).fit(self._features(texts, shapes), labels)
         self.classes = list(self.clf.classes_)
 
-    def _features(self, texts: list[str]):
+    def _features(self, texts: list[str], shapes: Optional[np.ndarray] = None):
         from scipy import sparse
 
-        shape = self.scaler.transform(np.array([text_shape(t) for t in texts]))
-        return sparse.hstack([self.chars.transform(list(texts)), sparse.csr_matrix(shape)]).tocsr()
+        if shapes is None:
+            shapes = np.array([text_shape(t) for t in texts])
+        return sparse.hstack([self.chars.transform(list(texts)), sparse.csr_matrix(self.scaler.transform(shapes))]).tocsr()
 
     def predict(self, texts: list[str]) -> list[str]:
         return list(self.clf.predict(self._features(texts)))
@@ -148,6 +150,44 @@ class TextLabelClassifier:
     def accuracy(self, texts: list[str], labels: list[str]) -> float:
         pred = self.predict(texts)
         return float(np.mean([p == y for p, y in zip(pred, labels)])) if labels else 0.0
+
+
+class GaussianLatents:
+    """The Gaussian fitted to training latents in the diffusion space (`normalize`: the pipeline's
+    normalizer; mean and covariance of the flattened latents): its Wiener filter is the best linear
+    denoiser, its draws the samples of a diffusion model that has learnt nothing more."""
+
+    def __init__(self, train_latents: np.ndarray, normalize=None):
+        import torch
+
+        self.normalize = normalize
+        x = self.norm(train_latents).reshape(len(train_latents), -1).double()
+        self.shape = tuple(train_latents.shape[1:])
+        self.mean = x.mean(0)
+        ev, self.vecs = torch.linalg.eigh(torch.cov((x - self.mean).T))
+        self.ev = ev.clamp(min=0)
+
+    def norm(self, z):
+        import torch
+
+        z = torch.as_tensor(z, dtype=torch.float32)
+        return self.normalize(z) if self.normalize is not None else z
+
+    def wiener(self, x, sigma: float):
+        """The posterior mean of a clean latent given x = latent + N(0, sigma^2) if latents were this Gaussian."""
+        flat = x.reshape(len(x), -1).double() - self.mean
+        return ((((flat @ self.vecs) * (self.ev / (self.ev + sigma * sigma))) @ self.vecs.T) + self.mean).float().reshape(x.shape)
+
+    @property
+    def factor(self):
+        """F with F F^T = the covariance: mean + F g, g ~ N(0, I), is a draw."""
+        return self.vecs * self.ev.sqrt()
+
+    def sample(self, n: int, seed: int = 0):
+        import torch
+
+        g = torch.randn(n, len(self.ev), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return (self.mean + g @ self.factor.T).float().reshape(n, *self.shape)
 
 
 def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seed: int = 0) -> Optional[float]:

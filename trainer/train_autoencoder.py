@@ -240,6 +240,7 @@ def adaptable_autoencoder(cfg: AutoencoderTrainConfig, train_local: str):
     latent prior fitted on adapt.samples training poems spread over the split."""
     import torch
 
+    from trainer.metrics import GaussianLatents
     from trainer.models.autoencoder import LatentAutoencoder
 
     a = cfg.adapt
@@ -260,11 +261,8 @@ def adaptable_autoencoder(cfg: AutoencoderTrainConfig, train_local: str):
     t = time.time()
     texts = read_texts(train_local, cfg.data.text_column, a.samples, spread=True)  # every source, not the first
     with torch.no_grad():
-        z = torch.cat([ae.encode(texts[i:i + 256]) for i in range(0, len(texts), 256)])
-    z = z.reshape(len(z), -1).double()
-    mean = z.mean(0)
-    ev, vecs = torch.linalg.eigh(torch.cov((z - mean).T))
-    ae.set_latent_prior(mean, vecs * ev.clamp(min=0).sqrt(), a.prior_mix)
+        prior = GaussianLatents(torch.cat([ae.encode(texts[i:i + 256]) for i in range(0, len(texts), 256)]))
+    ae.set_latent_prior(prior.mean, prior.factor, a.prior_mix)
     log.info(f"latent prior fitted on {len(texts)} training poems in {time.time() - t:.1f} s; "
              f"{sum(p.numel() for p in ae.parameters() if p.requires_grad) / 1e6:.2f}M decoder-side parameters trained")
     return ae

@@ -357,7 +357,8 @@ def run(cfg: DiffusionTrainConfig) -> dict:
     net = EDMPrecond(build_denoiser(cfg.model), sigma_data=edm.sigma_data)
     model = DiffusionComposerModel(net, EDMLoss(edm), cfg.mask_ratio, cfg.cfg_dropout, cfg.ema.decay)
     model.flops_per_sample = measure_flops_per_sample(net, (cfg.model.latent_tokens, cfg.model.latent_dim),
-                                                      prompt_shape(cfg), cfg.mask_ratio)
+                                                      prompt_shape(cfg), cfg.mask_ratio,
+                                                      self_cond_prob=cfg.loss.self_cond_prob)
     n = sum(p.numel() for p in net.parameters())
     log.info(f"denoiser {cfg.model.kind}: {n / 1e6:.2f}M parameters, {model.flops_per_sample / 1e6:.2f} MFLOP per "
              f"training sample; sigma_data={edm.sigma_data:.4f} ({cfg.data.normalize}); mask_ratio={cfg.mask_ratio}; "

@@ -219,15 +219,17 @@ class LatentAutoencoder(nn.Module):
         into words where one trained on clean latents spells junk. Not saved with the weights."""
         if not 0.0 < mix <= 1.0:
             raise ValueError(f"prior mix must be in (0, 1], got {mix}")
-        self._prior = (mean.reshape(-1).float(), factor.float(), float(mix))
+        # Buffers, so they move with the model once; non-persistent: not in the saved weights.
+        self.register_buffer("prior_mean", mean.reshape(-1).float().to(self.device), persistent=False)
+        self.register_buffer("prior_factor", factor.float().to(self.device), persistent=False)
+        self.prior_mix = float(mix)
 
     def noised(self, z: torch.Tensor) -> torch.Tensor:
         """z plus N(0, sigma^2) with sigma ~ U(0, latent_noise) per poem, slots back on the sphere; and
         pulled toward the latent prior when one is set (set_latent_prior)."""
-        prior = getattr(self, "_prior", None)
-        if prior is not None:
-            mean, factor, mix = (t.to(z.device) if torch.is_tensor(t) else t for t in prior)
-            a = torch.rand(z.shape[0], 1, device=z.device, dtype=z.dtype) * mix
+        if getattr(self, "prior_factor", None) is not None:
+            mean, factor = self.prior_mean, self.prior_factor
+            a = torch.rand(z.shape[0], 1, device=z.device, dtype=z.dtype) * self.prior_mix
             g = torch.randn(z.shape[0], factor.shape[1], device=z.device, dtype=z.dtype) @ factor.T
             z = (mean + (1 - a).sqrt() * (z.reshape(len(z), -1) - mean) + a.sqrt() * g).reshape(z.shape)
             if self.perceiver.l2_normalize:
