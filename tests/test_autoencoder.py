@@ -9,6 +9,8 @@ from trainer.config import UserError
 from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
 from trainer.models.tokenizers import save_tokenizer, train_bpe
 
+from .tiny import fit
+
 torch.set_num_threads(1)
 
 POEMS = [
@@ -70,18 +72,7 @@ def test_save_load_round_trip_is_identical(tok, tmp_path):
 
 
 def train_steps(m, steps, lr=3e-3):
-    params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    enc = m.tokenize(POEMS)
-    m.train()
-    losses = []
-    for _ in range(steps):
-        loss = m(**enc)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return fit(m, POEMS, steps, lr)
 
 
 def test_a_few_steps_lower_the_loss(tok):

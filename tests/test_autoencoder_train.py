@@ -10,6 +10,7 @@ import torch
 from trainer.config import UserError
 
 from .conftest import run_cli
+from .tiny import fit
 
 torch.set_num_threads(1)
 
@@ -57,9 +58,16 @@ def test_train_job_exports_a_loadable_autoencoder(tmp_path):
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     ae = out / "autoencoder"
-    assert sorted(os.listdir(ae)) == ["autoencoder_config.json", "model.safetensors", "tokenizer.json",
+    assert sorted(os.listdir(ae)) == ["autoencoder_config.json", "lexicon.txt", "model.safetensors", "tokenizer.json",
                                       "tokenizer_config.json"]
     m = LatentAutoencoder.from_pretrained(str(ae))
+    # The lexicon: the training split's words seen at least twice (lexicon.min_count), not the held-out's.
+    from collections import Counter
+
+    from trainer.metrics import words
+
+    counts = Counter(w for t in poems(96) for w in words(t))
+    assert m.lexicon.words == {w for w, c in counts.items() if c >= 2} and len(m.lexicon) > 10
     assert m.encode(poems(3)).shape == (3, 32, 64) and len(m.decode(m.encode(poems(2)), max_length=8)) == 2
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train_losses = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -106,6 +114,7 @@ def test_train_job_exports_a_loadable_autoencoder(tmp_path):
     assert any(k.startswith("bart.model.decoder.layers.") for k in changed)
     assert torch.equal(m.encode(poems(4, 3)), a.encode(poems(4, 3)))
     assert a.cfg == m.cfg                                 # exported with the original training config
+    assert a.lexicon.words == m.lexicon.words             # and the lexicon it started from
     r = run_cli("train", "yamls/autoencoder/adapt_decoder_tiny_cpu.yaml", f"out_dir={tmp_path / 'a2'}",
                 f"data.path={data}", f"adapt.init_from={tmp_path / 'none'}", "data.clean_shared_memory=false")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("adapt.init_from: ")
@@ -138,14 +147,7 @@ def test_evaluation_shuffle_check_separates_a_working_autoencoder():
     m = LatentAutoencoder(AutoencoderConfig(d_model=64, encoder_layers=1, decoder_layers=1, attention_heads=2,
                                             ffn_dim=128, perceiver_depth=1, reconstruction_depth=1,
                                             max_tokens=24, decoder_token_dropout=0.0), tok)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    enc = m.tokenize(texts)
-    m.train()
-    for _ in range(250):
-        loss = m(**enc)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(m, texts, 250)
     report = evaluate_autoencoder(m, texts, batch_size=6)
     assert report["token_accuracy"] > 0.85 and report["exact_match"] >= 0.5 and report["bleu"] > 50
     assert report["shuffled"]["token_accuracy"] < report["token_accuracy"] - 0.3

@@ -16,12 +16,14 @@ def report(frechet_ratio, validity, mem, held_mem, form, meter, d2, d2_real, mau
 
 def test_compare_latent_spaces_picks_the_better_side_per_metric(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps(report(1.2, 0.70, 0.05, 0.30, 0.5, 0.3, 0.95, 0.90, 0.10)))
+    ra = report(1.2, 0.99, 0.05, 0.30, 0.5, 0.3, 0.95, 0.90, 0.10)
+    ra["word_validity"]["generated_free"] = 0.70         # spelt from a lexicon: the free figure is compared
+    a.write_text(json.dumps(ra))
     b.write_text(json.dumps(report(1.8, 0.90, 0.50, 0.30, 0.5, None, 0.80, 0.90, "error: x")))
     rows = {r["metric"]: r for r in demo.compare_latent_spaces(str(a), str(b), str(tmp_path / "cmp"))}
     bart, tok = demo.SPACES
     assert rows["Fréchet ÷ real-vs-real (latents)"]["winner"] == bart          # lower wins
-    assert rows["word validity"]["winner"] == tok                               # higher wins
+    assert rows["word validity (free spelling)"]["winner"] == tok               # higher wins
     assert rows["4-gram memorisation − held-out's own"]["winner"] == bart
     assert abs(rows["4-gram memorisation − held-out's own"][tok] - 0.2) < 1e-9
     assert rows["adherence: form"]["winner"] is None                            # a tie
@@ -29,7 +31,7 @@ def test_compare_latent_spaces_picks_the_better_side_per_metric(tmp_path):
     assert rows["distinct-2 − held-out's"]["winner"] == bart                    # 0.05 from real vs 0.10
     assert rows["MAUVE (MiniLM features)"]["winner"] is None                    # b has none
     md = (tmp_path / "cmp.md").read_text()
-    assert md.count("\n") == 2 + len(demo.COMPARED) and "| word validity (higher) | 0.700 | 0.900 | token embeddings |" in md
+    assert md.count("\n") == 2 + len(demo.COMPARED) and "| word validity (free spelling) (higher) | 0.700 | 0.900 | token embeddings |" in md
     assert json.loads((tmp_path / "cmp.json").read_text())["rows"][0]["metric"].startswith("Fréchet")
     assert os.path.getsize(tmp_path / "cmp.png") > 5000
 

@@ -20,7 +20,7 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("evalgen")
     text = write_text_shards(root / "text", n_train=48, n_val=24)
-    ae = tiny_autoencoder(str(root / "ae"))
+    ae = tiny_autoencoder(str(root / "ae"), lexicon=True)
     encode_job.run(C.load(encode_job.EncodeConfig, None, [
         f"out_dir={root / 'lat'}", f"autoencoder={ae}", f"data.path={text}", "data.splits=[train, val]",
         "prompt_encoder.max_length=12"]))
@@ -58,6 +58,11 @@ def test_generation_report(setup, tmp_path):
         assert abs(v["noisy"] / float(s) ** 2 - 1) < 0.1 and v["denoiser"] > 0 and v["linear"] > 0
     assert lin["1.5"]["linear"] < lin["1.5"]["noisy"]          # the Wiener filter removes noise
     assert 0 <= rep["word_validity"]["gaussian_draws"] <= 1     # the baseline the samples have to beat
+    # The autoencoder has a lexicon, so the samples spell its words; what the decoder spells freely is
+    # reported beside (this untrained one: nothing at all).
+    wv = rep["word_validity"]
+    assert rep["decode_lexicon"] is True and wv["generated"] == 1.0 and wv["generated_free"] < 1.0
+    assert "spelling freely" in r.stdout
     assert os.path.getsize(out / "generation_panel.png") > 10000
 
 

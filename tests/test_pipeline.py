@@ -46,6 +46,29 @@ def test_decode_num_beams_reaches_the_decoder(pipe_dir):
     assert beams != greedy
 
 
+def test_decode_spells_from_the_autoencoders_lexicon_unless_told_not_to(pipe_dir, tmp_path):
+    from .tiny import WORDS, tiny_pipeline
+
+    from trainer.metrics import words
+
+    p = Pipeline.from_pretrained(tiny_pipeline(str(tmp_path), lexicon=True))
+    x, _ = p.sample_latents(["sonnet about the sea", ""], num_samples=3, steps=3, seed=1)
+    assert p.uses_lexicon() and p.autoencoder.lexicon.words == set(WORDS)
+    poems = p.decode(x)
+    assert all(words(t) and set(words(t)) <= set(WORDS) for t in poems), poems
+    free = p.autoencoder.decode(p.to_latents(x), max_length=p.cfg.decode.max_length)
+    assert poems != free and p.decode(x, lexicon=False) == free
+    p.cfg.decode.lexicon = False
+    assert p.decode(x) == free and not p.uses_lexicon()
+    r = run_cli("generate", tmp_path / "pipeline", "--prompt", "tanka", "--steps", "3", "--lexicon", "off")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # A pipeline whose autoencoder has no lexicon decodes freely, and refuses decode.lexicon=true in one line.
+    q = Pipeline.from_pretrained(pipe_dir)
+    assert not q.uses_lexicon() and q.autoencoder.lexicon is None
+    with pytest.raises(UserError, match="^decode.lexicon: this autoencoder has no lexicon"):
+        q.decode(x, lexicon=True)
+
+
 def test_guidance_changes_samples_and_ddpm_runs(pipe_dir):
     p = Pipeline.from_pretrained(pipe_dir)
     x1, _ = p.sample_latents(["tanka"], steps=3, guidance=1.0, seed=0)

@@ -81,9 +81,9 @@ def read_latent_split(root: str, split: str, limit: int) -> dict:
     return out
 
 
-def _generate(pipe, prompts: list[str], cfg: EvalGenerationConfig) -> tuple[np.ndarray, list[str]]:
+def _generate(pipe, prompts: list[str], cfg: EvalGenerationConfig) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     x, _ = pipe.sample_latents(prompts, cfg.samples_per_prompt, cfg.steps, cfg.guidance, cfg.seed, cfg.sampler)
-    return pipe.to_latents(x).cpu().numpy(), pipe.decode(x)
+    return x, pipe.to_latents(x).cpu().numpy(), pipe.decode(x)
 
 
 def run(cfg: EvalGenerationConfig) -> dict:
@@ -103,7 +103,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
     # ---- samples for the most common held-out prompts
     prompts = M.most_common(held["prompt"], cfg.n_prompts) or [""]
     log.info(f"generating {cfg.samples_per_prompt} samples for each of {prompts}")
-    gen_lat, gen_txt = _generate(pipe, prompts, cfg)
+    gen_x, gen_lat, gen_txt = _generate(pipe, prompts, cfg)
     report["samples"] = [{"prompt": prompts[i // cfg.samples_per_prompt], "poem": t} for i, t in enumerate(gen_txt)]
     n_gen = len(gen_txt)
 
@@ -136,6 +136,15 @@ def run(cfg: EvalGenerationConfig) -> dict:
     vocab = M.vocabulary(train["text"])
     report["word_validity"] = {"generated": M.word_validity(gen_txt, vocab), "held_out": M.word_validity(held_txt, vocab),
                                "gaussian_draws": M.word_validity(gauss_txt, vocab)}
+    report["decode_lexicon"] = pipe.uses_lexicon()
+    free_txt = None
+    if report["decode_lexicon"]:
+        # What the decoder spells without the lexicon: the model's own word validity, the lexicon's
+        # share is the difference.
+        free_txt = pipe.decode(gen_x, lexicon=False)
+        report["word_validity"]["generated_free"] = M.word_validity(free_txt, vocab)
+        report["word_validity"]["gaussian_draws_free"] = M.word_validity(
+            pipe.decode(gauss.sample(n_gen, cfg.seed).to(pipe.device), lexicon=False), vocab)
 
     # ---- prompt adherence: label classifiers on real latents, applied to samples made for each label
     report["adherence"] = {}
@@ -154,7 +163,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
             label_prompts.append(cands.most_common(1)[0][0] if cands else v)
         tclf = M.TextLabelClassifier([train_txt[i] for i in idx], [train[label][i] for i in idx], seed=cfg.seed)
         real_text_acc = tclf.accuracy([held_txt[i] for i in hidx], [held[label][i] for i in hidx]) if hidx else None
-        lat, txt = _generate(pipe, label_prompts, cfg)
+        _, lat, txt = _generate(pipe, label_prompts, cfg)
         pred, tpred = clf.predict(lat), tclf.predict(txt)
         k = cfg.samples_per_prompt
         for j, v in enumerate(values):
@@ -178,6 +187,8 @@ def run(cfg: EvalGenerationConfig) -> dict:
         score = M.mauve_score(f(gen_txt), held_f, seed=cfg.seed)
         report["mauve"] = score if score is not None else "mauve-text is not importable here"
         report["mauve_gaussian_draws"] = M.mauve_score(f(gauss_txt), held_f, seed=cfg.seed)
+        if free_txt is not None:
+            report["mauve_free"] = M.mauve_score(f(free_txt), held_f, seed=cfg.seed)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     report["panel_png"] = plot_panel(report, os.path.join(cfg.out_dir, "generation_panel.png"))
@@ -219,10 +230,12 @@ def summary_line(r: dict) -> str:
     mv = r["mauve"] if isinstance(r["mauve"], (float, type(None))) else "n/a"
     lin = (r.get("denoiser_vs_linear") or {}).get("0.8")
     lin_s = f"; denoiser ÷ linear MSE at sigma 0.8 {lin['denoiser'] / max(lin['linear'], 1e-12):.2f}" if lin else ""
+    free = r["word_validity"].get("generated_free")
+    free_s = f" (lexicon; spelling freely {free:.2f})" if free is not None else ""
     return (f"Fréchet {fr['generated_vs_real']:.3f} (real-vs-real {fr['real_vs_real']:.3f}); "
             f"distinct-2 {r['distinct']['distinct_2']['generated']:.2f} (real {r['distinct']['distinct_2']['real']:.2f}); "
             f"4-gram memorisation {r['memorisation_4gram']['generated']:.2f} (held-out {r['memorisation_4gram']['held_out']:.2f}); "
-            f"word validity {r['word_validity']['generated']:.2f}; adherence {adh}; MAUVE {mv}{lin_s}")
+            f"word validity {r['word_validity']['generated']:.2f}{free_s}; adherence {adh}; MAUVE {mv}{lin_s}")
 
 
 def plot_panel(r: dict, png: str) -> str:
@@ -244,15 +257,17 @@ def plot_panel(r: dict, png: str) -> str:
     ax[0, 2].set_title("denoiser MSE vs the best linear one")
     wv = r["word_validity"]
     if "gaussian_draws" in wv:
-        mv = [r["mauve"], r.get("mauve_gaussian_draws")]
-        mv = [v if isinstance(v, float) else 0.0 for v in mv]
-        xs = np.arange(2)
-        ax[1, 2].bar(xs - 0.2, [wv["generated"], mv[0]], 0.4, label="samples")
-        ax[1, 2].bar(xs + 0.2, [wv["gaussian_draws"], mv[1]], 0.4, label="Gaussian draws", color="tab:orange")
+        bars = [("samples", wv["generated"], r["mauve"]),
+                ("Gaussian draws", wv["gaussian_draws"], r.get("mauve_gaussian_draws"))]
+        if "generated_free" in wv:
+            bars.insert(1, ("samples, free spelling", wv["generated_free"], r.get("mauve_free")))
+        xs, w = np.arange(2), 0.8 / len(bars)
+        for j, (name, valid, mv) in enumerate(bars):
+            ax[1, 2].bar(xs + (j - (len(bars) - 1) / 2) * w, [valid, mv if isinstance(mv, float) else 0.0], w, label=name)
         ax[1, 2].set_xticks(xs, ["word validity", "MAUVE"])
         ax[1, 2].set_ylim(0, 1.05)
         ax[1, 2].legend(fontsize=7)
-    ax[1, 2].set_title("samples vs draws from the latents' Gaussian")
+    ax[1, 2].set_title("samples vs draws from the latents' Gaussian" + (" (lexicon)" if r.get("decode_lexicon") else ""))
     fr = r["frechet"]
     ax[0, 0].bar(["generated vs real", "real vs real"], [fr["generated_vs_real"], fr["real_vs_real"]],
                  color=["tab:blue", "tab:gray"])

@@ -1,12 +1,15 @@
 """Generate poems from prompts with an exported pipeline directory.
 
     latentverse generate PIPELINE_DIR --prompt "sonnet about the sea" --num-samples 4 --steps 18 \\
-        --guidance 5 --seed 0 [--sampler heun|ddpm] [--show-steps K] [--out FILE.json]
+        --guidance 5 --seed 0 [--sampler heun|ddpm] [--show-steps K] [--lexicon auto|on|off] [--out FILE.json]
     latentverse generate TOKEN_PIPELINE_DIR --prefix "The sea at night" --show-steps 10
 
 --prefix (pipelines of latent_kind token_embeddings) continues a text: its token embeddings are
 clamped into the first latent positions at every sampler step; the guidance defaults to the
 pipeline's prefix_guidance (5, as the earlier diffusion LM).
+
+--lexicon (default: the pipeline's decode.lexicon, which uses the autoencoder's lexicon when it has
+one) spells only words of the training corpus; `off` shows what the decoder spells freely.
 
 --show-steps K prints, and writes as an HTML page beside the pipeline (or --out), how the decoded
 text changes from noise to poem at K points of the sampling.
@@ -37,12 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="show the decoded text at K points of the sampling (and write an HTML page)")
     p.add_argument("--prefix", default=None,
                    help="token_embeddings pipelines: continue this text (clamped into the first positions)")
+    p.add_argument("--lexicon", choices=["auto", "on", "off"], default="auto",
+                   help="spell only the training corpus's words (auto: the pipeline's decode.lexicon)")
     p.add_argument("--out", default=None, help="also write the poems as JSON here")
     p.add_argument("--device", default="cpu")
 
 
 def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=None, guidance=None, seed: int = 0,
-             sampler: str = "heun", show_steps: int = 0, device: str = "cpu", prefix=None) -> dict:
+             sampler: str = "heun", show_steps: int = 0, device: str = "cpu", prefix=None, lexicon=None) -> dict:
     from trainer.pipeline import Pipeline
 
     if num_samples < 1:
@@ -51,9 +56,9 @@ def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=
         raise UserError("--show-steps: only with --sampler heun")
     pipe = Pipeline.from_pretrained(pipeline_dir, device=device)
     x, trace = pipe.sample_latents(prompts, num_samples, steps, guidance, seed, sampler, show_steps, prefix)
-    poems = pipe.decode(x)
+    poems = pipe.decode(x, lexicon)
     for t in trace:
-        t["texts"] = pipe.decode(t.pop("x0"))
+        t["texts"] = pipe.decode(t.pop("x0"), lexicon)
     results = [{"prompt": prompts[i // num_samples], "sample": i % num_samples, "poem": p} for i, p in enumerate(poems)]
     return {"results": results, "trace": trace}
 
@@ -61,7 +66,7 @@ def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=
 def main(args) -> int:
     prompts = args.prompt or [""]
     out = generate(args.pipeline, prompts, args.num_samples, args.steps, args.guidance, args.seed, args.sampler,
-                   args.show_steps, args.device, args.prefix)
+                   args.show_steps, args.device, args.prefix, {"auto": None, "on": True, "off": False}[args.lexicon])
     if out["trace"]:
         from trainer.pipeline import show_steps_html
 

@@ -41,6 +41,9 @@ class DecodeConfig:
     max_length: Optional[int] = None   # None = the autoencoder's max_tokens
     num_beams: int = 1
     renormalize: bool = True           # put each generated slot back on the sphere the encoder uses
+    # Spell only the training corpus's words (trainer/models/lexicon.py): None = when the autoencoder
+    # has a lexicon (every export since lexicons are saved), true = insist on it, false = free spelling.
+    lexicon: Optional[bool] = None
 
 
 @dataclasses.dataclass
@@ -189,9 +192,21 @@ class Pipeline:
         """Diffusion space -> the autoencoder's latent space (inverse normalisation, optional renorm)."""
         return to_encoder_latents(x, self.normalizer, self.cfg.latent_kind, self.cfg.decode.renormalize)
 
-    def decode(self, x: torch.Tensor) -> list[str]:
+    def uses_lexicon(self, lexicon: Optional[bool] = None) -> bool:
+        """Whether decode spells from the lexicon: `lexicon` if given, else decode.lexicon."""
+        want = self.cfg.decode.lexicon if lexicon is None else lexicon
+        if want is None:
+            return getattr(self.autoencoder, "lexicon", None) is not None
+        if want and not hasattr(self.autoencoder, "lexicon"):
+            raise UserError(f"decode.lexicon: {self.cfg.latent_kind} latents decode by nearest token; "
+                            "only the BART autoencoder spells from a lexicon")
+        return bool(want)
+
+    def decode(self, x: torch.Tensor, lexicon: Optional[bool] = None) -> list[str]:
+        """Diffusion-space latents -> poems; `lexicon` overrides decode.lexicon for this call."""
         d = self.cfg.decode
-        return self.autoencoder.decode(self.to_latents(x), max_length=d.max_length, num_beams=d.num_beams)
+        kw = {"lexicon": True} if self.uses_lexicon(lexicon) else {}
+        return self.autoencoder.decode(self.to_latents(x), max_length=d.max_length, num_beams=d.num_beams, **kw)
 
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], num_samples: int = 1, steps: Optional[int] = None,

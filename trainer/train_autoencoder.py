@@ -62,6 +62,19 @@ class AdaptConfig:
 
 
 @dataclasses.dataclass
+class LexiconConfig:
+    # The words the export's decoder may spell with decode.lexicon (trainer/models/lexicon.py): those
+    # seen at least min_count times in up to `texts` training texts spread over the split (a
+    # min_count of 2 leaves out one-off misspellings). An adaptation keeps its init_from's lexicon.
+    min_count: int = 2
+    texts: int = 200_000
+
+    def __post_init__(self):
+        if self.min_count < 1 or self.texts < 1:
+            raise ValueError(f"min_count and texts must be >= 1, got {self.min_count} and {self.texts}")
+
+
+@dataclasses.dataclass
 class AutoencoderTrainConfig:
     task: Literal["autoencoder"] = "autoencoder"
     out_dir: str = "out/autoencoder"
@@ -71,6 +84,7 @@ class AutoencoderTrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     adapt: AdaptConfig = dataclasses.field(default_factory=AdaptConfig)
+    lexicon: LexiconConfig = dataclasses.field(default_factory=LexiconConfig)
     batch_size: int = 64                # global; split over the ranks
     max_duration: str = "3000ba"
     max_minutes: Optional[float] = None  # also stop after this much wall-clock training time (this process)
@@ -296,6 +310,7 @@ def run(cfg: AutoencoderTrainConfig) -> dict:
     from trainer.data import clean_stale_shared_memory
 
     from trainer.models.autoencoder import LatentAutoencoder
+    from trainer.models.lexicon import Lexicon
 
     export = os.path.join(cfg.out_dir, "autoencoder")
     if os.path.isfile(os.path.join(export, "autoencoder_config.json")):
@@ -350,6 +365,10 @@ def run(cfg: AutoencoderTrainConfig) -> dict:
     summary = {"autoencoder_dir": export, "batches": batches, "fit_seconds": round(seconds, 1), **final}
     if dist.get_global_rank() == 0:
         autoencoder.cfg = getattr(autoencoder, "exported_cfg", autoencoder.cfg)  # as it was exported
+        if autoencoder.lexicon is None:
+            texts = read_texts(train_local, cfg.data.text_column, cfg.lexicon.texts, spread=True)
+            autoencoder.lexicon = Lexicon.from_texts(texts, cfg.lexicon.min_count)
+            log.info(f"lexicon: {len(autoencoder.lexicon)} words seen >= {cfg.lexicon.min_count} times in {len(texts)} texts")
         autoencoder.save_pretrained(export)
         with open(os.path.join(cfg.out_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -125,6 +125,9 @@ class LatentAutoencoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig, tokenizer, bart_config: Optional[dict] = None):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
+        # The training corpus's words (trainer.models.lexicon), saved with the export; decode(lexicon=True)
+        # spells only these.
+        self.lexicon = None
         self.bart = _build_bart(cfg, tokenizer, bart_config)
         bc = self.bart.config
         if bc.vocab_size < len(tokenizer):
@@ -268,9 +271,10 @@ class LatentAutoencoder(nn.Module):
 
     @torch.no_grad()
     def generate_ids(self, latents: torch.Tensor, max_length: Optional[int] = None, num_beams: int = 1,
-                     **generate_kwargs) -> torch.Tensor:
-        """Latents -> token ids [B, <=max_length] (greedy with num_beams=1), start token stripped."""
-        from transformers import GenerationConfig
+                     lexicon: bool = False, **generate_kwargs) -> torch.Tensor:
+        """Latents -> token ids [B, <=max_length] (greedy with num_beams=1), start token stripped.
+        `lexicon`: spell only the words of the autoencoder's lexicon (see trainer.models.lexicon)."""
+        from transformers import GenerationConfig, LogitsProcessorList
         from transformers.modeling_outputs import BaseModelOutput
 
         latents = latents.to(self.device, dtype=next(self.reconstruction.parameters()).dtype)
@@ -280,19 +284,34 @@ class LatentAutoencoder(nn.Module):
                                do_sample=False, decoder_start_token_id=self.decoder_start_id,
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id, **generate_kwargs)
+        processors = LogitsProcessorList()
+        if lexicon:
+            processors.append(self.lexicon_processor(gen.max_length))
         out = self.bart.generate(encoder_outputs=BaseModelOutput(last_hidden_state=memory),
                                  attention_mask=torch.ones(memory.shape[:2], dtype=torch.long, device=self.device),
-                                 generation_config=gen)
+                                 generation_config=gen, logits_processor=processors)
         return out[:, 1:]  # drop the decoder start token
 
+    def lexicon_processor(self, max_length: int):
+        from trainer.models.lexicon import LexiconLogitsProcessor
+
+        if self.lexicon is None:
+            raise UserError("decode.lexicon: this autoencoder has no lexicon (exports before lexicons were "
+                            "saved have none); set decode.lexicon=false")
+        key = (max_length, id(self.lexicon))
+        if getattr(self, "_lexicon_processor", (None,))[0] != key:  # the token pieces are worked out once
+            self._lexicon_processor = (key, LexiconLogitsProcessor(self.lexicon, self.tokenizer, 1, max_length))
+        return self._lexicon_processor[1]
+
     def decode(self, latents: torch.Tensor, max_length: Optional[int] = None, num_beams: int = 1,
-               **generate_kwargs) -> list[str]:
+               lexicon: bool = False, **generate_kwargs) -> list[str]:
         """Latents [B, num_latents, dim_latent] -> poems."""
         if not isinstance(latents, torch.Tensor):
             latents = torch.as_tensor(latents)
         self.check_latents(latents)
-        ids = self.generate_ids(latents, max_length, num_beams, **generate_kwargs)
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        ids = self.generate_ids(latents, max_length, num_beams, lexicon, **generate_kwargs)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [self.lexicon.close(t) for t in texts] if lexicon else texts
 
     # ---- save / load ----
 
@@ -309,6 +328,8 @@ class LatentAutoencoder(nn.Module):
             json.dump(meta, f, indent=2)
         save_model(self, os.path.join(tmp, WEIGHTS_NAME))  # handles BART's tied embeddings
         self.tokenizer.save_pretrained(tmp)
+        if self.lexicon is not None:
+            self.lexicon.save(tmp)
         old = None
         if os.path.exists(path):
             old = path + ".old"
@@ -322,6 +343,7 @@ class LatentAutoencoder(nn.Module):
     def from_pretrained(cls, path: str, map_location: str = "cpu") -> "LatentAutoencoder":
         from safetensors.torch import load_model
 
+        from trainer.models.lexicon import Lexicon
         from trainer.models.tokenizers import load_tokenizer
 
         cfg_file = os.path.join(path, CONFIG_NAME)
@@ -339,4 +361,5 @@ class LatentAutoencoder(nn.Module):
         if model.frozen:
             model.bart.requires_grad_(False)
         load_model(model, os.path.join(path, WEIGHTS_NAME), device=map_location)
+        model.lexicon = Lexicon.load(path)
         return model.eval()

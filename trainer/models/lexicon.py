@@ -1,0 +1,168 @@
+"""Decoding that spells only words of the training corpus (lexically constrained decoding).
+
+A latent the diffusion model samples can sit between the latents of real poems; the decoder then
+blends sub-word pieces into words no poem has ("omhes-ves"). `Lexicon` holds the corpus's words and
+their prefixes; `LexiconLogitsProcessor` lets the decoder (greedy or beam search) choose, at every
+step, only tokens that keep the text spelt in that lexicon: a token that ends a word must end a
+lexicon word, a token that leaves a word open must leave a prefix of one. Punctuation, digits, line
+breaks and non-Latin letters are free (control characters are not allowed). What counts as a word is `trainer.metrics.words`: lower-cased
+runs of a-z with at most one inner apostrophe ("o'er").
+
+The tokenizers here are byte-level BPEs with every single byte in the vocabulary, so any prefix of
+a lexicon word can always be continued: the constraint never leaves the decoder without a choice.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Iterable, Optional
+
+import torch
+from transformers import LogitsProcessor
+
+from trainer.config import UserError
+
+LEXICON_NAME = "lexicon.txt"
+_LETTER = frozenset("abcdefghijklmnopqrstuvwxyz")
+
+
+class Lexicon:
+    """A set of lower-cased words (as `trainer.metrics.words` splits text) and all their prefixes."""
+
+    def __init__(self, words: Iterable[str]):
+        from trainer.metrics import _WORD
+
+        self.words = frozenset(w for w in words if _WORD.fullmatch(w))
+        self.prefixes = frozenset(w[:i] for w in self.words for i in range(1, len(w) + 1))
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str], min_count: int = 1) -> "Lexicon":
+        """The words seen at least `min_count` times in the texts."""
+        from trainer.metrics import words
+
+        counts = Counter(w for t in texts for w in words(t))
+        return cls(w for w, c in counts.items() if c >= min_count)
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, LEXICON_NAME), "w", encoding="utf-8") as f:
+            f.write("\n".join(sorted(self.words)) + "\n")
+
+    @classmethod
+    def load(cls, directory: str) -> Optional["Lexicon"]:
+        """The lexicon saved in a directory, or None when it has none."""
+        path = os.path.join(directory, LEXICON_NAME)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            ws = [line.strip() for line in f if line.strip()]
+        if not ws:
+            raise UserError(f"{path}: the lexicon is empty")
+        return cls(ws)
+
+    def close(self, text: str) -> str:
+        """The text without a word left unfinished at its end (generation stopped inside it)."""
+        p = self.step("", text)
+        return text[:len(text) - len(p)] if p and not self.ends(p) else text
+
+    # ---- the spelling automaton: state = the open (unfinished) word as written, "" between words ----
+
+    def ends(self, open_word: str) -> bool:
+        """Can the open word end here (at a non-letter, or the end of the text)?"""
+        if not open_word:
+            return True
+        # A trailing apostrophe is a closing quote, not part of the word.
+        w = open_word[:-1] if open_word.endswith("'") else open_word
+        return w.lower() in self.words
+
+    def step(self, open_word: str, text: str) -> Optional[str]:
+        """The open word after appending `text`, or None if that misspells a word. Case is part of the
+        spelling: a word is written small, Capitalised or in CAPITALS ("the", "The", "THE"; not "tHe",
+        "THe")."""
+        p = open_word
+        for c in text:
+            low = c.lower()
+            if low in _LETTER and len(c) == 1:
+                letters = [ch for ch in p if ch != "'"]
+                if c != low and any(ch in _LETTER for ch in letters):  # a capital after a small letter
+                    return None
+                if c == low and len(letters) > 1 and letters[1] not in _LETTER:  # small after two capitals
+                    return None
+                p += c
+                if p.lower() not in self.prefixes:
+                    return None
+            elif c == "'" and p and "'" not in p:
+                # Either an inner apostrophe (o'er) or a closing quote (the word ends before it).
+                if (p + "'").lower() not in self.prefixes and p.lower() not in self.words:
+                    return None
+                p += "'"
+            else:
+                if not self.ends(p):
+                    return None
+                p = ""
+        return p
+
+
+class LexiconLogitsProcessor(LogitsProcessor):
+    """A transformers logits processor: -inf for every token that would misspell a word.
+
+    `prefix_len`: how many leading ids of each row are not text (the decoder start token).
+    `max_length`: the generation's max_length; at the last step only tokens that end a word (or leave
+    none open) are allowed, so a cut-off poem does not end on half a word (when no token can end it,
+    only </s>; decode then drops the unfinished word with `Lexicon.close`).
+    """
+
+    def __init__(self, lexicon: Lexicon, tokenizer, prefix_len: int = 1, max_length: Optional[int] = None):
+        self.lexicon, self.prefix_len, self.max_length = lexicon, prefix_len, max_length
+        n = len(tokenizer)
+        self.special = set(tokenizer.all_special_ids)
+        self.eos = tokenizer.eos_token_id
+        # Each token's text on its own (a lone byte of a multi-byte character decodes to U+FFFD,
+        # which is not a letter either way).
+        self.pieces = [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                       for i in range(n)]
+        self._allowed: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def open_word(self, ids: list[int]) -> str:
+        p = ""
+        for i in ids:
+            if i in self.special:
+                continue
+            p = self.lexicon.step(p, self.pieces[i])
+            if p is None:  # a prefix given from outside the constraint: start afresh
+                p = ""
+        return p
+
+    def allowed(self, open_word: str, last: bool) -> torch.Tensor:
+        key = (open_word, last)
+        mask = self._allowed.get(key)
+        if mask is None:
+            mask = torch.zeros(len(self.pieces), dtype=torch.bool)
+            for i, piece in enumerate(self.pieces):
+                if i in self.special or not all(c.isprintable() or c in "\n\t" for c in piece):
+                    continue  # control characters are no poem's
+                q = self.lexicon.step(open_word, piece)
+                mask[i] = q is not None and (not last or self.lexicon.ends(q))
+            if self.eos is not None:
+                # At the last step a word may be too long to close in one token: then the poem ends
+                # there, and `Lexicon.close` drops the unfinished word from the text.
+                mask[self.eos] = self.lexicon.ends(open_word) or not mask.any()
+            self._allowed[key] = mask
+        return mask
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        last = self.max_length is not None and input_ids.shape[1] + 1 >= self.max_length
+        masks = []
+        for row in input_ids:
+            ids = row[self.prefix_len:].tolist()
+            mask = self.allowed(self.open_word(ids), last)
+            if self.eos is not None and mask[self.eos] and not any(i not in self.special for i in ids):
+                mask = mask.clone()
+                mask[self.eos] = False  # no empty poems
+            masks.append(mask)
+        keep = torch.stack(masks).to(scores.device)
+        if keep.shape[1] < scores.shape[1]:  # an output layer larger than the tokenizer
+            keep = torch.cat([keep, keep.new_zeros(len(keep), scores.shape[1] - keep.shape[1])], 1)
+        return scores.masked_fill(~keep[:, :scores.shape[1]], float("-inf"))
