@@ -101,6 +101,21 @@ def test_the_last_step_closes_the_word_or_ends_the_poem(tok, briefly_trained, pr
     assert allowed == (closing or [tok.eos_token_id])
 
 
+@pytest.mark.parametrize("last", [False, True])
+def test_cached_block_masks_equal_the_token_by_token_definition(tok, last):
+    lx = Lexicon.from_texts(POEMS)
+    proc = LexiconLogitsProcessor(lx, tok, prefix_len=1, max_length=33, cache_size=3)
+    for open_word in ["", "th", "The", "o'", "summer", "summer'", "Sh"]:
+        naive = torch.zeros(len(tok), dtype=torch.bool)
+        for i, piece in enumerate(proc.pieces):
+            printable = all(c.isprintable() or c in "\n\t" for c in piece)
+            q = lx.step(open_word, piece) if i not in proc.special and printable else None
+            naive[i] = q is not None and (not last or lx.ends(q))
+        naive[tok.eos_token_id] = lx.ends(open_word) or not naive.any()
+        assert torch.equal(proc.allowed(open_word, last), naive), open_word
+        assert len(proc._allowed) <= 3                                    # the cache stays bounded
+
+
 def test_save_load_keeps_the_lexicon_and_without_one_it_is_one_line(briefly_trained, tmp_path):
     m = briefly_trained
     m.save_pretrained(str(tmp_path / "ae"))

@@ -112,10 +112,15 @@ class LexiconLogitsProcessor(LogitsProcessor):
     `max_length`: the generation's max_length; at the last step only tokens that end a word (or leave
     none open) are allowed, so a cut-off poem does not end on half a word (when no token can end it,
     only </s>; decode then drops the unfinished word with `Lexicon.close`).
+
+    Speed: the allowed tokens depend only on the open word, so their mask is cached per open word
+    (up to `cache_size`); tokens that begin at a word boundary (" the", ",\n") are allowed or not as a
+    block, worked out once; each row's open word is carried over from the row one token shorter.
     """
 
-    def __init__(self, lexicon: Lexicon, tokenizer, prefix_len: int = 1, max_length: Optional[int] = None):
-        self.lexicon, self.prefix_len, self.max_length = lexicon, prefix_len, max_length
+    def __init__(self, lexicon: Lexicon, tokenizer, prefix_len: int = 1, max_length: Optional[int] = None,
+                 cache_size: int = 4096):
+        self.lexicon, self.prefix_len, self.max_length, self.cache_size = lexicon, prefix_len, max_length, cache_size
         n = len(tokenizer)
         self.special = set(tokenizer.all_special_ids)
         self.eos = tokenizer.eos_token_id
@@ -123,40 +128,65 @@ class LexiconLogitsProcessor(LogitsProcessor):
         # which is not a letter either way).
         self.pieces = [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
                        for i in range(n)]
+        usable = [i for i in range(n) if i not in self.special  # control characters are no poem's
+                  and all(c.isprintable() or c in "\n\t" for c in self.pieces[i])]
+        # Tokens that start with a boundary: the open word must end before them, then they spell alike
+        # whatever it was.
+        starts_word = [i for i in usable if self.pieces[i][:1].lower() in _LETTER or self.pieces[i][:1] == "'"]
+        boundary = sorted(set(usable) - set(starts_word))
+        after = {i: lexicon.step("", self.pieces[i]) for i in boundary}
+        self._boundary_ok = torch.zeros(n, dtype=torch.bool)
+        self._boundary_ok[[i for i in boundary if after[i] is not None]] = True
+        self._boundary_last = torch.zeros(n, dtype=torch.bool)
+        self._boundary_last[[i for i in boundary if after[i] is not None and lexicon.ends(after[i])]] = True
+        self._word_ids = starts_word
         self._allowed: dict[tuple[str, bool], torch.Tensor] = {}
+        self._open: dict[tuple, str] = {}
 
     def open_word(self, ids: list[int]) -> str:
-        p = ""
-        for i in ids:
-            if i in self.special:
-                continue
-            p = self.lexicon.step(p, self.pieces[i])
-            if p is None:  # a prefix given from outside the constraint: start afresh
-                p = ""
+        """The open word at the end of a row of ids (memoised on the row's shorter prefixes)."""
+        key = tuple(ids)
+        p = self._open.get(key)
+        if p is None:
+            p = self.open_word(ids[:-1]) if ids else ""
+            if ids and ids[-1] not in self.special:
+                p = self.lexicon.step(p, self.pieces[ids[-1]])
+                if p is None:  # a prefix given from outside the constraint: start afresh
+                    p = ""
+            self._open[key] = p
         return p
 
     def allowed(self, open_word: str, last: bool) -> torch.Tensor:
         key = (open_word, last)
         mask = self._allowed.get(key)
         if mask is None:
-            mask = torch.zeros(len(self.pieces), dtype=torch.bool)
-            for i, piece in enumerate(self.pieces):
-                if i in self.special or not all(c.isprintable() or c in "\n\t" for c in piece):
-                    continue  # control characters are no poem's
-                q = self.lexicon.step(open_word, piece)
-                mask[i] = q is not None and (not last or self.lexicon.ends(q))
+            lx = self.lexicon
+            if lx.ends(open_word):
+                mask = (self._boundary_last if last else self._boundary_ok).clone()
+            else:
+                mask = torch.zeros_like(self._boundary_ok)
+            ok = []
+            for i in self._word_ids:
+                q = lx.step(open_word, self.pieces[i])
+                if q is not None and (not last or lx.ends(q)):
+                    ok.append(i)
+            mask[ok] = True
             if self.eos is not None:
                 # At the last step a word may be too long to close in one token: then the poem ends
                 # there, and `Lexicon.close` drops the unfinished word from the text.
-                mask[self.eos] = self.lexicon.ends(open_word) or not mask.any()
+                mask[self.eos] = lx.ends(open_word) or not mask.any()
+            if len(self._allowed) >= self.cache_size:
+                self._allowed.clear()
             self._allowed[key] = mask
         return mask
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] <= self.prefix_len:
+            self._open.clear()  # a new generation: the rows of the last one are done with
         last = self.max_length is not None and input_ids.shape[1] + 1 >= self.max_length
         masks = []
-        for row in input_ids:
-            ids = row[self.prefix_len:].tolist()
+        for row in input_ids.tolist():
+            ids = row[self.prefix_len:]
             mask = self.allowed(self.open_word(ids), last)
             if self.eos is not None and mask[self.eos] and not any(i not in self.special for i in ids):
                 mask = mask.clone()
