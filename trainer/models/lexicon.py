@@ -81,17 +81,17 @@ class Lexicon:
         """The open word after appending `text`, or None if that misspells a word. Case is part of the
         spelling: a word is written small, Capitalised or in CAPITALS ("the", "The", "THE"; not "tHe",
         "THe")."""
-        p = open_word
+        p, prefixes = open_word, self.prefixes
         for c in text:
             low = c.lower()
-            if low in _LETTER and len(c) == 1:
-                letters = [ch for ch in p if ch != "'"]
-                if c != low and any(ch in _LETTER for ch in letters):  # a capital after a small letter
-                    return None
-                if c == low and len(letters) > 1 and letters[1] not in _LETTER:  # small after two capitals
+            if low in _LETTER:
+                if c != low:
+                    if p and not p.replace("'", "").isupper():  # a capital after a small letter
+                        return None
+                elif len(p) > 1 and p[1].isupper():  # a small letter after two capitals
                     return None
                 p += c
-                if p.lower() not in self.prefixes:
+                if p.lower() not in prefixes:
                     return None
             elif c == "'" and p and "'" not in p:
                 # Either an inner apostrophe (o'er) or a closing quote (the word ends before it).
@@ -115,7 +115,8 @@ class LexiconLogitsProcessor(LogitsProcessor):
 
     Speed: the allowed tokens depend only on the open word, so their mask is cached per open word
     (up to `cache_size`); tokens that begin at a word boundary (" the", ",\n") are allowed or not as a
-    block, worked out once; each row's open word is carried over from the row one token shorter.
+    block, worked out once; the others are ruled out by their first character where it misspells;
+    each row's open word is carried over from the row one token shorter.
     """
 
     def __init__(self, lexicon: Lexicon, tokenizer, prefix_len: int = 1, max_length: Optional[int] = None,
@@ -139,7 +140,11 @@ class LexiconLogitsProcessor(LogitsProcessor):
         self._boundary_ok[[i for i in boundary if after[i] is not None]] = True
         self._boundary_last = torch.zeros(n, dtype=torch.bool)
         self._boundary_last[[i for i in boundary if after[i] is not None and lexicon.ends(after[i])]] = True
-        self._word_ids = starts_word
+        # Tokens that continue or start a word, by their first character: a first character that
+        # misspells rules out all its tokens at once.
+        self._word_ids: dict[str, list[int]] = {}
+        for i in starts_word:
+            self._word_ids.setdefault(self.pieces[i][0], []).append(i)
         self._allowed: dict[tuple[str, bool], torch.Tensor] = {}
         self._open: dict[tuple, str] = {}
 
@@ -166,10 +171,13 @@ class LexiconLogitsProcessor(LogitsProcessor):
             else:
                 mask = torch.zeros_like(self._boundary_ok)
             ok = []
-            for i in self._word_ids:
-                q = lx.step(open_word, self.pieces[i])
-                if q is not None and (not last or lx.ends(q)):
-                    ok.append(i)
+            for first, ids in self._word_ids.items():
+                if lx.step(open_word, first) is None:
+                    continue
+                for i in ids:
+                    q = lx.step(open_word, self.pieces[i])
+                    if q is not None and (not last or lx.ends(q)):
+                        ok.append(i)
             mask[ok] = True
             if self.eos is not None:
                 # At the last step a word may be too long to close in one token: then the poem ends
