@@ -2,7 +2,7 @@
 the demo's autoencoder (its decoder and lexicon; run `make demo` first). The latents are draws from the
 Gaussian of the encoder's latents of 2,000 training poems, put back on the encoder's sphere -- what the
 demo's diffusion model samples (its denoiser is the linear one; see the README's demo section).
-`cold`: a fresh logits processor, every allowed-token mask worked out anew; `warm`: 64 other draws
+`cold`: a fresh logits processor, every allowed-token mask worked out anew; `warm`: as many other draws
 after those, with the masks cached so far, as a long-lived pipeline decodes. Word validity is
 counted against all the training poems' words. One thread."""
 import math
@@ -13,7 +13,7 @@ import torch
 
 AE = os.environ.get("BENCH_AUTOENCODER", "out/demo/autoencoder_adapted/autoencoder")
 TEXTS = os.environ.get("BENCH_TEXTS", "out/demo/text_shards/train")
-N = 64
+N = 256
 CMD = "python -m bench decode"
 
 
