@@ -84,6 +84,20 @@ def test_a_poor_decoder_spells_only_lexicon_words(briefly_trained, beams):
         assert w == w.lower() or w == w.upper() or w == w.capitalize(), texts
 
 
+def test_the_first_step_leaves_the_start_of_text_token_alone(tok, briefly_trained):
+    """A BART decoder writes <s> first (its training texts are <s> ... </s>): the lexicon must not
+    push it off that, or the first word of every poem is spelt from a wrong start."""
+    m = briefly_trained
+    z = torch.randn(4, 32, 64)
+    free, lex = m.generate_ids(z), m.generate_ids(z, lexicon=True)
+    assert (free[:, 0] == tok.bos_token_id).all() and (lex[:, 0] == tok.bos_token_id).all()
+    proc = LexiconLogitsProcessor(m.lexicon, tok, prefix_len=1, max_length=33)
+    start = torch.tensor([[m.decoder_start_id]])
+    assert proc(start, torch.zeros(1, len(tok)))[0, tok.bos_token_id] == 0                   # allowed first
+    later = torch.tensor([[m.decoder_start_id, tok.bos_token_id]])
+    assert proc(later, torch.zeros(1, len(tok)))[0, tok.bos_token_id] == float("-inf")      # not later
+
+
 @pytest.mark.parametrize("prefix, can_close", [("The woods are lovely, dark and dee", True), ("The w", False)])
 def test_the_last_step_closes_the_word_or_ends_the_poem(tok, briefly_trained, prefix, can_close):
     """At the last step every allowed token ends the open word in the lexicon; when no token can,

@@ -124,7 +124,7 @@ class LexiconLogitsProcessor(LogitsProcessor):
         self.lexicon, self.prefix_len, self.max_length, self.cache_size = lexicon, prefix_len, max_length, cache_size
         n = len(tokenizer)
         self.special = set(tokenizer.all_special_ids)
-        self.eos = tokenizer.eos_token_id
+        self.eos, self.bos = tokenizer.eos_token_id, tokenizer.bos_token_id
         # Each token's text on its own (a lone byte of a multi-byte character decodes to U+FFFD,
         # which is not a letter either way).
         self.pieces = [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -196,6 +196,9 @@ class LexiconLogitsProcessor(LogitsProcessor):
         for row in input_ids.tolist():
             ids = row[self.prefix_len:]
             mask = self.allowed(self.open_word(ids), last)
+            if not ids and self.bos is not None:
+                mask = mask.clone()
+                mask[self.bos] = True  # a BART decoder writes <s> first, as its training texts begin
             if self.eos is not None and mask[self.eos] and not any(i not in self.special for i in ids):
                 mask = mask.clone()
                 mask[self.eos] = False  # no empty poems
