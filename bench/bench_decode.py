@@ -26,6 +26,7 @@ def _timed(fn):
 def main() -> list[dict]:
     from trainer.metrics import GaussianLatents, vocabulary, word_validity
     from trainer.models.autoencoder import LatentAutoencoder
+    from trainer.models.lexicon import Lexicon
     from trainer.train_autoencoder import read_texts
 
     if not os.path.isfile(os.path.join(AE, "lexicon.txt")):
@@ -45,7 +46,7 @@ def main() -> list[dict]:
     rows, times = [], {}
     for beams in (1, 4):
         times[("free", beams)], free = _timed(lambda: ae.decode(first, num_beams=beams))
-        ae._lexicon_processor = (None,)  # a fresh processor: no cached masks
+        ae.lexicon = Lexicon(ae.lexicon.words)  # another lexicon: a fresh processor, no masks cached
         times[("cold", beams)], lex = _timed(lambda: ae.decode(first, num_beams=beams, lexicon=True))
         times[("warm", beams)], _ = _timed(lambda: ae.decode(second, num_beams=beams, lexicon=True))
         print(f"{beams} beam(s), {N} poems: free {times[('free', beams)]:.2f} s (word validity "

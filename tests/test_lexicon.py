@@ -137,6 +137,10 @@ def test_save_load_keeps_the_lexicon_and_without_one_it_is_one_line(briefly_trai
     assert m2.lexicon.words == m.lexicon.words
     z = torch.randn(2, 32, 64)
     assert m2.decode(z, lexicon=True) == m.decode(z, lexicon=True)
+    proc = m2.lexicon_processor(33)
+    assert m2.lexicon_processor(33) is proc                                  # kept, with its cached masks
+    m2.lexicon = Lexicon(["the"])
+    assert m2.lexicon_processor(33) is not proc and m2.lexicon_processor(33).lexicon is m2.lexicon
     m2.lexicon = None
     with pytest.raises(UserError, match="^decode.lexicon: this autoencoder has no lexicon"):
         m2.decode(z, lexicon=True)

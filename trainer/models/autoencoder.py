@@ -298,10 +298,10 @@ class LatentAutoencoder(nn.Module):
         if self.lexicon is None:
             raise UserError("decode.lexicon: this autoencoder has no lexicon (exports before lexicons were "
                             "saved have none); set decode.lexicon=false")
-        key = (max_length, id(self.lexicon))
-        if getattr(self, "_lexicon_processor", (None,))[0] != key:  # the token pieces are worked out once
-            self._lexicon_processor = (key, LexiconLogitsProcessor(self.lexicon, self.tokenizer, 1, max_length))
-        return self._lexicon_processor[1]
+        proc = getattr(self, "_lexicon_processor", None)  # kept: token pieces and masks are worked out once
+        if proc is None or proc.lexicon is not self.lexicon or proc.max_length != max_length:
+            proc = self._lexicon_processor = LexiconLogitsProcessor(self.lexicon, self.tokenizer, 1, max_length)
+        return proc
 
     def decode(self, latents: torch.Tensor, max_length: Optional[int] = None, num_beams: int = 1,
                lexicon: bool = False, **generate_kwargs) -> list[str]:

@@ -5,8 +5,8 @@ blends sub-word pieces into words no poem has ("omhes-ves"). `Lexicon` holds the
 their prefixes; `LexiconLogitsProcessor` lets the decoder (greedy or beam search) choose, at every
 step, only tokens that keep the text spelt in that lexicon: a token that ends a word must end a
 lexicon word, a token that leaves a word open must leave a prefix of one. Punctuation, digits, line
-breaks and non-Latin letters are free (control characters are not allowed). What counts as a word is `trainer.metrics.words`: lower-cased
-runs of a-z with at most one inner apostrophe ("o'er").
+breaks and non-Latin letters are free; control characters are not allowed. What counts as a word is
+`trainer.metrics.words`: lower-cased runs of a-z with at most one inner apostrophe ("o'er").
 
 The tokenizers here are byte-level BPEs with every single byte in the vocabulary, so any prefix of
 a lexicon word can always be continued: the constraint never leaves the decoder without a choice.
@@ -95,7 +95,7 @@ class Lexicon:
                     return None
             elif c == "'" and p and "'" not in p:
                 # Either an inner apostrophe (o'er) or a closing quote (the word ends before it).
-                if (p + "'").lower() not in self.prefixes and p.lower() not in self.words:
+                if (p + "'").lower() not in prefixes and p.lower() not in self.words:
                     return None
                 p += "'"
             else:
