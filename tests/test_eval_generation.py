@@ -62,6 +62,7 @@ def test_generation_report(setup, tmp_path):
     # reported beside (this untrained one: nothing at all).
     wv = rep["word_validity"]
     assert rep["decode_lexicon"] is True and wv["generated"] == 1.0 and wv["generated_free"] < 1.0
+    assert 0 <= form["text"]["accuracy_free"] <= 1 and all("text_accuracy_free" in d for d in form["per_value"].values())
     assert "spelling freely" in r.stdout
     assert os.path.getsize(out / "generation_panel.png") > 10000
 

@@ -163,18 +163,24 @@ def run(cfg: EvalGenerationConfig) -> dict:
             label_prompts.append(cands.most_common(1)[0][0] if cands else v)
         tclf = M.TextLabelClassifier([train_txt[i] for i in idx], [train[label][i] for i in idx], seed=cfg.seed)
         real_text_acc = tclf.accuracy([held_txt[i] for i in hidx], [held[label][i] for i in hidx]) if hidx else None
-        _, lat, txt = _generate(pipe, label_prompts, cfg)
+        x, lat, txt = _generate(pipe, label_prompts, cfg)
         pred, tpred = clf.predict(lat), tclf.predict(txt)
+        fpred = tclf.predict(pipe.decode(x, lexicon=False)) if report["decode_lexicon"] else None
         k = cfg.samples_per_prompt
+        share = (lambda preds, j, v: float(np.mean([p == v for p in preds[j * k:(j + 1) * k]])))
         for j, v in enumerate(values):
-            per_value[v] = {"prompt": label_prompts[j], "accuracy": float(np.mean([p == v for p in pred[j * k:(j + 1) * k]])),
-                            "text_accuracy": float(np.mean([p == v for p in tpred[j * k:(j + 1) * k]]))}
+            per_value[v] = {"prompt": label_prompts[j], "accuracy": share(pred, j, v), "text_accuracy": share(tpred, j, v)}
+            if fpred is not None:
+                per_value[v]["text_accuracy_free"] = share(fpred, j, v)
         report["adherence"][label] = {
             "accuracy": float(np.mean([d["accuracy"] for d in per_value.values()])),
             "real_held_out_accuracy": real_acc, "chance": 1.0 / len(values), "per_value": per_value,
             # the same question asked of the decoded poems (character n-grams and line shape)
             "text": {"accuracy": float(np.mean([d["text_accuracy"] for d in per_value.values()])),
                      "real_held_out_accuracy": real_text_acc}}
+        if fpred is not None:  # ... and of the poems spelt freely
+            report["adherence"][label]["text"]["accuracy_free"] = float(np.mean([d["text_accuracy_free"]
+                                                                                  for d in per_value.values()]))
 
     # ---- MAUVE over MiniLM sentence features
     report["mauve"] = None
@@ -225,8 +231,13 @@ def denoiser_vs_linear(pipe, gauss: M.GaussianLatents, held_latents: np.ndarray,
 
 def summary_line(r: dict) -> str:
     fr = r["frechet"]
-    adh = ", ".join(f"{k} {v['accuracy']:.2f} (text {v['text']['accuracy']:.2f})" if "text" in v else f"{k} {v['accuracy']:.2f}"
-                    for k, v in r["adherence"].items() if "accuracy" in v) or "n/a"
+    def adherence(k, v):
+        if "text" not in v:
+            return f"{k} {v['accuracy']:.2f}"
+        free = f", spelt freely {v['text']['accuracy_free']:.2f}" if "accuracy_free" in v["text"] else ""
+        return f"{k} {v['accuracy']:.2f} (text {v['text']['accuracy']:.2f}{free})"
+
+    adh = ", ".join(adherence(k, v) for k, v in r["adherence"].items() if "accuracy" in v) or "n/a"
     mv = r["mauve"] if isinstance(r["mauve"], (float, type(None))) else "n/a"
     lin = (r.get("denoiser_vs_linear") or {}).get("0.8")
     lin_s = f"; denoiser ÷ linear MSE at sigma 0.8 {lin['denoiser'] / max(lin['linear'], 1e-12):.2f}" if lin else ""
