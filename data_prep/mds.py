@@ -300,6 +300,13 @@ class LocalMDS:
     def __len__(self) -> int:
         return self.n
 
+    def spread(self, limit: int) -> list[int]:
+        """`limit` indices evenly spaced over the dataset (all of them when it holds no more): a
+        split written partition after partition is sampled across every partition."""
+        if limit >= self.n:
+            return list(range(self.n))
+        return [round(i * (self.n - 1) / max(limit - 1, 1)) for i in range(limit)]
+
     def _prepare(self, k: int) -> None:
         if k in self._ready:
             return

@@ -71,9 +71,7 @@ def read_latent_split(root: str, split: str, limit: int) -> dict:
     if not os.path.isfile(os.path.join(local, "index.json")):
         raise UserError(f"latent_data: no latent shards in {local!r} (index.json missing)")
     ds = LocalMDS(local)
-    n = min(len(ds), limit)
-    idx = range(n) if n == len(ds) else np.linspace(0, len(ds) - 1, n).round().astype(int)
-    rows = [ds[int(i)] for i in idx]
+    rows = [ds[i] for i in ds.spread(limit)]
     out = {"latent": np.stack([np.asarray(r["latent"], np.float32) for r in rows]) if rows else np.zeros((0, 32, 64)),
            "text": [r["text"] for r in rows], "prompt": [r["prompt"] for r in rows]}
     for k in LABELS:
@@ -122,7 +120,8 @@ def run(cfg: EvalGenerationConfig) -> dict:
                                                       held["prompt"][:cfg.n_linear_check], seed=cfg.seed)
     # The baseline a DiT has to beat: as many draws from the Gaussian fitted to the training latents,
     # decoded the same way (no prompt).
-    gauss_txt = pipe.decode(gauss.sample(n_gen, cfg.seed).to(pipe.device))
+    gauss_x = gauss.sample(n_gen, cfg.seed).to(pipe.device)
+    gauss_txt = pipe.decode(gauss_x)
 
     # ---- diversity, memorisation, validity
     # Real references as a latent can hold them: cut to the tokens the encoder reads, as every sample is.
@@ -144,7 +143,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
         free_txt = pipe.decode(gen_x, lexicon=False)
         report["word_validity"]["generated_free"] = M.word_validity(free_txt, vocab)
         report["word_validity"]["gaussian_draws_free"] = M.word_validity(
-            pipe.decode(gauss.sample(n_gen, cfg.seed).to(pipe.device), lexicon=False), vocab)
+            pipe.decode(gauss_x, lexicon=False), vocab)
 
     # ---- prompt adherence: label classifiers on real latents, applied to samples made for each label
     report["adherence"] = {}

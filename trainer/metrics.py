@@ -81,7 +81,14 @@ def vocabulary(texts: Iterable[str]) -> set:
     return {w for t in texts for w in words(t)}
 
 
-class LabelClassifier:
+class _Classifier:
+    def accuracy(self, inputs, labels: list[str]) -> float:
+        """Share of the inputs (latents or texts) predicted as their labels."""
+        pred = self.predict(inputs)
+        return float(np.mean([p == y for p, y in zip(pred, labels)])) if labels else 0.0
+
+
+class LabelClassifier(_Classifier):
     """Logistic regression on latent features: which form (or meter) a latent is of."""
 
     def __init__(self, latents: np.ndarray, labels: list[str], seed: int = 0):
@@ -96,9 +103,6 @@ class LabelClassifier:
     def predict(self, latents: np.ndarray) -> list[str]:
         return list(self.clf.predict(self.scaler.transform(latents.reshape(len(latents), -1))))
 
-    def accuracy(self, latents: np.ndarray, labels: list[str]) -> float:
-        pred = self.predict(latents)
-        return float(np.mean([p == y for p, y in zip(pred, labels)])) if labels else 0.0
 
 
 _VOWELS = re.compile(r"[aeiouy]+")
@@ -120,7 +124,7 @@ def text_shape(text: str) -> list[float]:
     return [len(lines), float(np.mean(syl)), float(np.std(syl)), float(np.mean(nw)), syl[0], syl[1] if len(syl) > 1 else 0]
 
 
-class TextLabelClassifier:
+class TextLabelClassifier(_Classifier):
     """Logistic regression on what a reader sees: character 1-3-grams within words plus the poem's shape
     (lines, syllables and words per line). Judges the decoded poem, so a decoder that ignored its
     latent would score at chance here while the latent classifier could not tell."""
@@ -147,9 +151,6 @@ class TextLabelClassifier:
     def predict(self, texts: list[str]) -> list[str]:
         return list(self.clf.predict(self._features(texts)))
 
-    def accuracy(self, texts: list[str], labels: list[str]) -> float:
-        pred = self.predict(texts)
-        return float(np.mean([p == y for p, y in zip(pred, labels)])) if labels else 0.0
 
 
 class GaussianLatents:

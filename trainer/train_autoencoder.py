@@ -127,8 +127,7 @@ def read_texts(local: str, column: str, limit: Optional[int] = None, spread: boo
             raise UserError(f"{local}: shards have no column {column!r} (data.text_column)")
     ds = LocalMDS(local)
     n = len(ds) if limit is None else min(len(ds), limit)
-    idx = range(n) if not spread or n == len(ds) else [round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)]
-    return [ds[i][column] for i in idx]
+    return [ds[i][column] for i in (ds.spread(n) if spread else range(n))]
 
 
 class TextCollate:
