@@ -19,7 +19,7 @@ MAX_WARNINGS = 20  # warnings logged per reason and rank; the rest are only coun
 class Report:
     skipped: dict = dataclasses.field(default_factory=dict)   # reason -> {"count": n, "files": [...]}
     repaired: dict = dataclasses.field(default_factory=dict)
-    quiet: tuple = ("duplicate_exact", "duplicate_near")      # expected, not worth a warning each
+    quiet: tuple = ("duplicate_exact", "duplicate_near", "meter_unclear")  # expected, not worth a warning each
 
     def _add(self, table: dict, kind: str, reason: str, origin: str, detail: str = "") -> None:
         entry = table.setdefault(reason, {"count": 0, "files": []})

@@ -1,5 +1,6 @@
 """Pieces of the prep job: cleaning, prompts, decoding repairs, the bundled corpora (slices)."""
 import codecs
+import dataclasses
 
 import pytest
 
@@ -95,13 +96,24 @@ def test_gutenberg_slice_stanzas_and_majority_meter():
     assert min(sizes) >= 2 and max(sizes) <= 8 and len(set(sizes)) > 1
     # consecutive: stanza k+1 starts where stanza k ended
     assert recs[1].text.split("\n")[0] == texts[100 + sizes[0]]
-    # meter = majority of the lines' meters
+    # meter = majority of the lines' meters, kept when two thirds of the lines have it
     import collections
-    lo = 100
+    lo, kept = 100, 0
     for r, n in zip(recs, sizes):
         votes = collections.Counter(m for m in meters[lo:lo + n] if m != "null")
-        assert r.meter == votes.most_common(1)[0][0]
+        top, count = votes.most_common(1)[0]
+        assert r.meter == (top if 3 * count >= 2 * sum(votes.values()) else "")
+        kept += bool(r.meter)
         lo += n
+    assert 0 < kept < len(recs)
+    report = Report()
+    assert sum(1 for u in units for _ in bundled.read_gutenberg(*u.arg, cfg, report)) == 50
+    assert report.repaired["meter_unclear"]["count"] == len(recs) - kept
+    # meter_agreement=0: always the majority
+    loose = dataclasses.replace(cfg, meter_agreement=0.0)
+    assert all(r.meter for u in units for r in bundled.read_gutenberg(*u.arg, loose, Report()))
+    with pytest.raises(ValueError, match="meter_agreement"):
+        bundled.GutenbergConfig(meter_agreement=1.5)
     # same seed, same stanzas; another seed, others
     assert [r.text for u in bundled.gutenberg_units(cfg) for r in bundled.read_gutenberg(*u.arg, cfg, Report())] \
         == [r.text for r in recs]
