@@ -50,6 +50,10 @@ def test_generation_report(setup, tmp_path):
     assert set(form["per_value"]) == {"sonnet", "tanka", "haiku"}
     assert 0 <= form["text"]["accuracy"] <= 1                 # the same question asked of the decoded poems
     assert 0 <= form["text"]["real_held_out_accuracy"] <= 1     # (forms here are drawn apart from the text)
+    # what a model that learnt only how the form moves the latents' mean would reach
+    assert 0 <= form["conditional_gaussian_accuracy"] <= 1
+    assert all(0 <= d["conditional_gaussian_accuracy"] <= 1 for d in form["per_value"].values())
+    assert "label-conditional Gaussian" in r.stdout
     assert "skipped" in rep["adherence"]["meter"]            # the tiny corpus has no meter labels
     assert isinstance(rep["mauve"], (float, str))
     lin = rep["denoiser_vs_linear"]

@@ -99,3 +99,24 @@ def test_gaussian_latents_wiener_filter_and_draws_match_the_closed_form():
     assert np.allclose(draws.mean(0), mean, atol=0.05) and np.allclose(np.cov(draws.T), cov, atol=0.1)
     scaled = M.GaussianLatents(x, normalize=lambda z: z * 2)       # fitted in the normalised space
     assert np.allclose(scaled.sample(20000, seed=1).numpy().reshape(-1, 3).mean(0), 2 * mean, atol=0.1)
+
+
+def test_conditional_gaussian_draws_have_each_values_mean_and_the_pooled_covariance():
+    rng = np.random.default_rng(0)
+    cov = np.array([[1.0, 0.5], [0.5, 2.0]])
+    means = {"a": np.array([0.0, 0.0]), "b": np.array([3.0, -1.0])}
+    labels = ["a"] * 6000 + ["b"] * 2000
+    x = np.concatenate([rng.multivariate_normal(means[v], cov, size=labels.count(v)) for v in ("a", "b")])
+    draws = M.conditional_gaussian_draws(x.reshape(-1, 1, 2), labels, ["a", "b"], 20000, seed=1)
+    for v in ("a", "b"):
+        d = draws[v].reshape(-1, 2)
+        assert draws[v].shape == (20000, 1, 2)
+        assert np.allclose(d.mean(0), means[v], atol=0.05)
+        assert np.allclose(np.cov(d.T), cov, atol=0.1)     # within a value, not the total covariance
+    # A latent classifier tells the draws apart as it tells the real latents; values with one mean: chance.
+    clf = M.LabelClassifier(x.reshape(-1, 1, 2), labels)
+    assert clf.accuracy(draws["b"][:2000], ["b"] * 2000) > 0.9
+    same = M.conditional_gaussian_draws(rng.multivariate_normal([0, 0], cov, size=8000).reshape(-1, 1, 2),
+                                        labels, ["a", "b"], 2000, seed=2)
+    flat = M.LabelClassifier(np.concatenate([same["a"], same["b"]]), ["a"] * 2000 + ["b"] * 2000)
+    assert 0.4 < flat.accuracy(np.concatenate([same["a"], same["b"]]), ["a"] * 2000 + ["b"] * 2000) < 0.6

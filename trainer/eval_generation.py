@@ -13,6 +13,9 @@ Samples: `samples_per_prompt` poems for each of the `n_prompts` most common held
                (beside its accuracy on real held-out latents, the ceiling, and chance). A second
                classifier asks the same of the decoded poems (character n-grams and line shape:
                lines, syllables and words per line), so a decoder that ignores its latent shows.
+               Beside them, the latent classifier's accuracy on draws from each value's Gaussian
+               (its mean, the covariance pooled within values): what a model reaches that has learnt
+               how the label moves the latents' mean and no more.
   MAUVE        over MiniLM sentence features of generated vs held-out poems (mauve-text).
   linear check the denoiser's error on noised held-out latents beside the best linear denoiser's: how
                much beyond the latents' mean and covariance it has learnt; and word validity and MAUVE
@@ -167,13 +170,17 @@ def run(cfg: EvalGenerationConfig) -> dict:
         fpred = tclf.predict(pipe.decode(x, lexicon=False)) if report["decode_lexicon"] else None
         k = cfg.samples_per_prompt
         share = (lambda preds, j, v: float(np.mean([p == v for p in preds[j * k:(j + 1) * k]])))
+        cond = M.conditional_gaussian_draws(train["latent"][idx], [train[label][i] for i in idx], values, k, cfg.seed)
         for j, v in enumerate(values):
-            per_value[v] = {"prompt": label_prompts[j], "accuracy": share(pred, j, v), "text_accuracy": share(tpred, j, v)}
+            per_value[v] = {"prompt": label_prompts[j], "accuracy": share(pred, j, v), "text_accuracy": share(tpred, j, v),
+                            "conditional_gaussian_accuracy": float(np.mean([p == v for p in clf.predict(cond[v])]))}
             if fpred is not None:
                 per_value[v]["text_accuracy_free"] = share(fpred, j, v)
         report["adherence"][label] = {
             "accuracy": float(np.mean([d["accuracy"] for d in per_value.values()])),
             "real_held_out_accuracy": real_acc, "chance": 1.0 / len(values), "per_value": per_value,
+            "conditional_gaussian_accuracy": float(np.mean([d["conditional_gaussian_accuracy"]
+                                                            for d in per_value.values()])),
             # the same question asked of the decoded poems (character n-grams and line shape)
             "text": {"accuracy": float(np.mean([d["text_accuracy"] for d in per_value.values()])),
                      "real_held_out_accuracy": real_text_acc}}
@@ -231,10 +238,11 @@ def denoiser_vs_linear(pipe, gauss: M.GaussianLatents, held_latents: np.ndarray,
 def summary_line(r: dict) -> str:
     fr = r["frechet"]
     def adherence(k, v):
+        cg = f", label-conditional Gaussian {v['conditional_gaussian_accuracy']:.2f}" if "conditional_gaussian_accuracy" in v else ""
         if "text" not in v:
-            return f"{k} {v['accuracy']:.2f}"
+            return f"{k} {v['accuracy']:.2f}{cg.replace(', ', ' (', 1) + ')' if cg else ''}"
         free = f", spelt freely {v['text']['accuracy_free']:.2f}" if "accuracy_free" in v["text"] else ""
-        return f"{k} {v['accuracy']:.2f} (text {v['text']['accuracy']:.2f}{free})"
+        return f"{k} {v['accuracy']:.2f} (text {v['text']['accuracy']:.2f}{free}{cg})"
 
     adh = ", ".join(adherence(k, v) for k, v in r["adherence"].items() if "accuracy" in v) or "n/a"
     mv = r["mauve"] if isinstance(r["mauve"], (float, type(None))) else "n/a"
@@ -303,10 +311,11 @@ def plot_panel(r: dict, png: str) -> str:
         xs = np.arange(len(adh))
         bars = [("generated (latent classifier)", lambda v: v["accuracy"], "tab:blue"),
                 ("real held-out (latent)", lambda v: v["real_held_out_accuracy"] or 0, "tab:gray"),
+                ("label-conditional Gaussian (latent)", lambda v: v.get("conditional_gaussian_accuracy") or 0, "tab:purple"),
                 ("generated (text classifier)", lambda v: v.get("text", {}).get("accuracy") or 0, "tab:green"),
                 ("real held-out (text)", lambda v: v.get("text", {}).get("real_held_out_accuracy") or 0, "silver")]
         for b, (name, get, colour) in enumerate(bars):
-            ax[1, 1].bar(xs + (b - 1.5) * 0.2, [get(v) for v in adh.values()], 0.2, label=name, color=colour)
+            ax[1, 1].bar(xs + (b - 2) * 0.16, [get(v) for v in adh.values()], 0.16, label=name, color=colour)
         for x, v in zip(xs, adh.values()):
             ax[1, 1].hlines(v["chance"], x - 0.4, x + 0.4, colors="k", linestyles=":")
         ax[1, 1].set_xticks(xs, list(adh))

@@ -191,6 +191,25 @@ class GaussianLatents:
         return (self.mean + g @ self.factor.T).float().reshape(n, *self.shape)
 
 
+def conditional_gaussian_draws(latents: np.ndarray, labels: list[str], values: list[str], n: int,
+                               seed: int = 0) -> dict[str, np.ndarray]:
+    """`n` draws for each value from the Gaussian with that value's mean latent and the covariance pooled
+    within the values: the samples of a model that has learnt exactly how the prompt's label moves the
+    latents' mean and nothing more (what a diffusion model no better than the linear denoiser can
+    reach), {value: [n, *latent shape]}."""
+    import torch
+
+    x = torch.as_tensor(latents.reshape(len(latents), -1), dtype=torch.float64)
+    lab = np.asarray(labels)
+    means = {v: x[torch.from_numpy(lab == v)].mean(0) for v in values}
+    resid = torch.cat([x[torch.from_numpy(lab == v)] - means[v] for v in values])
+    ev, vecs = torch.linalg.eigh(resid.T @ resid / max(len(resid) - len(values), 1))
+    factor = vecs * ev.clamp(min=0).sqrt()
+    g = torch.Generator().manual_seed(seed)
+    return {v: (means[v] + torch.randn(n, len(ev), generator=g, dtype=torch.float64) @ factor.T)
+            .float().numpy().reshape(n, *latents.shape[1:]) for v in values}
+
+
 def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seed: int = 0) -> Optional[float]:
     """MAUVE between two feature sets, or None when the mauve-text package is not importable."""
     try:
