@@ -238,11 +238,12 @@ def denoiser_vs_linear(pipe, gauss: M.GaussianLatents, held_latents: np.ndarray,
 def summary_line(r: dict) -> str:
     fr = r["frechet"]
     def adherence(k, v):
-        cg = f", label-conditional Gaussian {v['conditional_gaussian_accuracy']:.2f}" if "conditional_gaussian_accuracy" in v else ""
-        if "text" not in v:
-            return f"{k} {v['accuracy']:.2f}{cg.replace(', ', ' (', 1) + ')' if cg else ''}"
-        free = f", spelt freely {v['text']['accuracy_free']:.2f}" if "accuracy_free" in v["text"] else ""
-        return f"{k} {v['accuracy']:.2f} (text {v['text']['accuracy']:.2f}{free}{cg})"
+        parts = [f"text {v['text']['accuracy']:.2f}"] if "text" in v else []
+        if "accuracy_free" in v.get("text", {}):
+            parts.append(f"spelt freely {v['text']['accuracy_free']:.2f}")
+        if "conditional_gaussian_accuracy" in v:
+            parts.append(f"label-conditional Gaussian {v['conditional_gaussian_accuracy']:.2f}")
+        return f"{k} {v['accuracy']:.2f}" + (f" ({', '.join(parts)})" if parts else "")
 
     adh = ", ".join(adherence(k, v) for k, v in r["adherence"].items() if "accuracy" in v) or "n/a"
     mv = r["mauve"] if isinstance(r["mauve"], (float, type(None))) else "n/a"

@@ -197,17 +197,10 @@ def conditional_gaussian_draws(latents: np.ndarray, labels: list[str], values: l
     within the values: the samples of a model that has learnt exactly how the prompt's label moves the
     latents' mean and nothing more (what a diffusion model no better than the linear denoiser can
     reach), {value: [n, *latent shape]}."""
-    import torch
-
-    x = torch.as_tensor(latents.reshape(len(latents), -1), dtype=torch.float64)
     lab = np.asarray(labels)
-    means = {v: x[torch.from_numpy(lab == v)].mean(0) for v in values}
-    resid = torch.cat([x[torch.from_numpy(lab == v)] - means[v] for v in values])
-    ev, vecs = torch.linalg.eigh(resid.T @ resid / max(len(resid) - len(values), 1))
-    factor = vecs * ev.clamp(min=0).sqrt()
-    g = torch.Generator().manual_seed(seed)
-    return {v: (means[v] + torch.randn(n, len(ev), generator=g, dtype=torch.float64) @ factor.T)
-            .float().numpy().reshape(n, *latents.shape[1:]) for v in values}
+    means = {v: latents[lab == v].astype(np.float64).mean(0) for v in values}
+    within = GaussianLatents(np.concatenate([latents[lab == v] - means[v] for v in values]))
+    return {v: (means[v] + within.sample(n, seed + j).numpy()).astype(np.float32) for j, v in enumerate(values)}
 
 
 def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seed: int = 0) -> Optional[float]:
