@@ -27,13 +27,16 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import numpy as np
 
 from trainer import metrics as M
 from trainer.config import ExistingPath, UserError
 from trainer.log import get_logger
+
+if TYPE_CHECKING:
+    import torch
 
 log = get_logger("evaluate")
 

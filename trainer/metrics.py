@@ -104,7 +104,6 @@ class LabelClassifier(_Classifier):
         return list(self.clf.predict(self.scaler.transform(latents.reshape(len(latents), -1))))
 
 
-
 _VOWELS = re.compile(r"[aeiouy]+")
 
 
@@ -150,7 +149,6 @@ class TextLabelClassifier(_Classifier):
 
     def predict(self, texts: list[str]) -> list[str]:
         return list(self.clf.predict(self._features(texts)))
-
 
 
 class GaussianLatents:
