@@ -82,3 +82,17 @@ def test_autoencoder_task_routes(setup, tmp_path):
 def test_unknown_task_is_one_line(tmp_path):
     r = run_cli("evaluate", "task=poetry", f"out_dir={tmp_path}")
     assert r.returncode == 2 and r.stderr.strip().startswith("command line: task: expected one of")
+
+
+def test_generation_eval_samples_with_its_own_steps_and_churn(setup):
+    import torch
+
+    from trainer.eval_generation import EvalGenerationConfig, _generate
+    from trainer.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(setup["pipe"])
+    x, lat, txt = _generate(pipe, ["sonnet"], EvalGenerationConfig(samples_per_prompt=2, steps=3, churn=40.0))
+    ref, _ = pipe.sample_latents(["sonnet"], 2, steps=3, churn=40.0)
+    assert torch.equal(x, ref) and lat.shape == (2, 32, 64) and len(txt) == 2
+    plain, _, _ = _generate(pipe, ["sonnet"], EvalGenerationConfig(samples_per_prompt=2, steps=3))
+    assert not torch.equal(plain, x)

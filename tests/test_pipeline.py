@@ -78,6 +78,27 @@ def test_guidance_changes_samples_and_ddpm_runs(pipe_dir):
     assert xd.shape == (1, 32, 64) and torch.isfinite(xd).all()
 
 
+def test_churn_adds_fresh_noise_reproducibly_and_bad_values_are_refused(pipe_dir):
+    from trainer.generate import generate
+
+    p = Pipeline.from_pretrained(pipe_dir)
+    assert p.cfg.sampler.S_churn == 0
+    x0, _ = p.sample_latents(["tanka"], num_samples=2, steps=4, seed=3)
+    xc, _ = p.sample_latents(["tanka"], num_samples=2, steps=4, seed=3, churn=40.0)
+    xc2, _ = p.sample_latents(["tanka"], num_samples=2, steps=4, seed=3, churn=40.0)
+    assert not torch.allclose(x0, xc) and torch.equal(xc, xc2)
+    # the pipeline's own S_churn is the default; churn=0 overrides it back to the deterministic sampler
+    p.cfg.sampler.S_churn = 40.0
+    assert torch.equal(p.sample_latents(["tanka"], num_samples=2, steps=4, seed=3)[0], xc)
+    assert torch.equal(p.sample_latents(["tanka"], num_samples=2, steps=4, seed=3, churn=0.0)[0], x0)
+    with pytest.raises(UserError, match="^--churn: only with --sampler heun"):
+        p.sample_latents(["tanka"], steps=4, churn=1.0, sampler="ddpm")
+    with pytest.raises(UserError, match="^--churn: must be >= 0, got -1"):
+        generate(pipe_dir, ["tanka"], churn=-1.0)
+    with pytest.raises(UserError, match="^--steps: must be >= 1, got 0"):
+        generate(pipe_dir, ["tanka"], steps=0)
+
+
 def test_cli_generate_with_show_steps(pipe_dir, tmp_path):
     out = tmp_path / "poems.json"
     r = run_cli("generate", pipe_dir, "--prompt", "sonnet about the sea", "--num-samples", "2", "--steps", "5",

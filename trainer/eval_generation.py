@@ -58,6 +58,7 @@ class EvalGenerationConfig:
     pca_dims: int = 32
     steps: Optional[int] = None          # sampler steps (None = the pipeline's)
     guidance: Optional[float] = None
+    churn: Optional[float] = None        # the Heun sampler's S_churn (None = the pipeline's)
     sampler: Literal["heun", "ddpm"] = "heun"
     seed: int = 0
     mauve: bool = True
@@ -86,7 +87,8 @@ def read_latent_split(root: str, split: str, limit: int) -> dict:
 
 
 def _generate(pipe, prompts: list[str], cfg: EvalGenerationConfig) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    x, _ = pipe.sample_latents(prompts, cfg.samples_per_prompt, cfg.steps, cfg.guidance, cfg.seed, cfg.sampler)
+    x, _ = pipe.sample_latents(prompts, cfg.samples_per_prompt, cfg.steps, cfg.guidance, cfg.seed, cfg.sampler,
+                               churn=cfg.churn)
     return x, pipe.to_latents(x).cpu().numpy(), pipe.decode(x)
 
 

@@ -1,7 +1,7 @@
 """Generate poems from prompts with an exported pipeline directory.
 
     latentverse generate PIPELINE_DIR --prompt "sonnet about the sea" --num-samples 4 --steps 18 \\
-        --guidance 5 --seed 0 [--sampler heun|ddpm] [--show-steps K] [--lexicon auto|on|off] [--out FILE.json]
+        --guidance 5 --seed 0 [--churn 40] [--sampler heun|ddpm] [--show-steps K] [--lexicon auto|on|off] [--out FILE.json]
     latentverse generate TOKEN_PIPELINE_DIR --prefix "The sea at night" --show-steps 10
 
 --prefix (pipelines of latent_kind token_embeddings) continues a text: its token embeddings are
@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="poems per prompt")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the pipeline's; ddpm: 1000)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--churn", type=float, default=None,
+                   help="Heun sampler's stochastic churn S_churn (0 = deterministic; default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=["heun", "ddpm"], default="heun")
     p.add_argument("--show-steps", type=int, default=0, metavar="K",
@@ -47,15 +49,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=None, guidance=None, seed: int = 0,
-             sampler: str = "heun", show_steps: int = 0, device: str = "cpu", prefix=None, lexicon=None) -> dict:
+             sampler: str = "heun", show_steps: int = 0, device: str = "cpu", prefix=None, lexicon=None,
+             churn=None) -> dict:
     from trainer.pipeline import Pipeline
 
     if num_samples < 1:
         raise UserError(f"--num-samples: must be >= 1, got {num_samples}")
     if show_steps and sampler != "heun":
         raise UserError("--show-steps: only with --sampler heun")
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps: must be >= 1, got {steps}")
+    if churn is not None and churn < 0:
+        raise UserError(f"--churn: must be >= 0, got {churn}")
     pipe = Pipeline.from_pretrained(pipeline_dir, device=device)
-    x, trace = pipe.sample_latents(prompts, num_samples, steps, guidance, seed, sampler, show_steps, prefix)
+    x, trace = pipe.sample_latents(prompts, num_samples, steps, guidance, seed, sampler, show_steps, prefix, churn)
     poems = pipe.decode(x, lexicon)
     for t in trace:
         t["texts"] = pipe.decode(t.pop("x0"), lexicon)
@@ -66,7 +73,8 @@ def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=
 def main(args) -> int:
     prompts = args.prompt or [""]
     out = generate(args.pipeline, prompts, args.num_samples, args.steps, args.guidance, args.seed, args.sampler,
-                   args.show_steps, args.device, args.prefix, {"auto": None, "on": True, "off": False}[args.lexicon])
+                   args.show_steps, args.device, args.prefix, {"auto": None, "on": True, "off": False}[args.lexicon],
+                   args.churn)
     if out["trace"]:
         from trainer.pipeline import show_steps_html
 

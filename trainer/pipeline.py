@@ -211,9 +211,11 @@ class Pipeline:
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], num_samples: int = 1, steps: Optional[int] = None,
                        guidance: Optional[float] = None, seed: int = 0, sampler: str = "heun",
-                       show_steps: int = 0, prefix: Optional[str] = None) -> tuple[torch.Tensor, list[dict]]:
+                       show_steps: int = 0, prefix: Optional[str] = None,
+                       churn: Optional[float] = None) -> tuple[torch.Tensor, list[dict]]:
         """Diffusion-space samples [len(prompts) * num_samples, T, C] (prompt-major), and the
         trace of `show_steps` intermediate denoised estimates (each {"step", "sigma", "x0"}).
+        `steps`, `guidance`, `churn` (the Heun sampler's S_churn) override the pipeline's sampler.
         `prefix` (token_embeddings only): every sample continues this text; its token embeddings are
         clamped into the first positions at every step (inpainting)."""
         inpaint = None
@@ -226,8 +228,10 @@ class Pipeline:
             inpaint = (self.normalizer(z).to(self.device), known.to(self.device))
             guidance = self.cfg.prefix_guidance if guidance is None else guidance
         scfg = dataclasses.replace(self.cfg.sampler, **{k: v for k, v in
-                                                        (("num_steps", steps), ("guidance_scale", guidance))
-                                                        if v is not None})
+                                                        (("num_steps", steps), ("guidance_scale", guidance),
+                                                         ("S_churn", churn)) if v is not None})
+        if churn is not None and sampler != "heun":
+            raise UserError("--churn: only with --sampler heun")
         prompt = self.encode_prompts(list(prompts)).repeat(num_samples)
         B = len(prompts) * num_samples
         T, Cdim = self.net.backbone.latent_shape
