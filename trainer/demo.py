@@ -61,8 +61,8 @@ def _default_stages() -> list[Stage]:
               ["max_duration=30ba", "eval_interval=30ba"]),
         Stage("generate", "generate", args=[
             "{out}/diffusion_finetune/pipeline", "--prompt", "sonnet about love", "--prompt", "tanka by Ono no Komachi",
-            "--prompt", "stanza in iambic pentameter", "--num-samples", "2", "--steps", "18", "--guidance", "6",
-            "--seed", "0", "--show-steps", "6", "--out", "{out}/poems.json"]),
+            "--prompt", "stanza in iambic pentameter", "--num-samples", "2", "--seed", "0", "--show-steps", "6",
+            "--out", "{out}/poems.json"]),
         Stage("evaluate_autoencoder", "evaluate", "yamls/eval/autoencoder.yaml",
               ["out_dir={out}/eval_autoencoder", f"autoencoder_dir={ae}", "data_path={out}/text_shards"],
               ["n_samples=100"]),
