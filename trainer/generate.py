@@ -1,12 +1,17 @@
 """Generate poems from prompts with an exported pipeline directory.
 
     latentverse generate PIPELINE_DIR --prompt "sonnet about the sea" --num-samples 4 --steps 18 \\
-        --guidance 5 --seed 0 [--churn 40] [--sampler heun|ddpm] [--show-steps K] [--lexicon auto|on|off] [--out FILE.json]
+        --guidance 5 --seed 0 [--churn 40] [--sampler heun|ddpm] [--show-steps K] [--lexicon auto|on|off] \\
+        [--out FILE.json]
     latentverse generate TOKEN_PIPELINE_DIR --prefix "The sea at night" --show-steps 10
 
 --prefix (pipelines of latent_kind token_embeddings) continues a text: its token embeddings are
 clamped into the first latent positions at every sampler step; the guidance defaults to the
 pipeline's prefix_guidance (5, as the earlier diffusion LM).
+
+--churn (the Heun sampler's S_churn; default: the pipeline's, 40 for the demo's) adds fresh noise
+before every step whose noise level lies in the pipeline's [S_min, S_max] (Karras et al. 2022,
+Algorithm 2); 0 samples deterministically.
 
 --lexicon (default: the pipeline's decode.lexicon, which uses the autoencoder's lexicon when it has
 one) spells only words of the training corpus; `off` shows what the decoder spells freely.
