@@ -96,3 +96,13 @@ def test_generation_eval_samples_with_its_own_steps_and_churn(setup):
     assert torch.equal(x, ref) and lat.shape == (2, 32, 64) and len(txt) == 2
     plain, _, _ = _generate(pipe, ["sonnet"], EvalGenerationConfig(samples_per_prompt=2, steps=3))
     assert not torch.equal(plain, x)
+
+
+@pytest.mark.parametrize("override,message", [("churn=-1", "churn: must be >= 0, got -1.0"),
+                                              ("steps=0", "steps: must be >= 1, got 0"),
+                                              ("sampler=ddpm churn=1", "churn: only with sampler heun")])
+def test_bad_sampler_overrides_are_one_line_before_any_work(tmp_path, override, message):
+    out = tmp_path / "eval"
+    r = run_cli("evaluate", "task=generation", f"out_dir={out}", *override.split())
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
+    assert not out.exists()

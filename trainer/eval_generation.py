@@ -64,6 +64,16 @@ class EvalGenerationConfig:
     mauve: bool = True
     n_linear_check: int = 128            # held-out latents for the denoiser-vs-linear check
 
+    def __post_init__(self):
+        # Checked here, before the pipeline and the latents are read, rather than by the sampler's own
+        # config in the middle of the run.
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.churn is not None and self.churn < 0:
+            raise ValueError(f"churn: must be >= 0, got {self.churn}")
+        if self.churn is not None and self.sampler != "heun":
+            raise ValueError("churn: only with sampler heun")
+
 
 CONFIG = EvalGenerationConfig
 
