@@ -9,10 +9,14 @@ import numpy as np
 from data_prep.schema import LABELS, latent_columns
 
 
-def write_latent_shards(root, n_train=64, n_val=16, tokens=32, dim=64, prompt_len=8, prompt_dim=16, seed=0):
+def write_latent_shards(root, n_train=64, n_val=16, tokens=32, dim=64, prompt_len=8, prompt_dim=16, seed=0,
+                        prompt_effect=0.0):
+    """prompt_effect > 0 adds a planted linear effect of the pooled prompt to each latent:
+    latent += pooled @ out["effect"] ([prompt_dim, tokens * dim]), the same in both splits."""
     from streaming import MDSWriter
 
     rng = np.random.default_rng(seed)
+    effect = np.random.default_rng(seed + 1000).normal(size=(prompt_dim, tokens * dim)) * prompt_effect / np.sqrt(prompt_dim)
     cols = latent_columns((tokens, dim), (prompt_len, prompt_dim), prompt_dim)
     out = {}
     for split, n in (("train", n_train), ("val", n_val)):
@@ -25,9 +29,12 @@ def write_latent_shards(root, n_train=64, n_val=16, tokens=32, dim=64, prompt_le
                 k = int(rng.integers(1, prompt_len + 1))
                 emb = np.zeros((prompt_len, prompt_dim), np.float16)
                 emb[:k] = rng.normal(size=(k, prompt_dim)).astype(np.float16)
+                pooled = emb[:k].astype(np.float32).mean(0).astype(np.float16)
+                if prompt_effect:
+                    z = (z + (pooled.astype(np.float64) @ effect).reshape(tokens, dim)).astype(np.float16)
                 w.write({"id": f"{split}-{i}", "text": f"poem {i}", "prompt": f"prompt {i}", "source": "jsonl",
                          **{k_: "" for k_ in LABELS}, "latent": z, "prompt_emb": emb, "prompt_len": k,
-                         "prompt_pooled": emb[:k].astype(np.float32).mean(0).astype(np.float16)})
+                         "prompt_pooled": pooled})
                 lat.append(z.astype(np.float64))
         x = np.stack(lat).reshape(-1, dim)
         mean_c, std_c = x.mean(0), x.std(0)
@@ -36,4 +43,5 @@ def write_latent_shards(root, n_train=64, n_val=16, tokens=32, dim=64, prompt_le
         with open(os.path.join(path, "latent_stats.json"), "w") as f:
             json.dump(stats, f)
         out[split] = path
+    out["effect"] = effect
     return out

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond, edm_coefficients, edm_loss_weight
+from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond, PromptMean, edm_coefficients, edm_loss_weight
 from trainer.diffusion.seam import Prompt
 from trainer.models.denoisers import DenoiserConfig, MLPUNetConfig, MoEDiTConfig, build_denoiser
 
@@ -120,3 +120,59 @@ def test_config_rejects_bad_values():
         EDMConfig(sigma_data=0)
     with pytest.raises(ValueError, match="P_std"):
         EDMConfig(P_std=-1)
+
+
+# ---------------------------------------------------------------- the prompt's mean latent
+
+def test_prompt_mean_fit_recovers_a_planted_effect_and_picks_its_ridge_on_held_out_data():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 8 * 4, generator=g, dtype=torch.float64)
+
+    def data(n, effect):
+        X = torch.randn(n, 6, generator=g, dtype=torch.float64) + 0.3
+        Y = 0.2 + effect * X @ A + torch.randn(n, 8 * 4, generator=g, dtype=torch.float64)
+        return X, Y.reshape(n, 8, 4)
+
+    X, Y = data(400, 1.0)
+    Xv, Yv = data(200, 1.0)
+    pm, info = PromptMean.fit(X, Y, ridges=(1e-3, 1.0, 1e3), val=(Xv, Yv))
+    assert info["ridge"] == 1e-3 and info["r2_val"] > 0.8 and info["n_val"] == 200
+    assert info["r2_val_by_ridge"][1e3] < 0.5                       # a huge ridge shrinks the effect away
+    truth = (0.2 + (Xv - 0.3) @ A + (0.3 * A.sum(0))).reshape(200, 8, 4)   # E[Y | X]
+    m = pm.double()(Xv, 200)
+    assert m.shape == (200, 8, 4)
+    assert float((m - truth).pow(2).mean()) < 0.05 * float(truth.var())
+    # No effect at all: the held-out data pick the largest ridge (the mean latent for every prompt).
+    X0, Y0 = data(400, 0.0)
+    pm0, info0 = PromptMean.fit(X0, Y0, ridges=(1e-3, 1.0, 1e3), val=data(200, 0.0))
+    assert info0["ridge"] == 1e3
+    assert float(pm0.weight.abs().max()) < 0.05 * float(pm.weight.abs().max())
+    # Without held-out data the smallest ridge is used.
+    assert PromptMean.fit(X, Y, ridges=(1e-3, 1.0))[1]["ridge"] == 1e-3
+
+
+def test_precond_with_a_prompt_mean_denoises_the_offset_from_it():
+    torch.manual_seed(2)
+    F = tiny_backbone()
+    X = torch.randn(64, 6, dtype=torch.float64)
+    pm, _ = PromptMean.fit(X, torch.randn(64, 8, 4, dtype=torch.float64) + X[:, :1, None] * 3)
+    pm = pm.double()
+    plain, shifted = EDMPrecond(F, sigma_data=0.5), EDMPrecond(F, sigma_data=0.5, prompt_mean=pm)
+    x = torch.randn(5, 8, 4, dtype=torch.float64)
+    sigma = torch.tensor([0.002, 0.1, 1.0, 10.0, 80.0], dtype=torch.float64)
+    prompt = Prompt(torch.randn(5, 3, 6, dtype=torch.float64), pooled=torch.randn(5, 6, dtype=torch.float64))
+    m = pm(prompt.pooled, 5)
+    assert float(m.std()) > 0.1
+    assert torch.allclose(shifted(x, sigma, prompt).sample, m + plain(x - m, sigma, prompt).sample, atol=1e-12)
+    # The unconditional branch (the learned null prompt, or no prompt) denoises around the mean latent.
+    null = F.null_prompt(5, 3)
+    y0 = pm.latent_center.view(1, 8, 4)
+    assert torch.allclose(shifted(x, sigma, null).sample, y0 + plain(x - y0, sigma, null).sample, atol=1e-12)
+    assert torch.allclose(shifted(x, sigma).sample, y0 + plain(x - y0, sigma).sample, atol=1e-12)
+    # A batch mixing both (classifier-free guidance) gets each row's own mean.
+    from trainer.diffusion.seam import cat_prompts
+
+    both = cat_prompts(prompt, null)
+    D = shifted(torch.cat([x, x]), torch.cat([sigma, sigma]), both).sample
+    assert torch.allclose(D[:5], shifted(x, sigma, prompt).sample, atol=1e-12)
+    assert torch.allclose(D[5:], shifted(x, sigma, null).sample, atol=1e-12)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,6 +272,10 @@ def test_bad_yaml_is_refused_in_one_line(shards, tmp_path):
         check_data(_load(f"data.root={tmp_path}", "autoencoder="))
     with pytest.raises(C.ConfigError, match=r"model.prompt_dim: 16, but .* width \[384\]"):
         check_data(_load(*base(shards, tmp_path), "model.prompt_dim=16"))
+    with pytest.raises(C.ConfigError, match=r"prompt_mean.enabled needs a prompt-conditioned model"):
+        _load("prompt_mean.enabled=true", "model.prompt_dim=0")
+    with pytest.raises(C.ConfigError, match=r"prompt_mean: ridges must be a non-empty list of values > 0"):
+        _load("prompt_mean.ridges=[0.1, 0]")
     with pytest.raises(C.ConfigError, match=r"model expects latents \[16, 64\]"):
         check_data(_load(*base(shards, tmp_path), "model.latent_tokens=16"))
     bad = tmp_path / "stats.json"
@@ -288,3 +293,42 @@ def test_metrics_file_has_each_batch_once_after_resume(reference, killed_and_res
     ref = [r for r in read_jsonl(reference / "metrics.jsonl") if "train/loss" in r]
     assert [r["batch"] for r in rows] == list(range(1, 13))
     assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in ref]   # the same draws, bit for bit
+
+
+# ---------------------------------------------------------------- the prompt's mean latent
+
+def test_prompt_mean_is_fitted_before_training_checkpointed_and_exported(tmp_path):
+    from data_prep.mds import LocalMDS
+    from trainer.data import LatentNormalizer, load_latent_stats
+    from trainer.export import load_denoiser
+
+    planted = write_latent_shards(tmp_path / "latents", n_train=96, n_val=32, prompt_dim=16, prompt_effect=1.0)
+    out = tmp_path / "pm"
+    r = run_cli("train", FINETUNE, *base(planted, out, "max_duration=2ba", "prompt_mean.enabled=true", "load_path=",
+                                         "model.prompt_dim=16", "eval_batches=1", eval=True))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "prompt_mean: ridge regression of 96 training latents" in r.stdout + r.stderr
+    net, meta = load_denoiser(str(out / "denoiser"))
+    assert meta["prompt_mean"] is True and net.prompt_mean is not None
+    final = model_state(out / "checkpoints" / "latest-rank0.pt")
+    for k, v in net.prompt_mean.state_dict().items():           # fixed: net, EMA and export hold the same
+        assert torch.equal(v, final[f"ema.prompt_mean.{k}"]) and torch.equal(v, final[f"train_step.net.prompt_mean.{k}"])
+    # It predicts the planted effect of held-out prompts on their (normalized) latents.
+    ds = LocalMDS(planted["val"])
+    rows = [ds[i] for i in range(len(ds))]
+    norm = LatentNormalizer(load_latent_stats(os.path.join(planted["train"], "latent_stats.json")))
+    lat = norm(torch.tensor(np.stack([r_["latent"] for r_ in rows]), dtype=torch.float32))
+    m = net.prompt_mean(torch.tensor(np.stack([r_["prompt_pooled"] for r_ in rows]), dtype=torch.float32), len(rows))
+    r2 = 1 - float((lat - m).pow(2).sum() / (lat - lat.mean(0)).pow(2).sum())
+    assert r2 > 0.3, r2
+    # Without it the export has none (and the older exports, without the key, load as before).
+    r = run_cli("train", FINETUNE, *base(planted, tmp_path / "plain", "max_duration=1ba", "load_path=",
+                                         "model.prompt_dim=16", eval=False))
+    assert r.returncode == 0, r.stderr[-3000:]
+    net, meta = load_denoiser(str(tmp_path / "plain" / "denoiser"))
+    assert meta["prompt_mean"] is False and net.prompt_mean is None
+    # A stage hand-over between the two is refused in one line.
+    r = run_cli("train", FINETUNE, *base(planted, tmp_path / "mixed", "max_duration=1ba", "prompt_mean.enabled=true",
+                                         "model.prompt_dim=16", f"load_path={tmp_path}/plain/checkpoints/latest-rank0.pt"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "was trained without prompt_mean, this run has prompt_mean.enabled=true: set it alike in both stages"), r.stderr[-2000:]

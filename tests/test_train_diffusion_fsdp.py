@@ -21,8 +21,9 @@ def test_two_process_fsdp2_run(tmp_path):
            "--stderr", str(tmp_path / "err{rank}.txt"), "-m", "trainer.cli", "train", PRETRAIN,
            f"data.path={shards['train']}", f"data.eval_path={shards['val']}", f"out_dir={out}", *TINY,
            "max_duration=6ba", "save_interval=3ba", "eval_interval=6ba", "eval_batches=1", "log_sample_indices=true",
-           "parallelism=fsdp2"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+           "parallelism=fsdp2", "prompt_mean.enabled=true"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, LATENTVERSE_LOG_ALL_RANKS="1"))
     errs = "".join(open(p).read()[-2000:] for p in tmp_path.glob("err*.txt"))
     assert r.returncode == 0, errs + r.stderr[-2000:]
     ck = out / "checkpoints"
@@ -39,4 +40,10 @@ def test_two_process_fsdp2_run(tmp_path):
 
     net, meta = load_denoiser(str(out / "denoiser"))      # the full (gathered) EMA weights
     assert meta["weights"] == "ema" and sum(p.numel() for p in net.parameters()) > 10000
+    # The prompt's mean latent, fitted on each rank from the same samples, is the same on both.
+    assert meta["prompt_mean"] is True and float(net.prompt_mean.weight.abs().sum()) > 0
+    logs = r.stdout + r.stderr + "".join(open(p).read() for p in tmp_path.glob("*.txt"))
+    fits = [[line.split("prompt_mean: ", 1)[1].split(" in ")[0] + line.split(" s: ", 1)[1]
+             for line in logs.splitlines() if f"[rank {rank}]" in line and "prompt_mean: ridge" in line] for rank in (0, 1)]
+    assert len(fits[0]) == 1 and fits[0] == fits[1], fits
     assert "2 rank(s), parallelism=fsdp2" in r.stdout + r.stderr

@@ -52,7 +52,7 @@ def load_denoiser(path: str, map_location: str = "cpu"):
     """(EDMPrecond in eval mode, meta dict). A missing or corrupt file is a one-line error naming it."""
     from safetensors.torch import load_file
 
-    from trainer.diffusion.edm import EDMPrecond
+    from trainer.diffusion.edm import EDMPrecond, PromptMean
     from trainer.models.denoisers import DenoiserConfig, build_denoiser
 
     cfg_file, weights = os.path.join(path, DENOISER_CONFIG), os.path.join(path, DENOISER_WEIGHTS)
@@ -68,7 +68,8 @@ def load_denoiser(path: str, map_location: str = "cpu"):
         dcfg = C.from_dict(DenoiserConfig, meta["denoiser"], source=cfg_file)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{cfg_file}: corrupt denoiser config ({type(e).__name__}: {e})") from None
-    net = EDMPrecond(build_denoiser(dcfg), sigma_data=meta["sigma_data"])
+    pm = PromptMean(dcfg.prompt_dim, (dcfg.latent_tokens, dcfg.latent_dim)) if meta.get("prompt_mean") else None
+    net = EDMPrecond(build_denoiser(dcfg), sigma_data=meta["sigma_data"], prompt_mean=pm)
     try:
         state = load_file(weights, device=map_location)
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files

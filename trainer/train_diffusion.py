@@ -79,6 +79,23 @@ class EMAConfig:
 
 
 @dataclasses.dataclass
+class PromptMeanConfig:
+    # Denoise around each prompt's mean latent (trainer/diffusion/edm.py, PromptMean): the ridge
+    # regression of the training latents on their pooled prompt embeddings, fitted before training on up
+    # to `max_samples` evenly spread over the streams (by their proportions) and then fixed; the ridge
+    # is the one of `ridges` with the least squared error on data.eval_path (the smallest without one).
+    enabled: bool = False
+    max_samples: int = 20000
+    ridges: list[float] = dataclasses.field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+
+    def __post_init__(self):
+        if self.max_samples < 2:
+            raise ValueError(f"max_samples must be >= 2, got {self.max_samples}")
+        if not self.ridges or any(r <= 0 for r in self.ridges):
+            raise ValueError(f"ridges must be a non-empty list of values > 0, got {self.ridges}")
+
+
+@dataclasses.dataclass
 class DiffusionTrainConfig:
     task: Literal["diffusion"] = "diffusion"
     out_dir: str = "out/diffusion"
@@ -86,6 +103,7 @@ class DiffusionTrainConfig:
     model: DenoiserConfig = dataclasses.field(default_factory=DenoiserConfig)
     data: LatentDataConfig = dataclasses.field(default_factory=LatentDataConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    prompt_mean: PromptMeanConfig = dataclasses.field(default_factory=PromptMeanConfig)
     mask_ratio: float = 0.0             # share of latent tokens dropped per sample (stage 1: 0.75)
     cfg_dropout: float = 0.1            # P(prompt -> learned null prompt), classifier-free guidance
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -129,6 +147,8 @@ class DiffusionTrainConfig:
         if self.mask_ratio > 0 and self.model.kind != "moe_dit":
             raise ValueError(f"mask_ratio={self.mask_ratio} needs model.kind moe_dit (the {self.model.kind} "
                              "backbone cannot drop tokens)")
+        if self.prompt_mean.enabled and self.model.prompt_dim == 0:
+            raise ValueError("prompt_mean.enabled needs a prompt-conditioned model (model.prompt_dim > 0)")
 
 
 CONFIG = DiffusionTrainConfig
@@ -162,6 +182,45 @@ def check_data(cfg: DiffusionTrainConfig) -> dict:
     if len(stats["channel_mean"]) != C:
         raise ConfigError(f"{cfg.data.stats_file()}: {len(stats['channel_mean'])} channels, the model has {C}")
     return stats
+
+
+def _read_prompt_latent_pairs(paths: list[str], limits: list[int], normalizer):
+    """(pooled [N, D], normalized latents [N, T, C]) of `limits[i]` samples evenly spread over paths[i]."""
+    import numpy as np
+    import torch
+
+    from data_prep.mds import LocalMDS
+
+    pooled, latents = [], []
+    for path, limit in zip(paths, limits):
+        ds = LocalMDS(path)
+        for i in ds.spread(max(limit, 1)):
+            r = ds[i]
+            if "prompt_pooled" in r:
+                p = np.asarray(r["prompt_pooled"], np.float32)
+            elif "prompt_emb" in r:   # the masked mean of the tokens, as Prompt.pooled_or_mean does
+                p = np.asarray(r["prompt_emb"], np.float32)[:max(int(r["prompt_len"]), 1)].mean(0)
+            else:
+                raise ConfigError(f"prompt_mean.enabled: {path} holds no prompt embeddings")
+            pooled.append(p)
+            latents.append(np.asarray(r["latent"], np.float32))
+    return torch.from_numpy(np.stack(pooled)), normalizer(torch.from_numpy(np.stack(latents)))
+
+
+def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
+    """(PromptMean, info) fitted on the training streams; the ridge chosen on data.eval_path. Every rank
+    reads the same samples, so every rank gets the same module."""
+    from trainer.diffusion.edm import PromptMean
+
+    streams = cfg.data.stream_paths()
+    props = [s.proportion for s in streams]
+    if any(p is None for p in props):
+        props = [1.0] * len(streams)
+    n = cfg.prompt_mean.max_samples
+    train = _read_prompt_latent_pairs([s.path for s in streams], [round(n * p / sum(props)) for p in props],
+                                      normalizer)
+    val = _read_prompt_latent_pairs([cfg.data.eval_path], [n], normalizer) if cfg.data.eval_path else None
+    return PromptMean.fit(*train, ridges=cfg.prompt_mean.ridges, val=val)
 
 
 def prompt_shape(cfg: DiffusionTrainConfig) -> Optional[tuple[int, int]]:
@@ -335,7 +394,7 @@ def run(cfg: DiffusionTrainConfig) -> dict:
     from trainer import callbacks as cb
     from trainer.composer_diffusion import DiffusionComposerModel, measure_flops_per_sample
     from trainer.data import build_latent_dataloader
-    from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond
+    from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond, PromptMean
     from trainer.export import save_denoiser
     from trainer.models.denoisers import build_denoiser
 
@@ -354,7 +413,14 @@ def run(cfg: DiffusionTrainConfig) -> dict:
     eval_dl = build_latent_dataloader(cfg.data, per_rank, eval=True)[0] if cfg.data.eval_path else None
     edm = EDMConfig(sigma_data=normalizer.sigma_data, P_mean=cfg.loss.P_mean, P_std=cfg.loss.P_std,
                     self_cond_prob=cfg.loss.self_cond_prob, seed=cfg.seed)
-    net = EDMPrecond(build_denoiser(cfg.model), sigma_data=edm.sigma_data)
+    prompt_mean = None
+    if cfg.prompt_mean.enabled:
+        t_fit = time.time()
+        prompt_mean, fit = fit_prompt_mean(cfg, normalizer)
+        log.info(f"prompt_mean: ridge regression of {fit['n_train']} training latents on their pooled prompts "
+                 f"in {time.time() - t_fit:.1f} s: ridge {fit['ridge']:g}, R^2 {fit['r2_train']:.4f} (train)"
+                 + (f", {fit['r2_val']:.4f} ({fit['n_val']} held out)" if "r2_val" in fit else ""))
+    net = EDMPrecond(build_denoiser(cfg.model), sigma_data=edm.sigma_data, prompt_mean=prompt_mean)
     model = DiffusionComposerModel(net, EDMLoss(edm), cfg.mask_ratio, cfg.cfg_dropout, cfg.ema.decay)
     model.flops_per_sample = measure_flops_per_sample(net, (cfg.model.latent_tokens, cfg.model.latent_dim),
                                                       prompt_shape(cfg), cfg.mask_ratio,
@@ -399,18 +465,25 @@ def run(cfg: DiffusionTrainConfig) -> dict:
         parallelism_config = {"fsdp": FSDP2Config(state_dict_type=cfg.fsdp_state_dict)}
     algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=cfg.optim.grad_clip_norm)] \
         if cfg.optim.grad_clip_norm > 0 else []
-    trainer = Trainer(
-        model=model, train_dataloader=train_dl, eval_dataloader=eval_dl, max_duration=cfg.max_duration,
-        optimizers=opt,
-        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=cfg.optim.warmup, alpha_f=cfg.optim.alpha_f),
-        algorithms=algorithms, eval_interval=cfg.eval_interval if eval_dl is not None else 0,
-        eval_subset_num_batches=cfg.eval_batches, precision=_precision(cfg.precision), device=device,
-        seed=cfg.seed, parallelism_config=parallelism_config,
-        save_folder=ckpt_dir, save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
-        autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
-        load_path=cfg.load_path or None, load_weights_only=cfg.load_weights_only,
-        callbacks=callbacks, loggers=loggers, progress_bar=True, log_to_console=False)
+    try:
+        trainer = Trainer(
+            model=model, train_dataloader=train_dl, eval_dataloader=eval_dl, max_duration=cfg.max_duration,
+            optimizers=opt,
+            schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=cfg.optim.warmup, alpha_f=cfg.optim.alpha_f),
+            algorithms=algorithms, eval_interval=cfg.eval_interval if eval_dl is not None else 0,
+            eval_subset_num_batches=cfg.eval_batches, precision=_precision(cfg.precision), device=device,
+            seed=cfg.seed, parallelism_config=parallelism_config,
+            save_folder=ckpt_dir, save_interval=cfg.save_interval,
+            save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
+            autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
+            load_path=cfg.load_path or None, load_weights_only=cfg.load_weights_only,
+            callbacks=callbacks, loggers=loggers, progress_bar=True, log_to_console=False)
+    except RuntimeError as e:  # a stage hand-over between runs with and without the prompt's mean latent
+        if "prompt_mean." not in str(e):
+            raise
+        raise ConfigError(f"load_path: {cfg.load_path} was trained with{'out' if cfg.prompt_mean.enabled else ''} "
+                          f"prompt_mean, this run has prompt_mean.enabled={str(cfg.prompt_mean.enabled).lower()}: "
+                          "set it alike in both stages") from None
     restore_rng.take(trainer)
     t0 = time.time()
     try:
@@ -426,11 +499,12 @@ def run(cfg: DiffusionTrainConfig) -> dict:
                "flops_per_sample": model.flops_per_sample, "param_optim_bytes_per_rank": param_optim_bytes(model, opt),
                **final}
     if dist.get_global_rank() == 0:
-        out = EDMPrecond(build_denoiser(cfg.model), sigma_data=edm.sigma_data)
+        pm = PromptMean(cfg.model.prompt_dim, prompt_mean.latent_shape) if prompt_mean is not None else None
+        out = EDMPrecond(build_denoiser(cfg.model), sigma_data=edm.sigma_data, prompt_mean=pm)
         out.load_state_dict(ema)
         save_denoiser(export, out, cfg.model, stats, cfg.data.normalize,
                       extra={"weights": "ema", "ema_decay": cfg.ema.decay, "batches": batches,
-                             "mask_ratio": cfg.mask_ratio, "run_name": cfg.run_name})
+                             "mask_ratio": cfg.mask_ratio, "run_name": cfg.run_name, "prompt_mean": pm is not None})
         tmp = os.path.join(cfg.out_dir, ".train_summary.json.tmp")
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=2)

@@ -54,13 +54,84 @@ def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
-class EDMPrecond(nn.Module):
-    """Wraps a backbone F_theta (any module behind the seam) into the denoiser D_theta(x; sigma)."""
+class PromptMean(nn.Module):
+    """A prompt's mean latent m(c) = (pooled(c) - p0) W + y0, fitted before training and then fixed.
 
-    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
+    W is the ridge regression of the (normalized) training latents on their pooled prompt embeddings:
+    the best linear guess of what a prompt says about its latent. EDMPrecond denoises around it
+    (D = m + D'(x - m)), so a prompt's coarse effect (form, meter: a shift of the latents' mean) is in
+    place from the first step at every noise level instead of being learnt slowly by the backbone from a
+    small share of the loss. The unconditional branch (the learned null prompt, or no prompt) gets y0,
+    the training latents' mean."""
+
+    def __init__(self, prompt_dim: int, latent_shape: tuple[int, int]):
+        super().__init__()
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        n = self.latent_shape[0] * self.latent_shape[1]
+        self.register_buffer("weight", torch.zeros(prompt_dim, n))
+        self.register_buffer("prompt_center", torch.zeros(prompt_dim))
+        self.register_buffer("latent_center", torch.zeros(n))
+
+    def forward(self, pooled: Optional[torch.Tensor], batch: int,
+                null_pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """pooled [B, D] (None = no prompt) -> m [B, T, C]; rows equal to `null_pooled` get y0."""
+        y0 = self.latent_center
+        if pooled is None:
+            return y0.view(1, *self.latent_shape).expand(batch, -1, -1)
+        m = (pooled.to(self.weight.dtype) - self.prompt_center) @ self.weight + y0
+        if null_pooled is not None:
+            null = (pooled == null_pooled.to(pooled.dtype).view(1, -1)).all(-1, keepdim=True)   # [B, 1]
+            m = torch.where(null, y0.view(1, -1), m)
+        return m.view(batch, *self.latent_shape)
+
+    @classmethod
+    def fit(cls, pooled: torch.Tensor, latents: torch.Tensor, ridges=(1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+            val: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple["PromptMean", dict]:
+        """Ridge regression of latents [N, T, C] on pooled [N, D]. Each ridge is relative to the mean
+        eigenvalue of the prompts' covariance; with `val` (pooled, latents) the one with the lowest
+        held-out squared error is kept, else the smallest. Returns (module, {ridge, r2_train, r2_val})."""
+        N, D = pooled.shape
+        shape = latents.shape[1:]
+        X = pooled.double()
+        Y = latents.reshape(N, -1).double()
+        p0, y0 = X.mean(0), Y.mean(0)
+        Xc, Yc = X - p0, Y - y0
+        ev, V = torch.linalg.eigh(Xc.T @ Xc)
+        ev = ev.clamp(min=0)
+        XtY_V = V.T @ (Xc.T @ Yc)                                          # [D, n] in the eigenbasis
+        scale = float(ev.mean()) or 1.0
+
+        def weight(r: float) -> torch.Tensor:
+            return V @ (XtY_V / (ev + r * scale).unsqueeze(1))
+
+        def r2(W: torch.Tensor, Xs: torch.Tensor, Ys: torch.Tensor) -> float:
+            err = (Ys.reshape(len(Ys), -1).double() - ((Xs.double() - p0) @ W + y0)).pow(2).sum()
+            tot = (Ys.reshape(len(Ys), -1).double() - y0).pow(2).sum()
+            return float(1 - err / tot)
+
+        scores = {r: r2(weight(r), *val) for r in ridges} if val is not None and len(val[0]) else {}
+        best = max(scores, key=scores.get) if scores else min(ridges)
+        W = weight(best)
+        out = cls(D, shape)
+        out.weight.copy_(W.float())
+        out.prompt_center.copy_(p0.float())
+        out.latent_center.copy_(y0.float())
+        info = {"ridge": best, "r2_train": r2(W, pooled, latents), "n_train": N,
+                **({"r2_val": scores[best], "r2_val_by_ridge": scores, "n_val": len(val[0])} if scores else {})}
+        return out, info
+
+
+class EDMPrecond(nn.Module):
+    """Wraps a backbone F_theta (any module behind the seam) into the denoiser D_theta(x; sigma).
+
+    With a `prompt_mean` it denoises the latent's offset from the prompt's mean latent:
+    D(x; sigma, c) = m(c) + c_skip (x - m(c)) + c_out F(c_in (x - m(c)); ...)."""
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, prompt_mean: Optional[PromptMean] = None):
         super().__init__()
         self.backbone = backbone
         self.sigma_data = float(sigma_data)
+        self.prompt_mean = prompt_mean
 
     def null_prompt(self, batch: int, length: Optional[int] = None) -> Prompt:
         return self.backbone.null_prompt(batch, length)
@@ -77,13 +148,21 @@ class EDMPrecond(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         bc = (lambda c: c.view(-1, 1, 1))                                # [B] -> [B, 1, 1]
+        m = None
+        if self.prompt_mean is not None:
+            p = prompt or Prompt()
+            null = getattr(self.backbone, "null_pooled", None)
+            m = self.prompt_mean(p.pooled_or_mean(), x.shape[0], None if null is None else null.detach()).to(x.dtype)
+            x = x - m
+            if self_cond is not None:
+                self_cond = self_cond - m
         extra = {}
         if self.self_conditioning:  # the estimate enters at unit scale, like c_in * x
             extra["self_cond"] = None if self_cond is None else self_cond / self.sigma_data
         out = self.backbone(bc(c_in) * x, c_noise, **(prompt or Prompt()).kwargs(),
                             mask_ratio=mask_ratio, keep_idx=keep_idx, **extra)
         D = bc(c_skip) * x + bc(c_out) * out.sample.to(x.dtype)
-        return DenoiserOutput(D, out.keep)
+        return DenoiserOutput(D if m is None else D + m, out.keep)
 
 
 class EDMLossOutput(NamedTuple):
