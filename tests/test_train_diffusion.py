@@ -323,7 +323,7 @@ def test_prompt_mean_is_fitted_before_training_checkpointed_and_exported(tmp_pat
     assert r2 > 0.3, r2
     # Without it the export has none (and the older exports, without the key, load as before).
     r = run_cli("train", FINETUNE, *base(planted, tmp_path / "plain", "max_duration=1ba", "load_path=",
-                                         "model.prompt_dim=16", eval=False))
+                                         "model.prompt_dim=16", "prompt_mean.enabled=false", eval=False))
     assert r.returncode == 0, r.stderr[-3000:]
     net, meta = load_denoiser(str(tmp_path / "plain" / "denoiser"))
     assert meta["prompt_mean"] is False and net.prompt_mean is None
