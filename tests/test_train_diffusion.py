@@ -3,6 +3,7 @@ shards): stage 1 -> stage 2 through `latentverse train`, the EMA is what is expo
 SIGKILL mid-epoch and resume gives every sample once per epoch and the same weights as an
 uninterrupted run, a kill half-way through a checkpoint write, stale shared memory, a NaN loss, and
 bad YAMLs refused in one line."""
+import copy
 import json
 import os
 import re
@@ -145,7 +146,8 @@ def test_ema_is_exported_differs_from_raw_and_is_what_is_sampled(two_stages):
     assert len(last) == 2 and [b.split("\n", 1)[1].rstrip("\n") for b in last] == poems
     assert "batch 3 | " in text and "sample at batch 3" in two_stages["r1"].stderr
     # the raw weights denoise differently from the EMA ones
-    raw = type(net)(net.backbone.__class__(net.backbone.cfg, prompt_dim=384), sigma_data=net.sigma_data)
+    raw = type(net)(net.backbone.__class__(net.backbone.cfg, prompt_dim=384), sigma_data=net.sigma_data,
+                    prompt_mean=copy.deepcopy(net.prompt_mean))
     raw.load_state_dict({k: final[f"train_step.net.{k}"] for k in exported})
     xs = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
