@@ -30,7 +30,8 @@ here (and the training / generate / export jobs) may rely on:
 `Prompt(emb, mask, pooled)` bundles the three prompt tensors; `prompt.kwargs()` spreads them into
 the call above. `EDMPrecond(backbone, sigma_data)` turns any backbone into the denoiser
 D(x; sigma) of Karras et al. (2022) (with a `PromptMean`, the denoiser of the latent's offset from
-the prompt's mean latent; it tells the null prompt by `backbone.null_pooled`); `EDMLoss` trains it; `edm_sampler` samples from it.
+the prompt's mean latent; it tells the null prompt by `backbone.null_pooled`); `EDMLoss` trains it;
+`edm_sampler` samples from it.
 Nothing here imports Composer.
 """
 from trainer.diffusion.seam import DenoiserOutput, Prompt  # noqa: F401
