@@ -323,6 +323,16 @@ def test_prompt_mean_is_fitted_before_training_checkpointed_and_exported(tmp_pat
     m = net.prompt_mean(torch.tensor(np.stack([r_["prompt_pooled"] for r_ in rows]), dtype=torch.float32), len(rows))
     r2 = 1 - float((lat - m).pow(2).sum() / (lat - lat.mean(0)).pow(2).sum())
     assert r2 > 0.3, r2
+    # Without a held-out split every 10th training sample chooses the ridge: a planted effect keeps a
+    # small one, pure noise (the same shards without it) gets the largest.
+    from trainer.train_diffusion import fit_prompt_mean
+
+    pm, info = fit_prompt_mean(_load(*base(planted, out), "prompt_mean.enabled=true", "model.prompt_dim=16"), norm)
+    assert info["n_train"] == 96 and info["n_val"] == 9 and info["ridge"] < 1.0 and info["r2_val"] > 0.2
+    noise = write_latent_shards(tmp_path / "noise", n_train=96, n_val=8, prompt_dim=16)
+    _, info = fit_prompt_mean(_load(*base(noise, out), "prompt_mean.enabled=true", "model.prompt_dim=16",
+                                    "prompt_mean.ridges=[0.001, 0.1, 1000]"), norm)
+    assert info["ridge"] == 1000 and info["n_val"] == 9
     # Without it the export has none (and the older exports, without the key, load as before).
     r = run_cli("train", FINETUNE, *base(planted, tmp_path / "plain", "max_duration=1ba", "load_path=",
                                          "model.prompt_dim=16", "prompt_mean.enabled=false", eval=False))

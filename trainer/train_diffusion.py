@@ -83,7 +83,8 @@ class PromptMeanConfig:
     # Denoise around each prompt's mean latent (trainer/diffusion/edm.py, PromptMean): the ridge
     # regression of the training latents on their pooled prompt embeddings, fitted before training on up
     # to `max_samples` evenly spread over the streams (by their proportions) and then fixed; the ridge
-    # is the one of `ridges` with the least squared error on data.eval_path (the smallest without one).
+    # is the one of `ridges` with the least squared error on data.eval_path (without one, on every 10th
+    # of those samples, left out of that choice).
     enabled: bool = False
     max_samples: int = 20000
     ridges: list[float] = dataclasses.field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
@@ -208,8 +209,10 @@ def _read_prompt_latent_pairs(paths: list[str], limits: list[int], normalizer):
 
 
 def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
-    """(PromptMean, info) fitted on the training streams; the ridge chosen on data.eval_path. Every rank
-    reads the same samples, so every rank gets the same module."""
+    """(PromptMean, info) fitted on the training streams; the ridge chosen on data.eval_path (else on every
+    10th training sample). Every rank reads the same samples, so every rank gets the same module."""
+    import torch
+
     from trainer.diffusion.edm import PromptMean
 
     streams = cfg.data.stream_paths()
@@ -219,8 +222,18 @@ def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
     n = cfg.prompt_mean.max_samples
     train = _read_prompt_latent_pairs([s.path for s in streams], [round(n * p / sum(props)) for p in props],
                                       normalizer)
-    val = _read_prompt_latent_pairs([cfg.data.eval_path], [n], normalizer) if cfg.data.eval_path else None
-    return PromptMean.fit(*train, ridges=cfg.prompt_mean.ridges, val=val)
+    if cfg.data.eval_path:
+        val = _read_prompt_latent_pairs([cfg.data.eval_path], [n], normalizer)
+        return PromptMean.fit(*train, ridges=cfg.prompt_mean.ridges, val=val)
+    # No held-out split: every 10th sample chooses the ridge, then all of them are fitted with it (the
+    # smallest ridge would fit a prompt seen once to its one latent).
+    held = torch.arange(len(train[0])) % 10 == 9
+    if held.sum() < 2:
+        return PromptMean.fit(*train, ridges=[max(cfg.prompt_mean.ridges)])
+    _, chosen = PromptMean.fit(train[0][~held], train[1][~held], ridges=cfg.prompt_mean.ridges,
+                               val=(train[0][held], train[1][held]))
+    pm, info = PromptMean.fit(*train, ridges=[chosen["ridge"]])
+    return pm, {**info, **{k: v for k, v in chosen.items() if k.startswith(("r2_val", "n_val"))}}
 
 
 def prompt_shape(cfg: DiffusionTrainConfig) -> Optional[tuple[int, int]]:
