@@ -3,6 +3,7 @@ there, within its range, and the PNG panel is drawn; an autoencoder evaluation r
 import json
 import os
 
+import numpy as np
 import pytest
 
 from data_prep import encode_job
@@ -50,6 +51,18 @@ def test_generation_report(setup, tmp_path):
     assert set(form["per_value"]) == {"sonnet", "tanka", "haiku"}
     assert 0 <= form["text"]["accuracy"] <= 1                 # the same question asked of the decoded poems
     assert 0 <= form["text"]["real_held_out_accuracy"] <= 1     # (forms here are drawn apart from the text)
+    # The real poems' reference weighs the values alike, as the samples' accuracy does: the mean of the
+    # per-value accuracies of the held-out poems of each value (the plain one weighs them by their shares).
+    real = [d for d in form["per_value"].values() if "real_held_out_accuracy" in d]
+    assert real and all(d["n_real_held_out"] > 0 for d in real)
+    n = sum(d["n_real_held_out"] for d in real)
+    assert 3 <= n <= 24
+    assert form["real_held_out_balanced_accuracy"] == pytest.approx(np.mean([d["real_held_out_accuracy"] for d in real]))
+    assert form["text"]["real_held_out_balanced_accuracy"] == pytest.approx(
+        np.mean([d["real_held_out_text_accuracy"] for d in real]))
+    assert form["real_held_out_accuracy"] == pytest.approx(
+        sum(d["real_held_out_accuracy"] * d["n_real_held_out"] for d in real) / n)
+    assert "real held-out" in r.stdout
     # what a model that learnt only how the form moves the latents' mean would reach
     assert 0 <= form["conditional_gaussian_accuracy"] <= 1
     assert all(0 <= d["conditional_gaussian_accuracy"] <= 1 for d in form["per_value"].values())
