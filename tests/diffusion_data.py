@@ -16,7 +16,8 @@ def write_latent_shards(root, n_train=64, n_val=16, tokens=32, dim=64, prompt_le
     from streaming import MDSWriter
 
     rng = np.random.default_rng(seed)
-    effect = np.random.default_rng(seed + 1000).normal(size=(prompt_dim, tokens * dim)) * prompt_effect / np.sqrt(prompt_dim)
+    effect = (np.random.default_rng(seed + 1000).normal(size=(prompt_dim, tokens * dim))
+              * prompt_effect / np.sqrt(prompt_dim))
     cols = latent_columns((tokens, dim), (prompt_len, prompt_dim), prompt_dim)
     out = {}
     for split, n in (("train", n_train), ("val", n_val)):

@@ -333,7 +333,7 @@ def test_prompt_mean_is_fitted_before_training_checkpointed_and_exported(tmp_pat
     _, info = fit_prompt_mean(_load(*base(noise, out), "prompt_mean.enabled=true", "model.prompt_dim=16",
                                     "prompt_mean.ridges=[0.001, 0.1, 1000]"), norm)
     assert info["ridge"] == 1000 and info["n_val"] == 9
-    # Without it the export has none (and the older exports, without the key, load as before).
+    # Without it the export says so and has none (exports without the key, as tests/tiny.py writes, load alike).
     r = run_cli("train", FINETUNE, *base(planted, tmp_path / "plain", "max_duration=1ba", "load_path=",
                                          "model.prompt_dim=16", "prompt_mean.enabled=false", eval=False))
     assert r.returncode == 0, r.stderr[-3000:]
