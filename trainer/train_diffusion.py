@@ -191,6 +191,7 @@ def _read_prompt_latent_pairs(paths: list[str], limits: list[int], normalizer):
     import torch
 
     from data_prep.mds import LocalMDS
+    from trainer.diffusion.seam import Prompt
 
     pooled, latents = [], []
     for path, limit in zip(paths, limits):
@@ -198,14 +199,15 @@ def _read_prompt_latent_pairs(paths: list[str], limits: list[int], normalizer):
         for i in ds.spread(max(limit, 1)):
             r = ds[i]
             if "prompt_pooled" in r:
-                p = np.asarray(r["prompt_pooled"], np.float32)
-            elif "prompt_emb" in r:   # the masked mean of the tokens, as Prompt.pooled_or_mean does
-                p = np.asarray(r["prompt_emb"], np.float32)[:max(int(r["prompt_len"]), 1)].mean(0)
+                p = torch.from_numpy(np.asarray(r["prompt_pooled"], np.float32))
+            elif "prompt_emb" in r:   # what the denoiser sees in its place: the masked mean of the tokens
+                emb = torch.from_numpy(np.asarray(r["prompt_emb"], np.float32))
+                p = Prompt(emb[None], (torch.arange(len(emb)) < int(r["prompt_len"]))[None]).pooled_or_mean()[0]
             else:
                 raise ConfigError(f"prompt_mean.enabled: {path} holds no prompt embeddings")
             pooled.append(p)
             latents.append(np.asarray(r["latent"], np.float32))
-    return torch.from_numpy(np.stack(pooled)), normalizer(torch.from_numpy(np.stack(latents)))
+    return torch.stack(pooled), normalizer(torch.from_numpy(np.stack(latents)))
 
 
 def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
