@@ -33,9 +33,15 @@ class GutenbergConfig:
     seed: int = 0                       # stanza lengths come from this seed: same seed, same stanzas
     form: str = "stanza"                # the form label given to every stanza ('' for none)
     # The corpus scans every line on its own, and consecutive lines agree on their meter only 41% of
-    # the time: a stanza keeps the majority meter only when at least this share of its scanned lines
-    # have it, else its meter is left empty (0: always the majority, ties to the first met).
-    meter_agreement: float = 2 / 3
+    # the time; most lines labelled "iambic trimeter" or "trochaic tetrameter" are far longer than
+    # three or four feet (the scanner's fallbacks). With meter_syllables a line counts for its meter
+    # only when the corpus's own syllable count fits the feet: iambic 2F or 2F+1 syllables (a
+    # feminine ending), trochaic 2F-1 (catalectic) or 2F. A stanza keeps the meter most of its lines
+    # count for when at least meter_agreement of its scanned lines do and no other meter has as
+    # many; else its meter is left empty (meter_agreement 0 and meter_syllables false: always the
+    # majority, ties to the first met, as before).
+    meter_syllables: bool = True
+    meter_agreement: float = 0.5
     unit_stanzas: int = 2000            # stanzas per work unit (ranks share units)
 
     def __post_init__(self):
@@ -92,13 +98,15 @@ OGURA_FILE = ("ogura", "ogura.json")
 _gutenberg_cache: dict = {}
 
 
-def gutenberg_lines() -> tuple[list, list]:
-    """(texts, meters) of all 3,085,117 lines; loaded once per process (forked workers share it)."""
+def gutenberg_lines() -> tuple[list, list, np.ndarray]:
+    """(texts, meters, syllables) of all 3,085,117 lines; loaded once per process (forked workers
+    share it)."""
     if "lines" not in _gutenberg_cache:
         import pandas as pd
         path = package_file(*GUTENBERG_FILE, key="sources.gutenberg")
         df = pd.read_pickle(path, compression="gzip")
-        _gutenberg_cache["lines"] = (df["text"].tolist(), df["meter"].tolist())
+        _gutenberg_cache["lines"] = (df["text"].tolist(), df["meter"].tolist(),
+                                     df["syllables"].to_numpy(np.int64))
     return _gutenberg_cache["lines"]
 
 
@@ -118,7 +126,7 @@ def stanza_bounds(n_lines: int, cfg: GutenbergConfig) -> np.ndarray:
 
 
 def gutenberg_units(cfg: GutenbergConfig) -> list[Unit]:
-    texts, _ = gutenberg_lines()
+    texts = gutenberg_lines()[0]
     bounds = stanza_bounds(len(texts), cfg)
     units = []
     for lo in range(0, len(bounds) - 1, cfg.unit_stanzas):
@@ -127,16 +135,44 @@ def gutenberg_units(cfg: GutenbergConfig) -> list[Unit]:
     return units
 
 
+_FEET = {"monometer": 1, "dimeter": 2, "trimeter": 3, "tetrameter": 4, "pentameter": 5, "hexameter": 6,
+         "heptameter": 7, "octameter": 8}
+
+
+def meter_fits(meter: str, syllables: int) -> bool:
+    """Whether a line of `syllables` syllables can be in `meter` ("iambic pentameter": 10 or 11;
+    "trochaic tetrameter": 7 or 8). A meter this does not know how to count always fits."""
+    kind, _, name = meter.partition(" ")
+    feet = _FEET.get(name)
+    if feet is None or kind not in ("iambic", "trochaic", "anapestic", "dactylic"):
+        return True
+    per_foot = 2 if kind in ("iambic", "trochaic") else 3
+    full = per_foot * feet
+    # Rising feet may add an unstressed syllable at the end; falling feet may drop theirs.
+    return full <= syllables <= full + 1 if kind in ("iambic", "anapestic") else full - (per_foot - 1) <= syllables <= full
+
+
+def stanza_meter(meters: list, syllables, cfg: GutenbergConfig) -> str:
+    """The meter of a stanza from its lines' (see GutenbergConfig.meter_syllables); '' when unclear."""
+    scanned = [(m, s) for m, s in zip(meters, syllables) if isinstance(m, str) and m and m != "null"]
+    votes = collections.Counter(m for m, s in scanned if not cfg.meter_syllables or meter_fits(m, int(s)))
+    if not votes:
+        return ""
+    ranked = votes.most_common(2)
+    meter, n = ranked[0]
+    if n < cfg.meter_agreement * len(scanned):
+        return ""
+    if cfg.meter_agreement > 0 and len(ranked) > 1 and ranked[1][1] == n:
+        return ""
+    return meter
+
+
 def read_gutenberg(bounds: tuple, cfg: GutenbergConfig, report: Report) -> Iterator[Record]:
-    texts, meters = gutenberg_lines()
+    texts, meters, syllables = gutenberg_lines()
     for a, b in zip(bounds[:-1], bounds[1:]):
         lines = [t if isinstance(t, str) else "" for t in texts[a:b]]
-        # The stanza's meter is the majority meter of its lines (ties: the first met), kept when
-        # enough of the lines agree on it.
-        votes = collections.Counter(m for m in meters[a:b] if isinstance(m, str) and m and m != "null")
-        meter, n = votes.most_common(1)[0] if votes else ("", 0)
-        if meter and n < cfg.meter_agreement * sum(votes.values()):
-            meter = ""
+        meter = stanza_meter(meters[a:b], syllables[a:b], cfg)
+        if not meter:
             report.repair("meter_unclear", f"gutenberg:lines {a}-{b - 1}")
         yield Record(text="\n".join(lines), source="gutenberg", form=cfg.form, meter=meter,
                      origin=f"gutenberg:lines {a}-{b - 1}")

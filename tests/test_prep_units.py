@@ -83,37 +83,57 @@ def test_ogura_tanka_with_poets():
     assert len(jp) == 3 and jp[0].author == "天智天皇" and len(jp[0].text.split("\n")) == 5
 
 
-def test_gutenberg_slice_stanzas_and_majority_meter():
+def test_gutenberg_slice_stanzas_and_meter():
     cfg = bundled.GutenbergConfig(start_line=100, max_stanzas=50, min_lines=2, max_lines=8, unit_stanzas=20)
     units = bundled.gutenberg_units(cfg)
     assert len(units) == 3  # 20 + 20 + 10 stanzas
     recs = [r for u in units for r in bundled.read_gutenberg(*u.arg, cfg, Report())]
     assert len(recs) == 50
-    texts, meters = bundled.gutenberg_lines()
-    assert len(texts) == 3085117
+    texts, meters, syllables = bundled.gutenberg_lines()
+    assert len(texts) == 3085117 == len(meters) == len(syllables)
     assert recs[0].text.split("\n")[0] == texts[100]
     sizes = [len(r.text.split("\n")) for r in recs]
     assert min(sizes) >= 2 and max(sizes) <= 8 and len(set(sizes)) > 1
     # consecutive: stanza k+1 starts where stanza k ended
     assert recs[1].text.split("\n")[0] == texts[100 + sizes[0]]
-    # meter = majority of the lines' meters, kept when two thirds of the lines have it
+    # meter = the meter most lines count for (their syllables fitting it), kept when half the lines do
     import collections
-    lo, kept = 100, 0
+    fits = {"iambic trimeter": (6, 7), "trochaic tetrameter": (7, 8), "iambic tetrameter": (8, 9),
+            "iambic pentameter": (10, 11), "trochaic pentameter": (9, 10)}
+    lo, kept, strict_kept = 100, 0, 0
     for r, n in zip(recs, sizes):
-        votes = collections.Counter(m for m in meters[lo:lo + n] if m != "null")
-        top, count = votes.most_common(1)[0]
-        assert r.meter == (top if 3 * count >= 2 * sum(votes.values()) else "")
+        scanned = [(m, s) for m, s in zip(meters[lo:lo + n], syllables[lo:lo + n]) if m != "null"]
+        votes = collections.Counter(m for m, s in scanned if s in fits[m])
+        ranked = votes.most_common()
+        ok = ranked and 2 * ranked[0][1] >= len(scanned) and (len(ranked) == 1 or ranked[1][1] < ranked[0][1])
+        assert r.meter == (ranked[0][0] if ok else "")
+        if r.meter:
+            assert sum(s in fits[r.meter] for m, s in scanned if m == r.meter) * 2 >= len(scanned)
         kept += bool(r.meter)
         lo += n
     assert 0 < kept < len(recs)
     report = Report()
     assert sum(1 for u in units for _ in bundled.read_gutenberg(*u.arg, cfg, report)) == 50
     assert report.repaired["meter_unclear"]["count"] == len(recs) - kept
-    # meter_agreement=0: always the majority
-    loose = dataclasses.replace(cfg, meter_agreement=0.0)
+    # the corpus's own labels: two thirds of the lines agreeing keep more stanzas than fitting ones
+    old = dataclasses.replace(cfg, meter_syllables=False, meter_agreement=2 / 3)
+    lo = 100
+    for r, n in zip([r for u in units for r in bundled.read_gutenberg(*u.arg, old, Report())], sizes):
+        votes = collections.Counter(m for m in meters[lo:lo + n] if m != "null")
+        top, count = votes.most_common(1)[0]
+        assert r.meter == (top if 3 * count >= 2 * sum(votes.values()) else "")
+        strict_kept += bool(r.meter)
+        lo += n
+    assert strict_kept > kept
+    # meter_agreement=0 without the syllable check: always the majority
+    loose = dataclasses.replace(cfg, meter_agreement=0.0, meter_syllables=False)
     assert all(r.meter for u in units for r in bundled.read_gutenberg(*u.arg, loose, Report()))
     with pytest.raises(ValueError, match="meter_agreement"):
         bundled.GutenbergConfig(meter_agreement=1.5)
+    assert [bundled.meter_fits("iambic pentameter", n) for n in (9, 10, 11, 12)] == [False, True, True, False]
+    assert [bundled.meter_fits("trochaic tetrameter", n) for n in (6, 7, 8, 9)] == [False, True, True, False]
+    assert [bundled.meter_fits("dactylic dimeter", n) for n in (3, 4, 5, 6, 7)] == [False, True, True, True, False]
+    assert bundled.meter_fits("free verse", 3)  # a meter it cannot count always fits
     # same seed, same stanzas; another seed, others
     assert [r.text for u in bundled.gutenberg_units(cfg) for r in bundled.read_gutenberg(*u.arg, cfg, Report())] \
         == [r.text for r in recs]
