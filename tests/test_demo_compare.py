@@ -46,3 +46,23 @@ def test_token_stages_mirror_the_bart_diffusion_stages():
         assert main[a].quick == tok[b].quick
     outs = [o for s in tok.values() for o in s.overrides if o.startswith("out_dir=")]
     assert len(set(outs)) == len(outs) and not set(outs) & {o for s in main.values() for o in s.overrides}
+
+
+def test_a_second_run_in_the_same_folder_keeps_the_first_runs_summary(tmp_path):
+    # The real prep stage on the quick slice; the second run finds its shards done and skips the work.
+    out = str(tmp_path / "demo")
+    first = demo.run(demo.DemoConfig(out_dir=out, quick=True, only=["prep"]))
+    assert first["done"] == ["prep"] and "earlier" not in first
+    assert os.path.isfile(os.path.join(out, "text_shards", "train", "index.json"))
+    second = demo.run(demo.DemoConfig(out_dir=out, quick=True, only=["prep"]))
+    third = demo.run(demo.DemoConfig(out_dir=out, quick=True, only=["prep"]))
+    with open(os.path.join(out, "demo_summary.json")) as f:
+        saved = json.load(f)
+    assert saved["stage_seconds"] == third["stage_seconds"]
+    assert [s["stage_seconds"] for s in saved["earlier"]] == [first["stage_seconds"], second["stage_seconds"]]
+    assert "earlier" not in saved["earlier"][1]   # flat, not nested
+    # an unreadable summary is replaced, not a crash
+    with open(os.path.join(out, "demo_summary.json"), "w") as f:
+        f.write("{not json")
+    fourth = demo.run(demo.DemoConfig(out_dir=out, quick=True, only=["prep"]))
+    assert "earlier" not in fourth

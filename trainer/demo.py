@@ -146,8 +146,18 @@ def run(cfg: DemoConfig) -> dict:
         compare_latent_spaces(*reports, os.path.join(cfg.out_dir, "latent_comparison"))
     summary = {"out_dir": os.path.abspath(cfg.out_dir), "done": done, "skipped": skipped,
                "seconds": round(time.time() - t_all, 1), "stage_seconds": timings, "quick": cfg.quick}
-    with open(os.path.join(cfg.out_dir, "demo_summary.json"), "w") as f:
+    # A run in the same folder (the latent comparison after the demo, a resumed demo) keeps the
+    # summaries before it, so the first run's stage times are not lost to one whose stages skipped.
+    path = os.path.join(cfg.out_dir, "demo_summary.json")
+    try:
+        with open(path) as f:
+            before = json.load(f)
+        summary["earlier"] = before.pop("earlier", []) + [before]
+    except (OSError, ValueError, AttributeError):
+        pass
+    with open(path + ".tmp", "w") as f:
         json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)
     print(f"demo: ran {done or 'no stages'}; not built yet: {skipped or 'none'}; "
           f"{summary['seconds']} s; output in {summary['out_dir']}")
     return summary
