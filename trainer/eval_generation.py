@@ -326,8 +326,9 @@ def plot_panel(r: dict, png: str) -> str:
         for j, (name, valid, mv) in enumerate(bars):
             ax[1, 2].bar(xs + (j - (len(bars) - 1) / 2) * w, [valid, mv if isinstance(mv, float) else 0.0], w, label=name)
         ax[1, 2].set_xticks(xs, ["word validity", "MAUVE"])
-        ax[1, 2].set_ylim(0, 1.05)
-        ax[1, 2].legend(fontsize=7)
+        ax[1, 2].set_ylim(0, 1.3)   # room above the bars for the legend
+        ax[1, 2].set_yticks(np.linspace(0, 1, 6))
+        ax[1, 2].legend(fontsize=7, loc="upper center", ncol=3)
     ax[1, 2].set_title("samples vs draws from the latents' Gaussian" + (" (lexicon)" if r.get("decode_lexicon") else ""))
     fr = r["frechet"]
     ax[0, 0].bar(["generated vs real", "real vs real"], [fr["generated_vs_real"], fr["real_vs_real"]],
@@ -362,8 +363,9 @@ def plot_panel(r: dict, png: str) -> str:
         for x, v in zip(xs, adh.values()):
             ax[1, 1].hlines(v["chance"], x - 0.4, x + 0.4, colors="k", linestyles=":")
         ax[1, 1].set_xticks(xs, list(adh))
-        ax[1, 1].legend(fontsize=7)
-    ax[1, 1].set_ylim(0, 1.05)
+        ax[1, 1].legend(fontsize=7, loc="upper center", ncol=2)
+    ax[1, 1].set_ylim(0, 1.45)   # room above the bars for the legend
+    ax[1, 1].set_yticks(np.linspace(0, 1, 6))
     ax[1, 1].set_title("prompt adherence (dotted: chance)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
