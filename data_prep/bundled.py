@@ -139,17 +139,27 @@ _FEET = {"monometer": 1, "dimeter": 2, "trimeter": 3, "tetrameter": 4, "pentamet
          "heptameter": 7, "octameter": 8}
 
 
+# Each foot's stresses (1 stressed, 0 not).
+FEET_STRESS = {"iambic": "01", "trochaic": "10", "anapestic": "001", "dactylic": "100"}
+
+
+def meter_templates(meter: str) -> list[str]:
+    """The stress patterns of a line in `meter` ("iambic trimeter": 010101 or 0101010): a rising foot
+    may add an unstressed syllable at the end, a falling foot may drop its unstressed ones. [] for a
+    meter this does not know how to count ("free verse")."""
+    kind, _, name = meter.strip().lower().partition(" ")
+    feet, foot = _FEET.get(name), FEET_STRESS.get(kind)
+    if feet is None or foot is None:
+        return []
+    full = foot * feet
+    return [full, full + "0"] if foot.endswith("1") else [full[:len(full) - k] for k in range(len(foot))]
+
+
 def meter_fits(meter: str, syllables: int) -> bool:
     """Whether a line of `syllables` syllables can be in `meter` ("iambic pentameter": 10 or 11;
     "trochaic tetrameter": 7 or 8). A meter this does not know how to count always fits."""
-    kind, _, name = meter.partition(" ")
-    feet = _FEET.get(name)
-    if feet is None or kind not in ("iambic", "trochaic", "anapestic", "dactylic"):
-        return True
-    per_foot = 2 if kind in ("iambic", "trochaic") else 3
-    full = per_foot * feet
-    # Rising feet may add an unstressed syllable at the end; falling feet may drop theirs.
-    return full <= syllables <= full + 1 if kind in ("iambic", "anapestic") else full - (per_foot - 1) <= syllables <= full
+    patterns = meter_templates(meter)
+    return not patterns or any(len(t) == syllables for t in patterns)
 
 
 def stanza_meter(meters: list, syllables, cfg: GutenbergConfig) -> str:

@@ -152,3 +152,20 @@ def test_config_refuses_bad_values_in_one_line(bad):
         C.from_dict(AutoencoderConfig, bad, source="x.yaml")
     msg = str(e.value)
     assert msg.startswith("x.yaml: ") and next(iter(bad)) in msg and "\n" not in msg
+
+
+def test_gumbel_max_draws_from_the_softmax_at_the_temperature():
+    """The sampled readings' processor: the argmax of scores / T plus its noise is a draw from
+    softmax(scores / T); a token ruled out stays out; the same generator seed, the same draws."""
+    import math
+
+    from trainer.models.autoencoder import _GumbelMax
+
+    scores = torch.tensor([[0.0, math.log(2.0), float("-inf"), -1.0]]).repeat(20000, 1)
+    for t in (1.0, 0.5):
+        picks = _GumbelMax(t, torch.Generator().manual_seed(0))(None, scores).argmax(-1)
+        p = torch.softmax(scores[0] / t, -1)
+        freq = torch.bincount(picks, minlength=4) / len(picks)
+        assert freq[2] == 0 and torch.allclose(freq, p, atol=0.015), (t, freq, p)
+    a = _GumbelMax(0.7, torch.Generator().manual_seed(3))(None, scores[:50])
+    assert torch.equal(a, _GumbelMax(0.7, torch.Generator().manual_seed(3))(None, scores[:50]))

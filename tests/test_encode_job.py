@@ -16,7 +16,8 @@ from .conftest import run_cli
 FORMS = ["sonnet", "tanka", "haiku", ""]
 
 
-def write_text_shards(root, n_train=40, n_val=12):
+def write_text_shards(root, n_train=40, n_val=12, meters=()):
+    """Poems of random words with forms (and, given `meters`, meters in turn, named in the prompt)."""
     from streaming import MDSWriter
 
     from data_prep.schema import LABELS, TEXT_COLUMNS
@@ -30,7 +31,11 @@ def write_text_shards(root, n_train=40, n_val=12):
                 form = FORMS[i % len(FORMS)]
                 labels = {k: "" for k in LABELS}
                 labels["form"] = form
-                w.write({"id": f"{split}-{i}", "text": text, "prompt": f"{form} about the sea" if form else "",
+                prompt = f"{form} about the sea" if form else ""
+                if meters:
+                    labels["meter"] = meters[i % len(meters)]
+                    prompt = f"{form or 'poem'} in {labels['meter']}"
+                w.write({"id": f"{split}-{i}", "text": text, "prompt": prompt,
                          "source": "jsonl", **labels, "n_tokens": 8})
     return str(root)
 

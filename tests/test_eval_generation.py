@@ -20,7 +20,7 @@ def setup(tmp_path_factory):
     from trainer.pipeline import PipelineConfig, export_pipeline
 
     root = tmp_path_factory.mktemp("evalgen")
-    text = write_text_shards(root / "text", n_train=48, n_val=24)
+    text = write_text_shards(root / "text", n_train=48, n_val=24, meters=("iambic trimeter", "trochaic trimeter"))
     ae = tiny_autoencoder(str(root / "ae"), lexicon=True)
     encode_job.run(C.load(encode_job.EncodeConfig, None, [
         f"out_dir={root / 'lat'}", f"autoencoder={ae}", f"data.path={text}", "data.splits=[train, val]",
@@ -67,7 +67,17 @@ def test_generation_report(setup, tmp_path):
     assert 0 <= form["conditional_gaussian_accuracy"] <= 1
     assert all(0 <= d["conditional_gaussian_accuracy"] <= 1 for d in form["per_value"].values())
     assert "label-conditional Gaussian" in r.stdout
-    assert "skipped" in rep["adherence"]["meter"]            # the tiny corpus has no meter labels
+    # The meter prompts ("sonnet in iambic trimeter") get the best-scanning of the pipeline's 32 readings:
+    # they scan at least as well as the greedy readings, which are reported beside.
+    assert rep["decode_meter_readings"] == 32
+    meter = rep["adherence"]["meter"]
+    assert set(meter["per_value"]) == {"iambic trimeter", "trochaic trimeter"}
+    for v, d in meter["per_value"].items():
+        assert " in " + v in d["prompt"] and 0 <= d["scansion_greedy"] <= d["scansion"] <= 1, d
+        assert 0 <= d["real_held_out_scansion"] <= 1 and 0 <= d["text_accuracy_greedy"] <= 1
+    assert sum(d["scansion"] for d in meter["per_value"].values()) > sum(d["scansion_greedy"] for d in meter["per_value"].values())
+    assert 0 <= meter["text"]["accuracy_greedy"] <= 1 and 0 <= meter["text"]["accuracy_free_greedy"] <= 1
+    assert "greedy reading" in r.stdout and 0 <= rep["word_validity"]["generated_free_greedy"] <= 1
     assert isinstance(rep["mauve"], (float, str))
     lin = rep["denoiser_vs_linear"]
     assert set(lin) == {"0.2", "0.4", "0.8", "1.5"}
@@ -104,16 +114,18 @@ def test_generation_eval_samples_with_its_own_steps_and_churn(setup):
     from trainer.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(setup["pipe"])
-    x, lat, txt = _generate(pipe, ["sonnet"], EvalGenerationConfig(samples_per_prompt=2, steps=3, churn=40.0))
+    x, lat, txt, greedy = _generate(pipe, ["sonnet"], EvalGenerationConfig(samples_per_prompt=2, steps=3, churn=40.0))
     ref, _ = pipe.sample_latents(["sonnet"], 2, steps=3, churn=40.0)
     assert torch.equal(x, ref) and lat.shape == (2, 32, 64) and len(txt) == 2
-    plain, _, _ = _generate(pipe, ["sonnet"], EvalGenerationConfig(samples_per_prompt=2, steps=3))
+    assert greedy is txt                                    # no meter named: only the greedy reading
+    plain, *_ = _generate(pipe, ["sonnet"], EvalGenerationConfig(samples_per_prompt=2, steps=3))
     assert not torch.equal(plain, x)
 
 
 @pytest.mark.parametrize("override,message", [("churn=-1", "churn: must be >= 0, got -1.0"),
                                               ("steps=0", "steps: must be >= 1, got 0"),
-                                              ("sampler=ddpm churn=1", "churn: only with sampler heun")])
+                                              ("sampler=ddpm churn=1", "churn: only with sampler heun"),
+                                              ("meter_readings=0", "meter_readings: must be >= 1, got 0")])
 def test_bad_sampler_overrides_are_one_line_before_any_work(tmp_path, override, message):
     out = tmp_path / "eval"
     r = run_cli("evaluate", "task=generation", f"out_dir={out}", *override.split())

@@ -72,6 +72,20 @@ def test_line_stresses_tell_iambs_from_trochees():
     assert M._line_meter(iambic)[3] < -0.5 < 0.5 < M._line_meter(trochaic)[3]   # odd - even stressed
 
 
+def test_prompt_meter_and_scansion():
+    assert M.prompt_meter("Stanza in Iambic  Pentameter, about the sea") == "iambic pentameter"
+    assert M.prompt_meter("sonnet by William Shakespeare") == "" == M.prompt_meter("iambic verse")
+    gray = "The curfew tolls the knell of parting day"            # 0101010101: every syllable fits
+    assert M.scansion(gray, "iambic pentameter") == 1.0
+    assert M.scansion(gray, "trochaic pentameter") == 0.0                # every syllable against it
+    # too short a line loses the syllables it lacks: 6 of 10 positions agree
+    assert M.scansion("the knell of parting day", "iambic pentameter") == pytest.approx(0.6)
+    # the mean over lines; blank lines are skipped; a meter without a pattern has no scansion
+    hia = "Tell me not, in mournful numbers"                        # 10101010: trochaic tetrameter
+    assert M.scansion(f"{gray}\n\n{hia}", "trochaic tetrameter") == pytest.approx((M.scansion(gray, "trochaic tetrameter") + 1.0) / 2)
+    assert M.scansion(gray, "free verse") is None and M.scansion("", "iambic pentameter") == 0.0
+
+
 def test_text_label_classifier_reads_line_shape_and_words():
     rng = np.random.default_rng(0)
     words = ["moon", "river", "autumn", "blossom", "wind", "silver", "mountain", "dew"]

@@ -134,3 +134,39 @@ def test_missing_or_corrupt_file_is_one_line_naming_it(pipe_dir, tmp_path, victi
 def test_cli_missing_pipeline_dir(tmp_path):
     r = run_cli("generate", tmp_path / "nope", "--prompt", "x")
     assert r.returncode == 2 and r.stderr.strip() == f"{tmp_path / 'nope'}: pipeline directory does not exist"
+
+
+def test_meter_readings_keep_the_best_scanning_reading(tmp_path):
+    """A prompt that names a meter gets, of several readings of its latent, the one that scans best in it
+    (seeded, leaving the caller's random state alone); other prompts keep the greedy reading."""
+    from trainer.generate import generate
+    from trainer.metrics import scansion
+
+    from .tiny import tiny_pipeline
+
+    d = tiny_pipeline(str(tmp_path), lexicon=True)
+    p = Pipeline.from_pretrained(d)
+    assert p.cfg.decode.meter_readings == 32
+    prompts = ["stanza in Iambic Tetrameter", "sonnet about the sea"]
+    x, _ = p.sample_latents(prompts, num_samples=6, steps=3, seed=2)
+    rows = [q for q in prompts for _ in range(6)]
+    greedy = p.decode(x)
+    assert p.decode(x, prompts=rows, meter_readings=1) == greedy
+    state = torch.get_rng_state()
+    picked = p.decode(x, prompts=rows, meter_readings=8, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert picked == p.decode(x, prompts=rows, meter_readings=8, seed=5)
+    assert picked[6:] == greedy[6:]                      # no meter named: the greedy reading
+    fit = [(scansion(a, "iambic tetrameter"), scansion(b, "iambic tetrameter")) for a, b in zip(picked[:6], greedy[:6])]
+    assert all(a >= b for a, b in fit) and sum(a for a, _ in fit) > sum(b for _, b in fit), (fit, picked, greedy)
+    out = generate(d, prompts[:1], num_samples=2, steps=3, seed=2, meter_readings=4)
+    assert [r["meter"] for r in out["results"]] == ["iambic tetrameter"] * 2
+    assert all(r["scansion"] == round(scansion(r["poem"], "iambic tetrameter"), 3) for r in out["results"])
+    with pytest.raises(UserError, match="^--meter-readings: must be >= 1, got 0"):
+        generate(d, prompts, meter_readings=0)
+    cfg = json.loads((tmp_path / "pipeline" / "pipeline.json").read_text())
+    cfg["decode"]["meter_readings"] = 0
+    (tmp_path / "pipeline" / "pipeline.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="decode.meter_readings: must be >= 1, got 0") as e:
+        Pipeline.from_pretrained(d)
+    assert "pipeline.json" in str(e.value) and "\n" not in str(e.value)

@@ -134,6 +134,9 @@ def test_gutenberg_slice_stanzas_and_meter():
     assert [bundled.meter_fits("trochaic tetrameter", n) for n in (6, 7, 8, 9)] == [False, True, True, False]
     assert [bundled.meter_fits("dactylic dimeter", n) for n in (3, 4, 5, 6, 7)] == [False, True, True, True, False]
     assert bundled.meter_fits("free verse", 3)  # a meter it cannot count always fits
+    assert bundled.meter_templates("Iambic trimeter") == ["010101", "0101010"]
+    assert bundled.meter_templates("dactylic dimeter") == ["100100", "10010", "1001"]
+    assert bundled.meter_templates("free verse") == [] == bundled.meter_templates("iambic")
     # same seed, same stanzas; another seed, others
     assert [r.text for u in bundled.gutenberg_units(cfg) for r in bundled.read_gutenberg(*u.arg, cfg, Report())] \
         == [r.text for r in recs]

@@ -16,6 +16,10 @@ Samples: `samples_per_prompt` poems for each of the `n_prompts` most common held
                Beside them, the latent classifier's accuracy on draws from each value's Gaussian
                (its mean, the covariance pooled within values): what a model reaches that has learnt
                how the label moves the latents' mean and no more.
+  meter        with decode.meter_readings > 1 a prompt that names a meter gets the best-scanning of
+               several readings of each latent (trainer.pipeline.Pipeline.decode); every text figure is
+               also given for the greedy reading (`*_greedy`), and the samples' scansion in their
+               meter beside the real held-out poems' (trainer.metrics.scansion).
   MAUVE        over MiniLM sentence features of generated vs held-out poems (mauve-text).
   linear check the denoiser's error on noised held-out latents beside the best linear denoiser's: how
                much beyond the latents' mean and covariance it has learnt; and word validity and MAUVE
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 import numpy as np
 
+from data_prep.bundled import meter_templates
 from trainer import metrics as M
 from trainer.config import ExistingPath, UserError
 from trainer.log import get_logger
@@ -60,6 +65,7 @@ class EvalGenerationConfig:
     guidance: Optional[float] = None
     churn: Optional[float] = None        # the Heun sampler's S_churn (None = the pipeline's)
     sampler: Literal["heun", "ddpm"] = "heun"
+    meter_readings: Optional[int] = None  # readings per latent for prompts naming a meter (None = the pipeline's)
     seed: int = 0
     mauve: bool = True
     n_linear_check: int = 128            # held-out latents for the denoiser-vs-linear check
@@ -73,6 +79,8 @@ class EvalGenerationConfig:
             raise ValueError(f"churn: must be >= 0, got {self.churn}")
         if self.churn is not None and self.sampler != "heun":
             raise ValueError("churn: only with sampler heun")
+        if self.meter_readings is not None and self.meter_readings < 1:
+            raise ValueError(f"meter_readings: must be >= 1, got {self.meter_readings}")
 
 
 CONFIG = EvalGenerationConfig
@@ -96,10 +104,28 @@ def read_latent_split(root: str, split: str, limit: int) -> dict:
     return out
 
 
-def _generate(pipe, prompts: list[str], cfg: EvalGenerationConfig) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+def _generate(pipe, prompts: list[str], cfg: EvalGenerationConfig) -> tuple[torch.Tensor, np.ndarray, list[str], list[str]]:
+    """Samples for the prompts (prompt-major): diffusion-space x, encoder-space latents, the poems as the
+    pipeline decodes them, and the greedy readings (the same list when no prompt's meter is read for)."""
     x, _ = pipe.sample_latents(prompts, cfg.samples_per_prompt, cfg.steps, cfg.guidance, cfg.seed, cfg.sampler,
                                churn=cfg.churn)
-    return x, pipe.to_latents(x).cpu().numpy(), pipe.decode(x)
+    return x, pipe.to_latents(x).cpu().numpy(), *_readings(pipe, x, prompts, cfg)
+
+
+def _readings(pipe, x, prompts: list[str], cfg: EvalGenerationConfig, lexicon=None) -> tuple[list[str], list[str]]:
+    """The poems of latents x made for `prompts` (samples_per_prompt each) as the pipeline decodes them
+    (the best-scanning reading for a prompt naming a meter), and their greedy readings."""
+    greedy = pipe.decode(x, lexicon, meter_readings=1)
+    rows = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    if _meter_readings(pipe, cfg) < 2 or not any(M.prompt_meter(p) for p in prompts):
+        return greedy, greedy
+    return pipe.decode(x, lexicon, rows, cfg.meter_readings, cfg.seed), greedy
+
+
+def _meter_readings(pipe, cfg: EvalGenerationConfig) -> int:
+    if pipe.cfg.latent_kind != "bart_perceiver":
+        return 1
+    return pipe.cfg.decode.meter_readings if cfg.meter_readings is None else cfg.meter_readings
 
 
 def run(cfg: EvalGenerationConfig) -> dict:
@@ -119,7 +145,8 @@ def run(cfg: EvalGenerationConfig) -> dict:
     # ---- samples for the most common held-out prompts
     prompts = M.most_common(held["prompt"], cfg.n_prompts) or [""]
     log.info(f"generating {cfg.samples_per_prompt} samples for each of {prompts}")
-    gen_x, gen_lat, gen_txt = _generate(pipe, prompts, cfg)
+    gen_x, gen_lat, gen_txt, gen_greedy = _generate(pipe, prompts, cfg)
+    report["decode_meter_readings"] = _meter_readings(pipe, cfg)
     report["samples"] = [{"prompt": prompts[i // cfg.samples_per_prompt], "poem": t} for i, t in enumerate(gen_txt)]
     n_gen = len(gen_txt)
 
@@ -152,14 +179,16 @@ def run(cfg: EvalGenerationConfig) -> dict:
                                     "held_out": M.memorisation(held_txt, train_grams, 4)}
     vocab = M.vocabulary(train["text"])
     report["word_validity"] = {"generated": M.word_validity(gen_txt, vocab), "held_out": M.word_validity(held_txt, vocab),
-                               "gaussian_draws": M.word_validity(gauss_txt, vocab)}
+                               "gaussian_draws": M.word_validity(gauss_txt, vocab),
+                               "generated_greedy": M.word_validity(gen_greedy, vocab)}
     report["decode_lexicon"] = pipe.uses_lexicon()
     free_txt = None
     if report["decode_lexicon"]:
         # What the decoder spells without the lexicon: the model's own word validity, the lexicon's
         # share is the difference.
-        free_txt = pipe.decode(gen_x, lexicon=False)
+        free_txt, free_greedy = _readings(pipe, gen_x, prompts, cfg, lexicon=False)
         report["word_validity"]["generated_free"] = M.word_validity(free_txt, vocab)
+        report["word_validity"]["generated_free_greedy"] = M.word_validity(free_greedy, vocab)
         report["word_validity"]["gaussian_draws_free"] = M.word_validity(
             pipe.decode(gauss_x, lexicon=False), vocab)
 
@@ -186,17 +215,28 @@ def run(cfg: EvalGenerationConfig) -> dict:
         right = (lambda preds, v=None: float(np.mean([p == y for p, y in zip(preds, hlab) if v in (None, y)])))
         real_acc = right(hpred) if hidx else None
         real_text_acc = right(htpred) if hidx else None
-        x, lat, txt = _generate(pipe, label_prompts, cfg)
+        x, lat, txt, greedy = _generate(pipe, label_prompts, cfg)
         pred, tpred = clf.predict(lat), tclf.predict(txt)
-        fpred = tclf.predict(pipe.decode(x, lexicon=False)) if report["decode_lexicon"] else None
+        gpred = tpred if greedy is txt else tclf.predict(greedy)
+        fpred = fgpred = None
+        if report["decode_lexicon"]:
+            ftxt, fgreedy = _readings(pipe, x, label_prompts, cfg, lexicon=False)
+            fpred = tclf.predict(ftxt)
+            fgpred = fpred if fgreedy is ftxt else tclf.predict(fgreedy)
         k = cfg.samples_per_prompt
         share = (lambda preds, j, v: float(np.mean([p == v for p in preds[j * k:(j + 1) * k]])))
         cond = M.conditional_gaussian_draws(train["latent"][idx], [train[label][i] for i in idx], values, k, cfg.seed)
         for j, v in enumerate(values):
             per_value[v] = {"prompt": label_prompts[j], "accuracy": share(pred, j, v), "text_accuracy": share(tpred, j, v),
                             "conditional_gaussian_accuracy": float(np.mean([p == v for p in clf.predict(cond[v])]))}
+            per_value[v]["text_accuracy_greedy"] = share(gpred, j, v)
             if fpred is not None:
                 per_value[v]["text_accuracy_free"] = share(fpred, j, v)
+                per_value[v]["text_accuracy_free_greedy"] = share(fgpred, j, v)
+            if label == "meter" and meter_templates(v):   # the lines' stresses against the meter's patterns
+                scans = (lambda texts: float(np.mean([M.scansion(t, v) for t in texts])) if texts else None)
+                per_value[v].update(scansion=scans(txt[j * k:(j + 1) * k]), scansion_greedy=scans(greedy[j * k:(j + 1) * k]),
+                                    real_held_out_scansion=scans([held_txt[i] for i, y in zip(hidx, hlab) if y == v]))
             # The real held-out poems of this value, asked the same question: the samples' reference.
             n_v = hlab.count(v)
             if n_v:
@@ -214,11 +254,13 @@ def run(cfg: EvalGenerationConfig) -> dict:
                                                             for d in per_value.values()])),
             # the same question asked of the decoded poems (character n-grams and line shape)
             "text": {"accuracy": float(np.mean([d["text_accuracy"] for d in per_value.values()])),
+                     "accuracy_greedy": float(np.mean([d["text_accuracy_greedy"] for d in per_value.values()])),
                      "real_held_out_accuracy": real_text_acc,
                      "real_held_out_balanced_accuracy": balanced("real_held_out_text_accuracy")}}
         if fpred is not None:  # ... and of the poems spelt freely
-            report["adherence"][label]["text"]["accuracy_free"] = float(np.mean([d["text_accuracy_free"]
-                                                                                  for d in per_value.values()]))
+            for key in ("free", "free_greedy"):
+                report["adherence"][label]["text"][f"accuracy_{key}"] = float(np.mean([d[f"text_accuracy_{key}"]
+                                                                                      for d in per_value.values()]))
 
     # ---- MAUVE over MiniLM sentence features
     report["mauve"] = None
@@ -233,6 +275,8 @@ def run(cfg: EvalGenerationConfig) -> dict:
         report["mauve_gaussian_draws"] = M.mauve_score(f(gauss_txt), held_f, seed=cfg.seed)
         if free_txt is not None:
             report["mauve_free"] = M.mauve_score(f(free_txt), held_f, seed=cfg.seed)
+        if gen_greedy is not gen_txt:
+            report["mauve_greedy"] = M.mauve_score(f(gen_greedy), held_f, seed=cfg.seed)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     report["panel_png"] = plot_panel(report, os.path.join(cfg.out_dir, "generation_panel.png"))
@@ -278,6 +322,8 @@ def summary_line(r: dict) -> str:
     fr = r["frechet"]
     def adherence(k, v):
         parts = [f"text {v['text']['accuracy']:.2f}"] if "text" in v else []
+        if (r.get("decode_meter_readings") or 1) > 1 and "accuracy_greedy" in v.get("text", {}):
+            parts.append(f"greedy reading {v['text']['accuracy_greedy']:.2f}")
         if "accuracy_free" in v.get("text", {}):
             parts.append(f"spelt freely {v['text']['accuracy_free']:.2f}")
         if "conditional_gaussian_accuracy" in v:

@@ -2,7 +2,7 @@
 
     latentverse generate PIPELINE_DIR --prompt "sonnet about the sea" --num-samples 4 --steps 18 \\
         --guidance 5 --seed 0 [--churn 40] [--sampler heun|ddpm] [--show-steps K] [--lexicon auto|on|off] \\
-        [--out FILE.json]
+        [--meter-readings N] [--out FILE.json]
     latentverse generate TOKEN_PIPELINE_DIR --prefix "The sea at night" --show-steps 10
 
 --prefix (pipelines of latent_kind token_embeddings) continues a text: its token embeddings are
@@ -15,6 +15,11 @@ Algorithm 2); 0 samples deterministically.
 
 --lexicon (default: the pipeline's decode.lexicon, which uses the autoencoder's lexicon when it has
 one) spells only words of the training corpus; `off` shows what the decoder spells freely.
+
+--meter-readings N (default: the pipeline's decode.meter_readings, 32): when a prompt names a meter
+("stanza in iambic pentameter"), each latent is read N ways (the greedy reading and N - 1 sampled
+ones) and the reading that scans best in that meter by the CMU dictionary's stresses is kept; 1 gives
+the greedy reading only.
 
 --show-steps K prints, and writes as an HTML page beside the pipeline (or --out), how the decoded
 text changes from noise to poem at K points of the sampling.
@@ -49,13 +54,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token_embeddings pipelines: continue this text (clamped into the first positions)")
     p.add_argument("--lexicon", choices=["auto", "on", "off"], default="auto",
                    help="spell only the training corpus's words (auto: the pipeline's decode.lexicon)")
+    p.add_argument("--meter-readings", type=int, default=None, metavar="N",
+                   help="prompts naming a meter: keep the best-scanning of N readings of each latent "
+                        "(default: the pipeline's decode.meter_readings; 1 = greedy only)")
     p.add_argument("--out", default=None, help="also write the poems as JSON here")
     p.add_argument("--device", default="cpu")
 
 
 def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=None, guidance=None, seed: int = 0,
              sampler: str = "heun", show_steps: int = 0, device: str = "cpu", prefix=None, lexicon=None,
-             churn=None) -> dict:
+             churn=None, meter_readings=None) -> dict:
     from trainer.pipeline import Pipeline
 
     if num_samples < 1:
@@ -66,12 +74,20 @@ def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=
         raise UserError(f"--steps: must be >= 1, got {steps}")
     if churn is not None and churn < 0:
         raise UserError(f"--churn: must be >= 0, got {churn}")
+    if meter_readings is not None and meter_readings < 1:
+        raise UserError(f"--meter-readings: must be >= 1, got {meter_readings}")
     pipe = Pipeline.from_pretrained(pipeline_dir, device=device)
     x, trace = pipe.sample_latents(prompts, num_samples, steps, guidance, seed, sampler, show_steps, prefix, churn)
-    poems = pipe.decode(x, lexicon)
+    poems = pipe.decode(x, lexicon, [p for p in prompts for _ in range(num_samples)], meter_readings, seed)
     for t in trace:
         t["texts"] = pipe.decode(t.pop("x0"), lexicon)
+    from trainer.metrics import prompt_meter, scansion
+
     results = [{"prompt": prompts[i // num_samples], "sample": i % num_samples, "poem": p} for i, p in enumerate(poems)]
+    for r in results:
+        meter = prompt_meter(r["prompt"])
+        if meter:   # how well the poem scans in the meter its prompt names
+            r.update(meter=meter, scansion=round(scansion(r["poem"], meter), 3))
     return {"results": results, "trace": trace}
 
 
@@ -79,7 +95,7 @@ def main(args) -> int:
     prompts = args.prompt or [""]
     out = generate(args.pipeline, prompts, args.num_samples, args.steps, args.guidance, args.seed, args.sampler,
                    args.show_steps, args.device, args.prefix, {"auto": None, "on": True, "off": False}[args.lexicon],
-                   args.churn)
+                   args.churn, args.meter_readings)
     if out["trace"]:
         from trainer.pipeline import show_steps_html
 
@@ -92,7 +108,8 @@ def main(args) -> int:
             f.write(show_steps_html(prompts, args.num_samples, out["trace"], [r["poem"] for r in out["results"]]))
         print(f"(steps page: {page})")
     for r in out["results"]:
-        print(f"=== {r['prompt'] or '(no prompt)'} [{r['sample']}]\n{r['poem']}\n")
+        scans = f" (scans {r['scansion']:.2f} in {r['meter']})" if "meter" in r else ""
+        print(f"=== {r['prompt'] or '(no prompt)'} [{r['sample']}]{scans}\n{r['poem']}\n")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(out["results"], f, indent=1, ensure_ascii=False)

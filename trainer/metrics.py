@@ -163,6 +163,34 @@ def _line_meter(line: str) -> list[float]:
     return [len(a), odd, even, odd - even, a[0], a[1] if len(a) > 1 else 0, a[-1]]
 
 
+_METER_NAME = re.compile(r"\b(iambic|trochaic|anapestic|dactylic)\s+"
+                         r"(monometer|dimeter|trimeter|tetrameter|pentameter|hexameter|heptameter|octameter)\b")
+
+
+def prompt_meter(prompt: str) -> str:
+    """The meter a prompt names ("stanza in Iambic Pentameter" -> "iambic pentameter"), or ""."""
+    m = _METER_NAME.search(prompt.lower())
+    return f"{m.group(1)} {m.group(2)}" if m else ""
+
+
+def scansion(text: str, meter: str) -> Optional[float]:
+    """How well a poem's lines scan in `meter`, in [0, 1]: per line, the syllables whose dictionary
+    stress (`line_stresses`) agrees with the closest of the meter's patterns
+    (`data_prep.bundled.meter_templates`), over the longer of the line and the pattern, so a line too
+    long or too short loses too; the mean over the lines. None for a meter without a pattern."""
+    from data_prep.bundled import meter_templates
+
+    patterns = meter_templates(meter)
+    if not patterns:
+        return None
+    fits = []
+    for line in text.split("\n"):
+        s = line_stresses(line)
+        if s:
+            fits.append(max(sum(a == b for a, b in zip(s, t)) / max(len(s), len(t)) for t in patterns))
+    return float(np.mean(fits)) if fits else 0.0
+
+
 def text_shape(text: str) -> list[float]:
     """Line count, mean and spread of syllables and words per line, syllables of the first two lines;
     then each line's meter features (`_line_meter`): their mean over the lines, and the least and the

@@ -44,6 +44,18 @@ class DecodeConfig:
     # Spell only the training corpus's words (trainer/models/lexicon.py): None = when the autoencoder
     # has a lexicon (every export since lexicons are saved), true = insist on it, false = free spelling.
     lexicon: Optional[bool] = None
+    # When a poem's prompt names a meter ("stanza in iambic pentameter"), read its latent this many
+    # ways, the greedy reading and meter_readings - 1 sampled at reading_temperature, and keep the
+    # one that scans best in that meter (trainer.metrics.scansion: the CMU dictionary's stresses
+    # against the meter's patterns); 1 = the greedy reading only. The BART autoencoder only.
+    meter_readings: int = 32
+    reading_temperature: float = 0.7
+
+    def __post_init__(self):
+        if self.meter_readings < 1:
+            raise ValueError(f"decode.meter_readings: must be >= 1, got {self.meter_readings}")
+        if not self.reading_temperature > 0:
+            raise ValueError(f"decode.reading_temperature: must be > 0, got {self.reading_temperature}")
 
 
 @dataclasses.dataclass
@@ -127,6 +139,29 @@ def _load_autoencoder(path: str, device: str, kind: str = "bart_perceiver"):
         raise UserError(f"{os.path.join(path, WEIGHTS_NAME)}: cannot load the autoencoder: {first}") from None
 
 
+def read_for_meter(autoencoder, z: torch.Tensor, texts: list[str], meters: list[str], readings: int,
+                   temperature: float = 0.7, seed: int = 0, batch: int = 32, **decode_kwargs) -> list[str]:
+    """`texts`, the greedy readings of latents z, with each one whose meter is not "" replaced by the
+    reading that scans best in it (trainer.metrics.scansion) of `readings`: the greedy one and
+    readings - 1 sampled at `temperature` (drawn from their own generator seeded by `seed`);
+    ties go to the earlier reading, so the greedy one stays unless another scans better."""
+    from trainer.metrics import scansion
+
+    texts = list(texts)
+    rows = [i for i, m in enumerate(meters) if m]
+    if readings < 2 or not rows:
+        return texts
+    g = torch.Generator().manual_seed(seed)
+    for lo in range(0, len(rows), batch):
+        part = rows[lo:lo + batch]
+        sampled = autoencoder.decode(z[part], sample=(temperature, g), repeats=readings - 1, **decode_kwargs)
+        for j, i in enumerate(part):
+            cands = [texts[i]] + sampled[j * (readings - 1):(j + 1) * (readings - 1)]
+            fit = [scansion(t, meters[i]) for t in cands]
+            texts[i] = cands[max(range(readings), key=lambda k: (fit[k], -k))]
+    return texts
+
+
 class _EDMAsEpsilon(nn.Module):
     """Lets DDPM's ancestral sampler run an EDM denoiser: x_t = sqrt(a) (y + sigma n) with
     sigma = sqrt((1 - a) / a), so eps = (x_t / sqrt(a) - D(x_t / sqrt(a); sigma)) / sigma.
@@ -202,11 +237,25 @@ class Pipeline:
                             "only the BART autoencoder spells from a lexicon")
         return bool(want)
 
-    def decode(self, x: torch.Tensor, lexicon: Optional[bool] = None) -> list[str]:
-        """Diffusion-space latents -> poems; `lexicon` overrides decode.lexicon for this call."""
+    def decode(self, x: torch.Tensor, lexicon: Optional[bool] = None, prompts: Optional[list[str]] = None,
+               meter_readings: Optional[int] = None, seed: int = 0) -> list[str]:
+        """Diffusion-space latents -> poems; `lexicon` overrides decode.lexicon for this call.
+        `prompts` (one per latent): where one names a meter, its latent is read `meter_readings`
+        (default decode.meter_readings) ways and the reading that scans best in it is kept; the
+        sampled readings are seeded by `seed`."""
         d = self.cfg.decode
         kw = {"lexicon": True} if self.uses_lexicon(lexicon) else {}
-        return self.autoencoder.decode(self.to_latents(x), max_length=d.max_length, num_beams=d.num_beams, **kw)
+        z = self.to_latents(x)
+        texts = self.autoencoder.decode(z, max_length=d.max_length, num_beams=d.num_beams, **kw)
+        n = d.meter_readings if meter_readings is None else meter_readings
+        if prompts is None or n < 2 or self.cfg.latent_kind != "bart_perceiver":
+            return texts
+        if len(prompts) != len(texts):
+            raise ValueError(f"decode: {len(prompts)} prompts for {len(texts)} latents")
+        from trainer.metrics import prompt_meter
+
+        return read_for_meter(self.autoencoder, z, texts, [prompt_meter(p) for p in prompts], n,
+                              d.reading_temperature, seed, max_length=d.max_length, **kw)
 
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], num_samples: int = 1, steps: Optional[int] = None,
@@ -265,7 +314,7 @@ class Pipeline:
                  prefix: Optional[str] = None) -> list[str]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         x, _ = self.sample_latents(prompts, num_samples, steps, guidance, seed, sampler, prefix=prefix)
-        return self.decode(x)
+        return self.decode(x, prompts=[p for p in prompts for _ in range(num_samples)], seed=seed)
 
 
 def show_steps_html(prompts: list[str], num_samples: int, trace: list[dict], finals: list[str]) -> str:

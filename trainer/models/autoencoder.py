@@ -121,6 +121,19 @@ def _build_bart(cfg: AutoencoderConfig, tokenizer, bart_config: Optional[dict] =
     return BartForConditionalGeneration(bc)
 
 
+class _GumbelMax:
+    """A logits processor for greedy search that makes it sample: scores / temperature + Gumbel noise
+    (drawn with `generator`), whose argmax is a draw from softmax(scores / temperature); a token
+    ruled out (-inf) stays out."""
+
+    def __init__(self, temperature: float, generator: torch.Generator):
+        self.temperature, self.generator = temperature, generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        g = torch.rand(scores.shape, generator=self.generator).clamp_(min=1e-12).log_().neg_().log_()  # -Gumbel
+        return scores / self.temperature - g.to(scores.device, scores.dtype)
+
+
 class LatentAutoencoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig, tokenizer, bart_config: Optional[dict] = None):
         super().__init__()
@@ -271,22 +284,30 @@ class LatentAutoencoder(nn.Module):
 
     @torch.no_grad()
     def generate_ids(self, latents: torch.Tensor, max_length: Optional[int] = None, num_beams: int = 1,
-                     lexicon: bool = False, **generate_kwargs) -> torch.Tensor:
+                     lexicon: bool = False, sample: Optional[tuple[float, torch.Generator]] = None,
+                     repeats: int = 1, **generate_kwargs) -> torch.Tensor:
         """Latents -> token ids [B, <=max_length] (greedy with num_beams=1), start token stripped.
-        `lexicon`: spell only the words of the autoencoder's lexicon (see trainer.models.lexicon)."""
+        `lexicon`: spell only the words of the autoencoder's lexicon (see trainer.models.lexicon).
+        `sample` = (temperature, generator): sample each token instead, from the (lexicon's) softmax of
+        the logits / temperature, drawn with that generator (the Gumbel-max trick: the argmax of
+        logits / temperature plus Gumbel noise is such a draw, and faster here than transformers'
+        multinomial over a thousand rows). `repeats`: decode each latent
+        that many times in a row (its memory computed once), as sampled readings are."""
         from transformers import GenerationConfig, LogitsProcessorList
         from transformers.modeling_outputs import BaseModelOutput
 
         latents = latents.to(self.device, dtype=next(self.reconstruction.parameters()).dtype)
-        memory = self.reconstruct(latents)
+        memory = self.reconstruct(latents).repeat_interleave(repeats, dim=0)
         tok = self.tokenizer
         gen = GenerationConfig(max_length=(max_length or self.cfg.max_tokens) + 1, num_beams=num_beams,
-                               do_sample=False, decoder_start_token_id=self.decoder_start_id,
+                               **{"do_sample": False, **generate_kwargs}, decoder_start_token_id=self.decoder_start_id,
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id, **generate_kwargs)
+                               pad_token_id=tok.pad_token_id)
         processors = LogitsProcessorList()
         if lexicon:
             processors.append(self.lexicon_processor(gen.max_length))
+        if sample is not None:
+            processors.append(_GumbelMax(*sample))
         out = self.bart.generate(encoder_outputs=BaseModelOutput(last_hidden_state=memory),
                                  attention_mask=torch.ones(memory.shape[:2], dtype=torch.long, device=self.device),
                                  generation_config=gen, logits_processor=processors)
@@ -304,12 +325,13 @@ class LatentAutoencoder(nn.Module):
         return proc
 
     def decode(self, latents: torch.Tensor, max_length: Optional[int] = None, num_beams: int = 1,
-               lexicon: bool = False, **generate_kwargs) -> list[str]:
-        """Latents [B, num_latents, dim_latent] -> poems."""
+               lexicon: bool = False, sample: Optional[tuple[float, torch.Generator]] = None,
+               repeats: int = 1, **generate_kwargs) -> list[str]:
+        """Latents [B, num_latents, dim_latent] -> poems (`sample`, `repeats`: see generate_ids)."""
         if not isinstance(latents, torch.Tensor):
             latents = torch.as_tensor(latents)
         self.check_latents(latents)
-        ids = self.generate_ids(latents, max_length, num_beams, lexicon, **generate_kwargs)
+        ids = self.generate_ids(latents, max_length, num_beams, lexicon, sample, repeats, **generate_kwargs)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [self.lexicon.close(t) for t in texts] if lexicon else texts
 

@@ -120,7 +120,7 @@ class LexiconLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, lexicon: Lexicon, tokenizer, prefix_len: int = 1, max_length: Optional[int] = None,
-                 cache_size: int = 4096):
+                 cache_size: int = 16384):
         self.lexicon, self.prefix_len, self.max_length, self.cache_size = lexicon, prefix_len, max_length, cache_size
         n = len(tokenizer)
         self.special = set(tokenizer.all_special_ids)
