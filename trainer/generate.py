@@ -64,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=None, guidance=None, seed: int = 0,
              sampler: str = "heun", show_steps: int = 0, device: str = "cpu", prefix=None, lexicon=None,
              churn=None, meter_readings=None) -> dict:
+    from trainer.metrics import prompt_meter, scansion
     from trainer.pipeline import Pipeline
 
     if num_samples < 1:
@@ -81,8 +82,6 @@ def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=
     poems = pipe.decode(x, lexicon, [p for p in prompts for _ in range(num_samples)], meter_readings, seed)
     for t in trace:
         t["texts"] = pipe.decode(t.pop("x0"), lexicon)
-    from trainer.metrics import prompt_meter, scansion
-
     results = [{"prompt": prompts[i // num_samples], "sample": i % num_samples, "poem": p} for i, p in enumerate(poems)]
     for r in results:
         meter = prompt_meter(r["prompt"])

@@ -291,8 +291,8 @@ class LatentAutoencoder(nn.Module):
         `sample` = (temperature, generator): sample each token instead, from the (lexicon's) softmax of
         the logits / temperature, drawn with that generator (the Gumbel-max trick: the argmax of
         logits / temperature plus Gumbel noise is such a draw, and faster here than transformers'
-        multinomial over a thousand rows). `repeats`: decode each latent
-        that many times in a row (its memory computed once), as sampled readings are."""
+        multinomial over a thousand rows). `repeats`: decode each latent that many times in a row
+        (its decoder memory computed once), as the sampled readings are."""
         from transformers import GenerationConfig, LogitsProcessorList
         from transformers.modeling_outputs import BaseModelOutput
 
@@ -300,9 +300,9 @@ class LatentAutoencoder(nn.Module):
         memory = self.reconstruct(latents).repeat_interleave(repeats, dim=0)
         tok = self.tokenizer
         gen = GenerationConfig(max_length=(max_length or self.cfg.max_tokens) + 1, num_beams=num_beams,
-                               **{"do_sample": False, **generate_kwargs}, decoder_start_token_id=self.decoder_start_id,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id)
+                               decoder_start_token_id=self.decoder_start_id, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                               **{"do_sample": False, **generate_kwargs})
         processors = LogitsProcessorList()
         if lexicon:
             processors.append(self.lexicon_processor(gen.max_length))
