@@ -404,8 +404,12 @@ def plot_panel(r: dict, png: str) -> str:
                 ("label-conditional Gaussian (latent)", lambda v: v.get("conditional_gaussian_accuracy") or 0, "tab:purple"),
                 ("generated (text classifier)", lambda v: v.get("text", {}).get("accuracy") or 0, "tab:green"),
                 ("real held-out (text, values alike)", lambda v: _real(v.get("text", {})) or 0, "silver")]
+        if (r.get("decode_meter_readings") or 1) > 1:   # the samples' text before they were read for the meter
+            bars.insert(4, ("generated (text, greedy reading)", lambda v: v.get("text", {}).get("accuracy_greedy") or 0,
+                            "yellowgreen"))
+        w = 0.8 / len(bars)
         for b, (name, get, colour) in enumerate(bars):
-            ax[1, 1].bar(xs + (b - 2) * 0.16, [get(v) for v in adh.values()], 0.16, label=name, color=colour)
+            ax[1, 1].bar(xs + (b - (len(bars) - 1) / 2) * w, [get(v) for v in adh.values()], w, label=name, color=colour)
         for x, v in zip(xs, adh.values()):
             ax[1, 1].hlines(v["chance"], x - 0.4, x + 0.4, colors="k", linestyles=":")
         ax[1, 1].set_xticks(xs, list(adh))
