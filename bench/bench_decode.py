@@ -6,8 +6,8 @@ demo's diffusion model samples (its denoiser is the linear one; see the README's
 after those, with the masks cached so far, as a long-lived pipeline decodes. Word validity is
 counted against all the training poems' words. Then the meter readings (trainer.pipeline.read_for_meter):
 the best-scanning in iambic pentameter of the pipeline's default 32 readings of each latent (the greedy
-one and 31 sampled),
-against the greedy reading alone, both from the lexicon with its masks cached. One thread."""
+one and 31 sampled), against the greedy reading alone, both from the lexicon with its masks cached.
+One thread."""
 import math
 import os
 import time
