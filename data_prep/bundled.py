@@ -141,6 +141,8 @@ _FEET = {"monometer": 1, "dimeter": 2, "trimeter": 3, "tetrameter": 4, "pentamet
 
 # Each foot's stresses (1 stressed, 0 not).
 FEET_STRESS = {"iambic": "01", "trochaic": "10", "anapestic": "001", "dactylic": "100"}
+# A meter's name as it appears in text ("Iambic  Pentameter"), of the feet and lengths above.
+METER_NAME = re.compile(rf"\b({'|'.join(FEET_STRESS)})\s+({'|'.join(_FEET)})\b", re.IGNORECASE)
 
 
 def meter_templates(meter: str) -> list[str]:

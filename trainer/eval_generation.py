@@ -115,17 +115,11 @@ def _generate(pipe, prompts: list[str], cfg: EvalGenerationConfig) -> tuple[torc
 def _readings(pipe, x, prompts: list[str], cfg: EvalGenerationConfig, lexicon=None) -> tuple[list[str], list[str]]:
     """The poems of latents x made for `prompts` (samples_per_prompt each) as the pipeline decodes them
     (the best-scanning reading for a prompt naming a meter), and their greedy readings."""
-    greedy = pipe.decode(x, lexicon, meter_readings=1)
-    rows = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-    if _meter_readings(pipe, cfg) < 2 or not any(M.prompt_meter(p) for p in prompts):
+    greedy = pipe.decode(x, lexicon)
+    if pipe.meter_readings(cfg.meter_readings) < 2 or not any(M.prompt_meter(p) for p in prompts):
         return greedy, greedy
-    return pipe.decode(x, lexicon, rows, cfg.meter_readings, cfg.seed), greedy
-
-
-def _meter_readings(pipe, cfg: EvalGenerationConfig) -> int:
-    if pipe.cfg.latent_kind != "bart_perceiver":
-        return 1
-    return pipe.cfg.decode.meter_readings if cfg.meter_readings is None else cfg.meter_readings
+    rows = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    return pipe.read_for_meter(x, greedy, rows, lexicon, cfg.meter_readings, cfg.seed), greedy
 
 
 def run(cfg: EvalGenerationConfig) -> dict:
@@ -146,7 +140,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
     prompts = M.most_common(held["prompt"], cfg.n_prompts) or [""]
     log.info(f"generating {cfg.samples_per_prompt} samples for each of {prompts}")
     gen_x, gen_lat, gen_txt, gen_greedy = _generate(pipe, prompts, cfg)
-    report["decode_meter_readings"] = _meter_readings(pipe, cfg)
+    report["decode_meter_readings"] = pipe.meter_readings(cfg.meter_readings)
     report["samples"] = [{"prompt": prompts[i // cfg.samples_per_prompt], "poem": t} for i, t in enumerate(gen_txt)]
     n_gen = len(gen_txt)
 

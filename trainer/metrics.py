@@ -163,14 +163,12 @@ def _line_meter(line: str) -> list[float]:
     return [len(a), odd, even, odd - even, a[0], a[1] if len(a) > 1 else 0, a[-1]]
 
 
-_METER_NAME = re.compile(r"\b(iambic|trochaic|anapestic|dactylic)\s+"
-                         r"(monometer|dimeter|trimeter|tetrameter|pentameter|hexameter|heptameter|octameter)\b")
-
-
 def prompt_meter(prompt: str) -> str:
     """The meter a prompt names ("stanza in Iambic Pentameter" -> "iambic pentameter"), or ""."""
-    m = _METER_NAME.search(prompt.lower())
-    return f"{m.group(1)} {m.group(2)}" if m else ""
+    from data_prep.bundled import METER_NAME
+
+    m = METER_NAME.search(prompt)
+    return f"{m.group(1)} {m.group(2)}".lower() if m else ""
 
 
 def scansion(text: str, meter: str) -> Optional[float]:

@@ -245,16 +245,32 @@ class Pipeline:
         sampled readings are seeded by `seed`."""
         d = self.cfg.decode
         kw = {"lexicon": True} if self.uses_lexicon(lexicon) else {}
-        z = self.to_latents(x)
-        texts = self.autoencoder.decode(z, max_length=d.max_length, num_beams=d.num_beams, **kw)
-        n = d.meter_readings if meter_readings is None else meter_readings
-        if prompts is None or n < 2 or self.cfg.latent_kind != "bart_perceiver":
+        texts = self.autoencoder.decode(self.to_latents(x), max_length=d.max_length, num_beams=d.num_beams, **kw)
+        if prompts is None:
             return texts
+        return self.read_for_meter(x, texts, prompts, lexicon, meter_readings, seed)
+
+    def meter_readings(self, override: Optional[int] = None) -> int:
+        """How many readings of a latent decode weighs for a prompt naming a meter: `override` if
+        given, else decode.meter_readings; 1 for token-embedding latents (they decode by nearest token)."""
+        if self.cfg.latent_kind != "bart_perceiver":
+            return 1
+        return self.cfg.decode.meter_readings if override is None else override
+
+    def read_for_meter(self, x: torch.Tensor, texts: list[str], prompts: list[str], lexicon: Optional[bool] = None,
+                       meter_readings: Optional[int] = None, seed: int = 0) -> list[str]:
+        """`texts`, the (greedy) readings of latents x made for `prompts`, with the best-scanning of
+        `meter_readings` readings (see `decode`) for each prompt that names a meter."""
         if len(prompts) != len(texts):
             raise ValueError(f"decode: {len(prompts)} prompts for {len(texts)} latents")
+        n = self.meter_readings(meter_readings)
+        if n < 2:
+            return list(texts)
         from trainer.metrics import prompt_meter
 
-        return read_for_meter(self.autoencoder, z, texts, [prompt_meter(p) for p in prompts], n,
+        d = self.cfg.decode
+        kw = {"lexicon": True} if self.uses_lexicon(lexicon) else {}
+        return read_for_meter(self.autoencoder, self.to_latents(x), texts, [prompt_meter(p) for p in prompts], n,
                               d.reading_temperature, seed, max_length=d.max_length, **kw)
 
     @torch.no_grad()

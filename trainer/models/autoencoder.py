@@ -301,8 +301,8 @@ class LatentAutoencoder(nn.Module):
         tok = self.tokenizer
         gen = GenerationConfig(max_length=(max_length or self.cfg.max_tokens) + 1, num_beams=num_beams,
                                decoder_start_token_id=self.decoder_start_id, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                               **{"do_sample": False, **generate_kwargs})
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False,
+                               **generate_kwargs)
         processors = LogitsProcessorList()
         if lexicon:
             processors.append(self.lexicon_processor(gen.max_length))
