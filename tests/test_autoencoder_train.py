@@ -163,7 +163,7 @@ def test_evaluate_refuses_empty_texts():
 
 def test_yamls_load(tmp_path):
     r = run_cli("train", "yamls/autoencoder/tiny_cpu.yaml", "--print-config")
-    assert r.returncode == 0 and "decoder_token_dropout_start: 1.0" in r.stdout and "max_minutes: 30" in r.stdout
+    assert r.returncode == 0 and "decoder_token_dropout_start: 1.0" in r.stdout and "max_duration: 4400ba" in r.stdout
     assert "bow_loss_weight: 1.0" in r.stdout
     r = run_cli("train", "yamls/autoencoder/adapt_decoder_tiny_cpu.yaml", "--print-config")
     assert r.returncode == 0 and "init_from: out/demo/autoencoder/autoencoder" in r.stdout

@@ -267,5 +267,6 @@ class WallClockLimit(Callback):
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self.max_minutes is not None and time.time() - self.t0 > 60 * self.max_minutes:
-            log.info(f"max_minutes={self.max_minutes} reached at batch {int(state.timestamp.batch)}: stopping")
+            log.warning(f"max_minutes={self.max_minutes} CUT this run at batch {int(state.timestamp.batch)} of its "
+                        f"{state.max_duration} budget: the model is not the one its YAML describes")
             state.stop_training()

@@ -193,7 +193,8 @@ def _callbacks(out_dir: str, log_interval: int, max_minutes: Optional[float], au
 
         def batch_end(self, state, logger):
             if max_minutes is not None and time.time() - self.t0 > 60 * max_minutes:
-                log.info(f"max_minutes={max_minutes} reached at batch {int(state.timestamp.batch)}: stopping")
+                log.warning(f"max_minutes={max_minutes} CUT this run at batch {int(state.timestamp.batch)} of its "
+                            f"{state.max_duration} budget: the model is not the one its YAML describes")
                 state.stop_training()
 
     class TrainStep(Callback):
