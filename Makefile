@@ -25,7 +25,7 @@ $(LOCK_STAMP): requirements.lock
 
 $(PKG_STAMP): $(LOCK_STAMP) setup.cfg pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
-	HF_HUB_OFFLINE=1 $(BIN)/python -m trainer.check_imports
+	HF_HUB_OFFLINE=1 $(BIN)/python -m trainer.base.check_imports
 	touch $@
 
 demo: venv

@@ -27,11 +27,12 @@ def _timed(fn):
 
 
 def main() -> list[dict]:
-    from trainer.metrics import GaussianLatents, scansion, vocabulary, word_validity
+    from trainer.evaluation.metrics import GaussianLatents, vocabulary, word_validity
+    from trainer.text.prosody import scansion
     from trainer.models.autoencoder import LatentAutoencoder
     from trainer.models.lexicon import Lexicon
-    from trainer.pipeline import DecodeConfig, read_for_meter
-    from trainer.train_autoencoder import read_texts
+    from trainer.pipeline.pipeline import DecodeConfig, read_for_meter
+    from trainer.data.mds import read_texts
 
     if not os.path.isfile(os.path.join(AE, "lexicon.txt")):
         print(f"bench decode: no autoencoder with a lexicon at {AE} (run `make demo`, or set BENCH_AUTOENCODER)")

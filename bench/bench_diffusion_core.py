@@ -13,7 +13,7 @@ import torch
 from trainer.diffusion.ddpm import DDPM, DDPMConfig
 from trainer.diffusion.edm import EDMLoss, EDMPrecond
 from trainer.diffusion.sampler import SamplerConfig, edm_sampler
-from trainer.diffusion.seam import Prompt
+from trainer.models.denoisers.interface import Prompt
 from trainer.models.denoisers import DenoiserConfig, MoEDiTConfig, build_denoiser
 from trainer.models.denoisers.moe_dit import DiTBlock
 

@@ -18,7 +18,7 @@ CMD = "python -m bench encode"
 def _shards(root: str) -> str:
     from streaming import MDSWriter
 
-    from data_prep.schema import LABELS, TEXT_COLUMNS
+    from trainer.base.schema import LABELS, TEXT_COLUMNS
 
     words = "the sea moon night love wind stone river light dark song heart old rain sky".split()
     rng = np.random.default_rng(0)
@@ -35,7 +35,7 @@ def main() -> list[dict]:
     from streaming import StreamingDataset
 
     from data_prep import encode_job
-    from trainer import config as C
+    from trainer.base import config as C
     from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
     from trainer.models.text_encoders import build_prompt_encoder
     from trainer.models.tokenizers import train_bpe

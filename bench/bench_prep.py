@@ -24,9 +24,9 @@ def _cpu() -> float:
 
 
 def _one(workers: int, root: str, extra: list[str]) -> tuple[float, int, float]:
-    from trainer import config as C
-    from data_prep import bundled, prep_job
-    bundled._gutenberg_cache.clear()
+    from trainer.base import config as C
+    from data_prep import prep_job, sources
+    sources._gutenberg_cache.clear()
     out = os.path.join(root, f"w{workers}")
     cfg = C.load(prep_job.CONFIG, "yamls/prep/bundled.yaml", [f"out_dir={out}", f"num_workers={workers}", *extra])
     t, cpu = time.perf_counter(), _cpu()

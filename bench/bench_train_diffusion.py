@@ -37,10 +37,10 @@ def _job(tmp: str, name: str, ranks: int, parallelism: str, batches: int, batch:
             f"max_duration={batches}ba", f"batch_size={batch}", f"parallelism={parallelism}", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if ranks == 1:
-        cmd = [sys.executable, "-m", "trainer.cli", *args]
+        cmd = [sys.executable, "-m", "launch.cli", *args]
     else:
         composer = os.path.join(os.path.dirname(sys.executable), "composer")
-        cmd = [composer, "-n", str(ranks), "--master_port", str(_port()), "-m", "trainer.cli", *args]
+        cmd = [composer, "-n", str(ranks), "--master_port", str(_port()), "-m", "launch.cli", *args]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{name} failed: {r.stderr[-2000:]}")
@@ -70,7 +70,7 @@ def matmul_peak_flops(seconds: float = 2.0, n: int = 512) -> float:
 
 def main() -> list[dict]:
     sys.path.insert(0, ROOT)
-    from tests.diffusion_data import write_latent_shards
+    from trainer.data.synthetic import write_latent_shards
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

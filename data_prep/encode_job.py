@@ -6,12 +6,12 @@ Each slot (`num_workers` processes here, times WORLD_SIZE ranks under torchrun o
 launcher) takes a contiguous block of every split, runs the autoencoder's encoder and the prompt
 encoder in batches under inference mode, and writes `out_dir/<split>/<slot>/`; rank 0 merges the
 indexes, so slot order = input order and 1 slot and N slots give the same dataset. A killed job run
-again keeps the finished slots (they have done-markers, see data_prep/mds.py) and redoes the rest.
+again keeps the finished slots (they have done-markers, see trainer/data/mds.py) and redoes the rest.
 
-Columns (data_prep/schema.py latent_columns): latent fp16 [32, 64]; prompt_emb fp16 [L, D] zero-padded
+Columns (trainer/base/schema.py latent_columns): latent fp16 [32, 64]; prompt_emb fp16 [L, D] zero-padded
 plus prompt_len, and/or prompt_pooled fp16 [D] (`prompt_mode`); text, prompt, id, source and labels.
 `latent_stats.json` (per-channel and overall mean and std, and sigma_data = the std of the
-channel-centred latents, which EDM uses; see trainer/data.py) is computed from the fp16 values
+channel-centred latents, which EDM uses; see trainer/data/loaders.py) is computed from the fp16 values
 actually stored, per split, in `out_dir/<split>/latent_stats.json`, and the train split's also in
 `out_dir/latent_stats.json`.
 
@@ -34,11 +34,11 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from data_prep.mds import (LocalMDS, RankedDataset, partition_name, read_json, wait_for, world_from_env,
-                           write_json_atomic)
-from data_prep.schema import LABELS, SPLITS, latent_columns
-from trainer.config import ExistingPath, UserError
-from trainer.log import get_logger
+from trainer.data.mds import LocalMDS, RankedDataset, partition_name, wait_for, world_from_env
+from trainer.base.files import read_json, write_json_atomic
+from trainer.base.schema import ENCODE_RECORD, LABELS, LATENT_STATS, SPLITS, latent_columns
+from trainer.base.config import ExistingPath, UserError
+from trainer.base.log import get_logger
 from trainer.models.text_encoders import PromptEncoderConfig
 
 log = get_logger("encode")
@@ -124,7 +124,7 @@ class LatentStats:
         var = max(self.ss.sum() / (n * len(self.s)) - mean ** 2, 0.0)
         return {"count_vectors": int(self.n), "channel_mean": mean_c.tolist(),
                 "channel_std": np.sqrt(var_c).tolist(), "mean": float(mean), "std": float(math.sqrt(var)),
-                # EDM's sigma_data for channel-centred latents (trainer/data.py normalize=center)
+                # EDM's sigma_data for channel-centred latents (trainer/data/loaders.py normalize=center)
                 "sigma_data": float(math.sqrt(var_c.mean()))}
 
 
@@ -275,7 +275,7 @@ def _columns(cfg: EncodeConfig, latent_shape, penc=None) -> dict:
 
 def _slot_entry(args):
     cfg_dict, slot, n_slots, threads = args
-    from trainer import config as C
+    from trainer.base import config as C
 
     cfg = C.from_dict(EncodeConfig, cfg_dict)
     return encode_slot(cfg, slot, n_slots, threads)
@@ -306,8 +306,8 @@ def run(cfg: EncodeConfig) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     fp = fingerprint(cfg, n_slots)
     ds = RankedDataset(cfg.out_dir, {}, splits=cfg.data.splits)
-    done = ds.claim(fp, {"config": dataclasses.asdict(cfg)}, cfg.overwrite, rank, "_encode_config.json", "latents",
-                    also_remove=("latent_stats.json",), wait_timeout=cfg.wait_timeout_s)
+    done = ds.claim(fp, {"config": dataclasses.asdict(cfg)}, cfg.overwrite, rank, ENCODE_RECORD, "latents",
+                    also_remove=(LATENT_STATS,), wait_timeout=cfg.wait_timeout_s)
     if done is not None:
         log.info(f"{cfg.out_dir}: already encoded ({done['counts']}); nothing to do")
         return done
@@ -354,9 +354,9 @@ def run(cfg: EncodeConfig) -> dict:
         counts[split] = sum(m["counts"].get(split, 0) for m in markers)
         st = LatentStats.combine([m["info"]["stats"][split] for m in markers])
         summaries[split] = dict(st.summary(), count_samples=counts[split])
-        write_json_atomic(os.path.join(cfg.out_dir, split, "latent_stats.json"), summaries[split])
+        write_json_atomic(os.path.join(cfg.out_dir, split, LATENT_STATS), summaries[split])
     main_split = "train" if "train" in summaries else cfg.data.splits[0]
-    write_json_atomic(os.path.join(cfg.out_dir, "latent_stats.json"), dict(summaries[main_split], split=main_split))
+    write_json_atomic(os.path.join(cfg.out_dir, LATENT_STATS), dict(summaries[main_split], split=main_split))
     seconds = time.time() - t0
     total = sum(counts.values())
     info = {"fingerprint": fp, "counts": counts, "slots": n_slots, "seconds": round(seconds, 2),

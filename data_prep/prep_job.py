@@ -28,16 +28,17 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from trainer import config as C
-from trainer.config import UserError
-from trainer.log import get_logger
-from data_prep import bundled, readers, shuffle
-from data_prep.bundled import SourcesConfig
+from trainer.base import config as C
+from trainer.base.config import UserError
+from trainer.base.log import get_logger
+from data_prep import readers, shuffle, sources
+from data_prep.sources import SourcesConfig
 from data_prep.cleaning import bucket_of, count_tokens, digest, near_key, normalize_label, normalize_text, split_of
-from data_prep.mds import RankedDataset, read_json, wait_for, world_from_env, write_json_atomic
+from trainer.data.mds import RankedDataset, wait_for, world_from_env
+from trainer.base.files import read_json, write_json_atomic
 from data_prep.prompts import PromptConfig, build_prompt
 from data_prep.report import Report
-from data_prep.schema import LABELS, SPLITS, TEXT_COLUMNS
+from trainer.base.schema import LABELS, SPLITS, TEXT_COLUMNS
 from data_prep.stats import Stats, plot_histogram
 
 log = get_logger("prep")
@@ -124,7 +125,7 @@ def list_units(cfg: PrepConfig) -> list[readers.Unit]:
     units = []
     if cfg.data.path is not None:
         units += readers.list_units(cfg.data.format, cfg.data.path, cfg.data.max_files)
-    units += bundled.bundled_units(cfg.sources)
+    units += sources.bundled_units(cfg.sources)
     if not units:
         raise UserError("nothing to read: set data.path or enable a source under sources")
     return units
@@ -141,11 +142,11 @@ def read_unit(unit: readers.Unit, cfg: PrepConfig, report: Report):
     if unit.kind == "wds":
         return readers.read_wds(*unit.arg, d.label_columns, d.max_records_per_file, d.max_file_bytes, report)
     if unit.kind == "gutenberg":
-        return bundled.read_gutenberg(*unit.arg, cfg.sources.gutenberg, report)
+        return sources.read_gutenberg(*unit.arg, cfg.sources.gutenberg, report)
     if unit.kind == "shakespeare":
-        return bundled.read_shakespeare(cfg.sources.shakespeare, report)
+        return sources.read_shakespeare(cfg.sources.shakespeare, report)
     if unit.kind == "ogura":
-        return bundled.read_ogura(cfg.sources.ogura, report)
+        return sources.read_ogura(cfg.sources.ogura, report)
     raise ValueError(f"unknown unit kind {unit.kind!r}")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import string
 
-from data_prep.schema import LABELS
+from trainer.base.schema import LABELS
 
 
 @dataclasses.dataclass

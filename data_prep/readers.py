@@ -17,9 +17,9 @@ import sys
 import tarfile
 from typing import Iterator
 
-from trainer.config import UserError
+from trainer.base.config import UserError
 from data_prep.report import Report
-from data_prep.schema import LABELS
+from trainer.base.schema import LABELS
 
 FORMATS = ("folder", "jsonl", "csv", "wds")
 _EXTS = {"folder": (".txt",), "jsonl": (".jsonl",), "csv": (".csv",), "wds": (".tar",)}

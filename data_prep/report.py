@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer.log import get_logger
+from trainer.base.log import get_logger
 
 log = get_logger("prep")
 

@@ -14,7 +14,7 @@ import pickle
 import shutil
 from typing import Iterator
 
-from data_prep.mds import read_json, write_json_atomic
+from trainer.base.files import read_json, write_json_atomic
 
 BATCH = 1024
 

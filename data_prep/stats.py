@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from data_prep.mds import write_json_atomic
+from trainer.base.files import write_json_atomic
 
 FIELDS = ("split", "source", "form", "topic", "meter")
 

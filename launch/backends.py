@@ -70,7 +70,7 @@ def _composer_logs(ctx: Context) -> list[str]:
             "--stderr", os.path.join(logs, "rank{rank}.stderr.txt")]
 
 
-def _program(ctx: Context, module: str = "trainer.cli") -> list[str]:
+def _program(ctx: Context, module: str = "launch.cli") -> list[str]:
     return ["-m", module, ctx.job, ctx.job_yaml]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-from trainer.config import ConfigError
+from trainer.base.config import ConfigError
 
 BACKENDS = ("local", "composer", "torchrun", "slurm", "deepspeed")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -25,8 +25,8 @@ import yaml
 from launch import backends
 from launch.compute import check
 from launch.run_yaml import Run, load_run
-from trainer import config as C
-from trainer.log import get_logger
+from trainer.base import config as C
+from trainer.base.log import get_logger
 
 log = get_logger("launch")
 
@@ -49,23 +49,9 @@ def free_port() -> int:
 
 def job_out_dir(run: Run, dry_run: bool) -> str | None:
     """Check the job part with the job's own typed config (before anything starts); its out_dir."""
-    from trainer.cli import NotBuilt, config_class, load_job_module
+    from launch.cli import config_class, load_job_module
 
-    try:
-        module = load_job_module(run.spec.job)
-    except NotBuilt as e:
-        if not dry_run:
-            raise C.UserError(str(e)) from None
-        log.warning(f"{e}; the job part is not checked")
-        return run.job_data.get("out_dir")
-    try:
-        cls = config_class(module, run.job_data)
-    except C.UserError as e:
-        # A job whose variant (e.g. train's task) is not built yet; a ConfigError is the user's to fix.
-        if dry_run and not isinstance(e, C.ConfigError):
-            log.warning(f"{e}; the job part is not checked")
-            return run.job_data.get("out_dir")
-        raise
+    cls = config_class(load_job_module(run.spec.job), run.job_data)
     cfg = C.from_dict(cls, run.job_data, source=run.path, cli_keys=run.cli_keys)
     return getattr(cfg, "out_dir", None)
 

@@ -17,7 +17,7 @@ import os
 from typing import Any, Optional
 
 from launch.compute import ComputeConfig
-from trainer import config as C
+from trainer.base import config as C
 
 RUN_KEYS = ("job", "job_yaml", "overrides", "compute")
 
@@ -52,7 +52,7 @@ def nest(d: dict) -> dict:
 
 def load_run(path: str, overrides: list[str] = ()) -> Run:
     """Read, merge and check the run part; the job part is checked by the job's own config class."""
-    from trainer.cli import JOBS
+    from launch.cli import JOBS
 
     raw = C.read_yaml(path)
     extra = C.parse_overrides(overrides)

@@ -50,7 +50,7 @@ def init_process_group() -> None:
 def main(argv: list[str] | None = None) -> int:
     bridge_env()
     init_process_group()
-    from trainer import cli
+    from launch import cli
 
     return cli.main(list(sys.argv[1:] if argv is None else argv))
 

@@ -22,7 +22,7 @@ def free_port() -> int:
 def run_cli(*args, timeout=600, env=None, cwd=ROOT):
     """`latentverse ARGS` in a subprocess, as a user runs it."""
     e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "launch.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=e, cwd=cwd)
 
 

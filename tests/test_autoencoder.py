@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from trainer import config as C
-from trainer.config import UserError
+from trainer.base import config as C
+from trainer.base.config import UserError
 from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
 from trainer.models.tokenizers import save_tokenizer, train_bpe
 

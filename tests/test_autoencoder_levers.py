@@ -3,7 +3,7 @@ bag-of-words auxiliary loss on the decoder memory."""
 import pytest
 import torch
 
-from trainer import config as C
+from trainer.base import config as C
 from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
 
 from .test_autoencoder import POEMS, TINY, make, tok  # noqa: F401  (the same tiny model and its tokenizer)

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from trainer.config import UserError
+from trainer.base.config import UserError
 
 from .conftest import run_cli
 from .tiny import fit
@@ -25,10 +25,10 @@ def poems(n, seed=0):
 
 
 def write_text_shards(root, splits):
-    """Tiny text shards exactly as the prep job writes them (data_prep/schema.py TEXT_COLUMNS)."""
+    """Tiny text shards exactly as the prep job writes them (trainer/base/schema.py TEXT_COLUMNS)."""
     from streaming import MDSWriter
 
-    from data_prep.schema import LABELS, TEXT_COLUMNS
+    from trainer.base.schema import LABELS, TEXT_COLUMNS
 
     for split, texts in splits.items():
         with MDSWriter(out=os.path.join(root, split), columns=TEXT_COLUMNS) as w:
@@ -48,7 +48,7 @@ TINY = ["model.d_model=32", "model.encoder_layers=1", "model.decoder_layers=1", 
 
 @pytest.mark.slow
 def test_train_job_exports_a_loadable_autoencoder(tmp_path):
-    from trainer.eval_autoencoder import evaluate_autoencoder
+    from trainer.jobs.evaluate_autoencoder import evaluate_autoencoder
     from trainer.models.autoencoder import LatentAutoencoder
 
     data = write_text_shards(tmp_path / "shards", {"train": poems(96), "val": poems(16, 1), "test": poems(16, 2)})
@@ -64,7 +64,7 @@ def test_train_job_exports_a_loadable_autoencoder(tmp_path):
     # The lexicon: the training split's words seen at least twice (lexicon.min_count), not the held-out's.
     from collections import Counter
 
-    from trainer.metrics import words
+    from trainer.text.words import words
 
     counts = Counter(w for t in poems(96) for w in words(t))
     assert m.lexicon.words == {w for w, c in counts.items() if c >= 2} and len(m.lexicon) > 10
@@ -137,7 +137,7 @@ def test_unknown_task_and_unknown_key_are_one_line(tmp_path):
 
 def test_evaluation_shuffle_check_separates_a_working_autoencoder():
     """Overfit a tiny autoencoder on 6 poems: greedy accuracy is high, and collapses with shuffled latents."""
-    from trainer.eval_autoencoder import evaluate_autoencoder
+    from trainer.jobs.evaluate_autoencoder import evaluate_autoencoder
     from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
     from trainer.models.tokenizers import train_bpe
 
@@ -155,7 +155,7 @@ def test_evaluation_shuffle_check_separates_a_working_autoencoder():
 
 
 def test_evaluate_refuses_empty_texts():
-    from trainer.eval_autoencoder import evaluate_autoencoder
+    from trainer.jobs.evaluate_autoencoder import evaluate_autoencoder
 
     with pytest.raises(UserError):
         evaluate_autoencoder("/nonexistent", ["  ", ""])
@@ -174,8 +174,8 @@ def test_yamls_load(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().endswith("pretrained_path: path does not exist: 'models/bart-base'")
     r = run_cli("train", "yamls/autoencoder/bart_base.yaml", f"model.pretrained_path={tmp_path}", "--print-config")
     assert r.returncode == 0 and "kind: pretrained" in r.stdout and "freeze_bart: true" in r.stdout
-    from trainer import config as C
-    from trainer.eval_autoencoder import EvalAutoencoderConfig
+    from trainer.base import config as C
+    from trainer.jobs.evaluate_autoencoder import EvalAutoencoderConfig
 
     cfg = C.load(EvalAutoencoderConfig, "yamls/eval/autoencoder.yaml", [f"autoencoder_dir={tmp_path}",
                                                                          f"data_path={tmp_path}"])
@@ -186,7 +186,7 @@ def test_composer_model_metrics_are_told_apart_after_copying():
     """Composer deep-copies metrics: each copy must still get its own figure (teacher-forced vs greedy)."""
     import copy
 
-    from trainer.composer_models import AutoencoderComposerModel
+    from trainer.training.autoencoder_model import AutoencoderComposerModel
     from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
     from trainer.models.tokenizers import train_bpe
 
@@ -215,7 +215,7 @@ def test_composer_model_metrics_are_told_apart_after_copying():
 
 def test_train_metrics_do_not_decode(monkeypatch):
     """Composer computes train metrics from the step's outputs every batch: that must not run a greedy decode."""
-    from trainer.composer_models import AutoencoderComposerModel
+    from trainer.training.autoencoder_model import AutoencoderComposerModel
     from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
     from trainer.models.tokenizers import train_bpe
 
@@ -238,7 +238,7 @@ def test_train_metrics_do_not_decode(monkeypatch):
 def test_read_texts_reads_compressed_shards_like_the_prep_job_writes(tmp_path):
     from streaming import MDSWriter
 
-    from trainer.train_autoencoder import read_texts
+    from trainer.data.mds import read_texts
 
     with MDSWriter(out=str(tmp_path / "train"), columns={"text": "str"}, compression="zstd", size_limit=1 << 10) as w:
         for i in range(50):

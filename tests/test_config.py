@@ -4,7 +4,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from trainer import config as C
+from trainer.base import config as C
 
 
 @dataclasses.dataclass

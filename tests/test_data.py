@@ -1,4 +1,4 @@
-"""trainer/data.py on real tiny latent shards: normalisation and sigma_data, one epoch = every sample
+"""trainer/data/loaders.py on real tiny latent shards: normalisation and sigma_data, one epoch = every sample
 once, stream proportions, mid-epoch resume from the loader state, one-line errors, and the stale
 shared-memory cleanup that spares live segments."""
 import json
@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ConfigError
-from trainer.data import (LatentDataConfig, LatentNormalizer, StreamConfig, build_latent_dataloader,
-                          clean_stale_shared_memory, load_latent_stats)
+from trainer.base.config import ConfigError
+from trainer.data.loaders import (LatentDataConfig, LatentNormalizer, StreamConfig, build_latent_dataloader, clean_stale_shared_memory, load_latent_stats)
 
-from .diffusion_data import write_latent_shards
+from trainer.data.synthetic import write_latent_shards
 
 
 @pytest.fixture(scope="module")

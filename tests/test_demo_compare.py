@@ -3,7 +3,7 @@ token-latent stages it appends."""
 import json
 import os
 
-from trainer import demo
+from launch import demo
 
 
 def report(frechet_ratio, validity, mem, held_mem, form, meter, d2, d2_real, mauve):

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from tests.test_edm import randomize
-from trainer import config as C
+from trainer.base import config as C
 from trainer.diffusion.ddpm import DDPM, DDPMConfig
 from trainer.diffusion.edm import EDMLoss, EDMPrecond
 from trainer.diffusion.sampler import SamplerConfig, edm_sampler
-from trainer.diffusion.seam import Prompt
+from trainer.models.denoisers.interface import Prompt
 from trainer.models.denoisers import KINDS, DenoiserConfig, build_denoiser
 from trainer.models.denoisers.view2d import LatentView2D
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond, PromptMean, edm_coefficients, edm_loss_weight
-from trainer.diffusion.seam import Prompt
+from trainer.models.denoisers.interface import Prompt
 from trainer.models.denoisers import DenoiserConfig, MLPUNetConfig, MoEDiTConfig, build_denoiser
 
 torch.set_num_threads(1)
@@ -170,7 +170,7 @@ def test_precond_with_a_prompt_mean_denoises_the_offset_from_it():
     assert torch.allclose(shifted(x, sigma, null).sample, y0 + plain(x - y0, sigma, null).sample, atol=1e-12)
     assert torch.allclose(shifted(x, sigma).sample, y0 + plain(x - y0, sigma).sample, atol=1e-12)
     # A batch mixing both (classifier-free guidance) gets each row's own mean.
-    from trainer.diffusion.seam import cat_prompts
+    from trainer.models.denoisers.interface import cat_prompts
 
     both = cat_prompts(prompt, null)
     D = shifted(torch.cat([x, x]), torch.cat([sigma, sigma]), both).sample

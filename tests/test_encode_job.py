@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_prep import encode_job
-from trainer import config as C
+from trainer.base import config as C
 
 from .conftest import run_cli
 
@@ -20,7 +20,7 @@ def write_text_shards(root, n_train=40, n_val=12, meters=()):
     """Poems of random words with forms (and, given `meters`, meters in turn, named in the prompt)."""
     from streaming import MDSWriter
 
-    from data_prep.schema import LABELS, TEXT_COLUMNS
+    from trainer.base.schema import LABELS, TEXT_COLUMNS
 
     words = "the sea moon night love wind stone river light dark song heart old rain".split()
     rng = np.random.default_rng(0)
@@ -152,7 +152,7 @@ def test_missing_split_and_changed_config_are_one_line(assets, tmp_path):
 def test_local_mds_reads_compressed_shards_without_shared_memory(tmp_path):
     from streaming import MDSWriter
 
-    from data_prep.mds import LocalMDS
+    from trainer.data.mds import LocalMDS
 
     with MDSWriter(out=str(tmp_path / "d"), columns={"text": "str"}, compression="zstd", size_limit=1 << 11) as w:
         for i in range(300):
@@ -167,7 +167,7 @@ def test_local_mds_reads_compressed_shards_without_shared_memory(tmp_path):
 def test_partition_by_form_gives_one_dataset_per_value_and_streams_weigh_them(assets, tmp_path):
     from collections import Counter
 
-    from trainer.data import LatentDataConfig, StreamConfig, build_latent_dataloader
+    from trainer.data.loaders import LatentDataConfig, StreamConfig, build_latent_dataloader
 
     out = tmp_path / "p"
     cfg = C.load(encode_job.EncodeConfig, None, overrides(assets, out, "num_workers=2", "partition_by=form"))
@@ -194,7 +194,7 @@ def test_partition_by_form_gives_one_dataset_per_value_and_streams_weigh_them(as
 
 
 def test_merge_with_a_partition_one_rank_never_wrote(tmp_path):
-    from data_prep.mds import LocalMDS, RankedDataset
+    from trainer.data.mds import LocalMDS, RankedDataset
 
     ds = RankedDataset(str(tmp_path), {"text": "str"}, splits=["train"], compression=None)
     for rank, parts in ((0, ["k=a", "k=b"]), (1, ["k=b"])):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_prep import encode_job
-from trainer import config as C
+from trainer.base import config as C
 
 from .conftest import run_cli
 from .test_encode_job import write_text_shards
@@ -17,7 +17,7 @@ from .tiny import tiny_autoencoder, tiny_denoiser
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from trainer.models.text_encoders import PromptEncoderConfig
-    from trainer.pipeline import PipelineConfig, export_pipeline
+    from trainer.pipeline.pipeline import PipelineConfig, export_pipeline
 
     root = tmp_path_factory.mktemp("evalgen")
     text = write_text_shards(root / "text", n_train=48, n_val=24, meters=("iambic trimeter", "trochaic trimeter"))
@@ -110,8 +110,8 @@ def test_unknown_task_is_one_line(tmp_path):
 def test_generation_eval_samples_with_its_own_steps_and_churn(setup):
     import torch
 
-    from trainer.eval_generation import EvalGenerationConfig, _generate
-    from trainer.pipeline import Pipeline
+    from trainer.jobs.evaluate_generation import EvalGenerationConfig, _generate
+    from trainer.pipeline.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(setup["pipe"])
     x, lat, txt, greedy = _generate(pipe, ["sonnet"], EvalGenerationConfig(samples_per_prompt=2, steps=3, churn=40.0))

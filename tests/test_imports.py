@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from trainer.check_imports import REQUIRED, check
+from trainer.base.check_imports import REQUIRED, check
 
 
 def test_every_required_library_imports():

@@ -16,7 +16,7 @@ from launch.compute import ComputeConfig, check
 from launch.launcher import build, describe
 from launch.run_yaml import load_run
 from launch.worker import bridge_env
-from trainer import config as C
+from trainer.base import config as C
 
 from .conftest import ROOT, run_cli
 
@@ -68,7 +68,7 @@ def test_local_is_composer_with_n_processes(tmp_path):
     f = flags(argv)
     assert f["-n"] == "2" and f["--master_port"] == "29511"
     assert "{rank}" in f["--stdout"] and f["--stdout"].startswith(str(tmp_path / "launch" / "logs"))
-    assert program(argv) == ["trainer.cli", "train", str(tmp_path / "launch" / "job.yaml")]
+    assert program(argv) == ["launch.cli", "train", str(tmp_path / "launch" / "job.yaml")]
 
 
 def test_gpus_set_processes_per_node():
@@ -93,7 +93,7 @@ def test_composer_one_launcher_per_node(tmp_path):
         f = flags(inner)
         assert f["--world_size"] == "32" and f["--nproc"] == "8" and f["--node_rank"] == str(rank)
         assert f["--master_addr"] == "n0" and f["--master_port"] == "29511"
-        assert program(inner)[:2] == ["trainer.cli", "train"]
+        assert program(inner)[:2] == ["launch.cli", "train"]
 
 
 def test_composer_loopback_nodes_run_here_and_node_rank_picks_one(tmp_path):
@@ -183,7 +183,7 @@ def test_slurm_script(tmp_path):
     # shlex.split keeps the variables for bash to expand on each node
     assert f["--node_rank"] == "$SLURM_NODEID"
     assert f["--master_addr"] == "$MASTER_ADDR" and f["--master_port"] == "$MASTER_PORT"
-    assert program(node)[:2] == ["trainer.cli", "train"]
+    assert program(node)[:2] == ["launch.cli", "train"]
     assert plan.commands[0].argv == ["sbatch", str(tmp_path / "launch" / "sbatch.sh")]
 
 
@@ -285,7 +285,7 @@ def test_dry_run_prints_the_files_and_quoted_commands(tmp_path):
     for rank, argv in enumerate(cmds):
         f = flags(argv)
         assert f["--node_rank"] == str(rank) and f["--master_port"] == port
-        assert program(argv) == ["trainer.cli", "train", f"{out}/launch/job.yaml"]
+        assert program(argv) == ["launch.cli", "train", f"{out}/launch/job.yaml"]
     assert not out.exists()
 
 

@@ -24,11 +24,11 @@ from launch.run_yaml import load_run
 
 from .conftest import ROOT, free_port, run_cli
 
-TRAIN_AVAILABLE = importlib.util.find_spec("trainer.train_autoencoder") is not None
+TRAIN_AVAILABLE = importlib.util.find_spec("trainer.jobs.train_autoencoder") is not None
 pytestmark = [
     pytest.mark.multiproc,
     pytest.mark.slow,
-    pytest.mark.skipif(not TRAIN_AVAILABLE, reason="trainer/train_autoencoder.py (the train job) is not in the tree"),
+    pytest.mark.skipif(not TRAIN_AVAILABLE, reason="trainer/jobs/train_autoencoder.py (the train job) is not in the tree"),
 ]
 
 BATCHES = 3
@@ -45,7 +45,7 @@ def shards(tmp_path_factory):
     """Tiny text shards in the prep job's layout: <dir>/train/, <dir>/val/ (TEXT_COLUMNS)."""
     from streaming import MDSWriter
 
-    from data_prep.schema import LABELS, TEXT_COLUMNS
+    from trainer.base.schema import LABELS, TEXT_COLUMNS
 
     root = tmp_path_factory.mktemp("text_shards")
     for split, n in (("train", 48), ("val", 8)):
@@ -145,7 +145,7 @@ def test_two_nodes_on_loopback(tmp_path, shards):
     procs, logs = [], []
     for rank, prefix in ((0, []), (1, PRIVATE_SHM)):
         logs.append(open(tmp_path / f"launch_node{rank}.txt", "w"))
-        procs.append(subprocess.Popen([*prefix, sys.executable, "-m", "trainer.cli", "launch", run, "--node-rank",
+        procs.append(subprocess.Popen([*prefix, sys.executable, "-m", "launch.cli", "launch", run, "--node-rank",
                                        str(rank)], cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT))
     try:
         codes = [p.wait(timeout=600) for p in procs]

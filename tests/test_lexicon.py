@@ -3,8 +3,8 @@ generate (greedy and beam search) on a real tiny autoencoder, save/load, and the
 import pytest
 import torch
 
-from trainer.config import UserError
-from trainer.metrics import words
+from trainer.base.config import UserError
+from trainer.text.words import words
 from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
 from trainer.models.lexicon import Lexicon, LexiconLogitsProcessor
 

@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 
-from trainer import metrics as M
+from trainer.evaluation import metrics as M
+from trainer.text import prosody, words as W
 
 
 def test_words_and_ngrams():
-    assert M.words("O, Rose! thou art sick.\nThe invisible worm's 2 ways") == \
+    assert W.words("O, Rose! thou art sick.\nThe invisible worm's 2 ways") == \
         ["o", "rose", "thou", "art", "sick", "the", "invisible", "worm's", "ways"]
     assert M.ngrams(["a", "b", "c"], 2) == [("a", "b"), ("b", "c")]
 
@@ -56,7 +57,7 @@ def test_label_classifier_separates_separable_latents():
 
 
 def test_syllable_estimate_and_text_shape():
-    assert [M.syllables(w) for w in ("the", "love", "summer", "beautiful", "table", "free")] == [1, 1, 2, 3, 2, 1]
+    assert [W.syllables(w) for w in ("the", "love", "summer", "beautiful", "table", "free")] == [1, 1, 2, 3, 2, 1]
     n_lines, mean_syl, _, mean_words, first, second, *meter = M.text_shape("Shall I compare thee\nto a summer's day")
     assert (n_lines, first, second, mean_words) == (2, 5, 5, 4.0) and mean_syl == 5.0
     assert len(meter) == 7 + 4 + 4
@@ -64,26 +65,26 @@ def test_syllable_estimate_and_text_shape():
 
 def test_line_stresses_tell_iambs_from_trochees():
     # the dictionary's stresses; one-syllable function words weak; a word it lacks stressed first
-    assert M.line_stresses("Shall I compare thee to a summer's day") == "1001100101"
-    assert M.line_stresses("Tell me not in mournful numbers") == "10101010"
-    assert M.line_stresses("the zorblatt") == "010"
+    assert prosody.line_stresses("Shall I compare thee to a summer's day") == "1001100101"
+    assert prosody.line_stresses("Tell me not in mournful numbers") == "10101010"
+    assert prosody.line_stresses("the zorblatt") == "010"
     iambic = "The curfew tolls the knell of parting day"
     trochaic = "Tell me not in mournful numbers"
-    assert M._line_meter(iambic)[3] < -0.5 < 0.5 < M._line_meter(trochaic)[3]   # odd - even stressed
+    assert prosody.line_meter(iambic)[3] < -0.5 < 0.5 < prosody.line_meter(trochaic)[3]   # odd - even stressed
 
 
 def test_prompt_meter_and_scansion():
-    assert M.prompt_meter("Stanza in Iambic  Pentameter, about the sea") == "iambic pentameter"
-    assert M.prompt_meter("sonnet by William Shakespeare") == "" == M.prompt_meter("iambic verse")
+    assert prosody.prompt_meter("Stanza in Iambic  Pentameter, about the sea") == "iambic pentameter"
+    assert prosody.prompt_meter("sonnet by William Shakespeare") == "" == prosody.prompt_meter("iambic verse")
     gray = "The curfew tolls the knell of parting day"            # 0101010101: every syllable fits
-    assert M.scansion(gray, "iambic pentameter") == 1.0
-    assert M.scansion(gray, "trochaic pentameter") == 0.0                # every syllable against it
+    assert prosody.scansion(gray, "iambic pentameter") == 1.0
+    assert prosody.scansion(gray, "trochaic pentameter") == 0.0                # every syllable against it
     # too short a line loses the syllables it lacks: 6 of 10 positions agree
-    assert M.scansion("the knell of parting day", "iambic pentameter") == pytest.approx(0.6)
+    assert prosody.scansion("the knell of parting day", "iambic pentameter") == pytest.approx(0.6)
     # the mean over lines; blank lines are skipped; a meter without a pattern has no scansion
     hia = "Tell me not, in mournful numbers"                        # 10101010: trochaic tetrameter
-    assert M.scansion(f"{gray}\n\n{hia}", "trochaic tetrameter") == pytest.approx((M.scansion(gray, "trochaic tetrameter") + 1.0) / 2)
-    assert M.scansion(gray, "free verse") is None and M.scansion("", "iambic pentameter") == 0.0
+    assert prosody.scansion(f"{gray}\n\n{hia}", "trochaic tetrameter") == pytest.approx((prosody.scansion(gray, "trochaic tetrameter") + 1.0) / 2)
+    assert prosody.scansion(gray, "free verse") is None and prosody.scansion("", "iambic pentameter") == 0.0
 
 
 def test_text_label_classifier_reads_line_shape_and_words():

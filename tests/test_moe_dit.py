@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from tests.test_edm import randomize
-from trainer.diffusion import masking
+from trainer.models import masking
 from trainer.diffusion.guidance import drop_prompt
-from trainer.diffusion.seam import Prompt
+from trainer.models.denoisers.interface import Prompt
 from trainer.models.denoisers import DenoiserConfig, MoEDiTConfig, build_denoiser
 from trainer.models.denoisers.moe_dit import ExpertChoiceFFN, FeedForward, trim_padding
 
@@ -253,7 +253,7 @@ def test_denoiser_saved_before_mixer_ratio_existed_still_loads(tmp_path):
     import json
 
     from tests.tiny import tiny_denoiser, tiny_stats
-    from trainer.export import DENOISER_CONFIG, load_denoiser
+    from trainer.pipeline.export import DENOISER_CONFIG, load_denoiser
 
     d = tmp_path / "den"
     cfg_file = d / DENOISER_CONFIG
@@ -262,7 +262,7 @@ def test_denoiser_saved_before_mixer_ratio_existed_still_loads(tmp_path):
     assert net.backbone.patch_mixer[0].mlp.fc1.out_features == 32
     # Rebuild it as the old code did (ratio 4) and drop the key from its config.
     from trainer.diffusion.edm import EDMPrecond
-    from trainer.export import save_denoiser
+    from trainer.pipeline.export import save_denoiser
     from trainer.models.denoisers import DenoiserConfig, build_denoiser
 
     old = DenoiserConfig(prompt_dim=384, moe_dit=MoEDiTConfig(dim=32, depth=2, head_dim=16, num_experts=2,

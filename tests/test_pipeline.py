@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from trainer.config import UserError
-from trainer.pipeline import Pipeline
+from trainer.base.config import UserError
+from trainer.pipeline.pipeline import Pipeline
 
 from .conftest import run_cli
 from .tiny import tiny_pipeline
@@ -49,7 +49,7 @@ def test_decode_num_beams_reaches_the_decoder(pipe_dir):
 def test_decode_spells_from_the_autoencoders_lexicon_unless_told_not_to(pipe_dir, tmp_path):
     from .tiny import WORDS, tiny_pipeline
 
-    from trainer.metrics import words
+    from trainer.text.words import words
 
     p = Pipeline.from_pretrained(tiny_pipeline(str(tmp_path), lexicon=True))
     x, _ = p.sample_latents(["sonnet about the sea", ""], num_samples=3, steps=3, seed=1)
@@ -79,7 +79,7 @@ def test_guidance_changes_samples_and_ddpm_runs(pipe_dir):
 
 
 def test_churn_adds_fresh_noise_reproducibly_and_bad_values_are_refused(pipe_dir):
-    from trainer.generate import generate
+    from trainer.jobs.generate import generate
 
     p = Pipeline.from_pretrained(pipe_dir)
     assert p.cfg.sampler.S_churn == 0
@@ -139,8 +139,8 @@ def test_cli_missing_pipeline_dir(tmp_path):
 def test_meter_readings_keep_the_best_scanning_reading(tmp_path):
     """A prompt that names a meter gets, of several readings of its latent, the one that scans best in it
     (seeded, leaving the caller's random state alone); other prompts keep the greedy reading."""
-    from trainer.generate import generate
-    from trainer.metrics import scansion
+    from trainer.jobs.generate import generate
+    from trainer.text.prosody import scansion
 
     from .tiny import tiny_pipeline
 

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from trainer import config as C
+from trainer.base import config as C
 from data_prep import prep_job
-from data_prep.schema import SPLITS, TEXT_COLUMNS
+from trainer.base.schema import SPLITS, TEXT_COLUMNS
 from tests.conftest import run_cli
 
 WORDS = ("moon river stone wind quiet ember harbor lantern meadow thunder silver hollow crow orchard "
@@ -260,7 +260,7 @@ def test_launcher_ranks_share_the_work(tmp_path):
     import sys
     root = kaggle_tree(str(tmp_path / "poems"), n=50)
     args = ["prep", "yamls/prep/folder_tree.yaml", f"data.path={root}", f"out_dir={tmp_path}/ranks"]
-    procs = [subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=os.path.dirname(os.path.dirname(__file__)),
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=os.path.dirname(os.path.dirname(__file__)),
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE="2"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]

@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from data_prep import bundled
+from data_prep import sources
+from trainer.text import prosody
 from data_prep.cleaning import count_tokens, digest, near_key, normalize_text, split_of
 from data_prep.prompts import PromptConfig, build_prompt
 from data_prep.readers import decode_bytes
@@ -62,7 +63,7 @@ def test_decode_repairs_and_skips_with_names():
 
 
 def test_shakespeare_all_154_sonnets():
-    recs = list(bundled.read_shakespeare(bundled.ShakespeareConfig(), Report()))
+    recs = list(sources.read_shakespeare(sources.ShakespeareConfig(), Report()))
     assert len(recs) == 154
     assert [r.title for r in recs[:2]] == ["Sonnet 1", "Sonnet 2"] and recs[-1].title == "Sonnet 154"
     assert recs[0].text.strip().startswith("From fairest creatures we desire increase,")
@@ -70,26 +71,26 @@ def test_shakespeare_all_154_sonnets():
     # 14 lines each, give or take the few irregular ones (99 has 15, 126 has 12)
     lines = [len(normalize_text(r.text).split("\n")) for r in recs]
     assert sum(n == 14 for n in lines) >= 150
-    assert bundled.roman_to_int("CXLIV") == 144
+    assert sources.roman_to_int("CXLIV") == 144
 
 
 def test_ogura_tanka_with_poets():
-    recs = list(bundled.read_ogura(bundled.OguraConfig(), Report()))
+    recs = list(sources.read_ogura(sources.OguraConfig(), Report()))
     assert len(recs) == 100 and all(r.form == "tanka" for r in recs)
     komachi = recs[8]
     assert komachi.author == "Ono no Komachi"
     assert komachi.text.split("\n")[0] == "Color of the flower" and len(komachi.text.split("\n")) == 5
-    jp = list(bundled.read_ogura(bundled.OguraConfig(language="japanese", max_records=3), Report()))
+    jp = list(sources.read_ogura(sources.OguraConfig(language="japanese", max_records=3), Report()))
     assert len(jp) == 3 and jp[0].author == "天智天皇" and len(jp[0].text.split("\n")) == 5
 
 
 def test_gutenberg_slice_stanzas_and_meter():
-    cfg = bundled.GutenbergConfig(start_line=100, max_stanzas=50, min_lines=2, max_lines=8, unit_stanzas=20)
-    units = bundled.gutenberg_units(cfg)
+    cfg = sources.GutenbergConfig(start_line=100, max_stanzas=50, min_lines=2, max_lines=8, unit_stanzas=20)
+    units = sources.gutenberg_units(cfg)
     assert len(units) == 3  # 20 + 20 + 10 stanzas
-    recs = [r for u in units for r in bundled.read_gutenberg(*u.arg, cfg, Report())]
+    recs = [r for u in units for r in sources.read_gutenberg(*u.arg, cfg, Report())]
     assert len(recs) == 50
-    texts, meters, syllables = bundled.gutenberg_lines()
+    texts, meters, syllables = sources.gutenberg_lines()
     assert len(texts) == 3085117 == len(meters) == len(syllables)
     assert recs[0].text.split("\n")[0] == texts[100]
     sizes = [len(r.text.split("\n")) for r in recs]
@@ -113,12 +114,12 @@ def test_gutenberg_slice_stanzas_and_meter():
         lo += n
     assert 0 < kept < len(recs)
     report = Report()
-    assert sum(1 for u in units for _ in bundled.read_gutenberg(*u.arg, cfg, report)) == 50
+    assert sum(1 for u in units for _ in sources.read_gutenberg(*u.arg, cfg, report)) == 50
     assert report.repaired["meter_unclear"]["count"] == len(recs) - kept
     # the corpus's own labels: two thirds of the lines agreeing keep more stanzas than fitting ones
     old = dataclasses.replace(cfg, meter_syllables=False, meter_agreement=2 / 3)
     lo = 100
-    for r, n in zip([r for u in units for r in bundled.read_gutenberg(*u.arg, old, Report())], sizes):
+    for r, n in zip([r for u in units for r in sources.read_gutenberg(*u.arg, old, Report())], sizes):
         votes = collections.Counter(m for m in meters[lo:lo + n] if m != "null")
         top, count = votes.most_common(1)[0]
         assert r.meter == (top if 3 * count >= 2 * sum(votes.values()) else "")
@@ -127,19 +128,19 @@ def test_gutenberg_slice_stanzas_and_meter():
     assert old_kept > kept
     # meter_agreement=0 without the syllable check: always the majority
     loose = dataclasses.replace(cfg, meter_agreement=0.0, meter_syllables=False)
-    assert all(r.meter for u in units for r in bundled.read_gutenberg(*u.arg, loose, Report()))
+    assert all(r.meter for u in units for r in sources.read_gutenberg(*u.arg, loose, Report()))
     with pytest.raises(ValueError, match="meter_agreement"):
-        bundled.GutenbergConfig(meter_agreement=1.5)
-    assert [bundled.meter_fits("iambic pentameter", n) for n in (9, 10, 11, 12)] == [False, True, True, False]
-    assert [bundled.meter_fits("trochaic tetrameter", n) for n in (6, 7, 8, 9)] == [False, True, True, False]
-    assert [bundled.meter_fits("dactylic dimeter", n) for n in (3, 4, 5, 6, 7)] == [False, True, True, True, False]
-    assert bundled.meter_fits("free verse", 3)  # a meter it cannot count always fits
-    assert bundled.meter_templates("Iambic trimeter") == ["010101", "0101010"]
-    assert bundled.meter_templates("dactylic dimeter") == ["100100", "10010", "1001"]
-    assert bundled.meter_templates("free verse") == [] == bundled.meter_templates("iambic")
+        sources.GutenbergConfig(meter_agreement=1.5)
+    assert [prosody.meter_fits("iambic pentameter", n) for n in (9, 10, 11, 12)] == [False, True, True, False]
+    assert [prosody.meter_fits("trochaic tetrameter", n) for n in (6, 7, 8, 9)] == [False, True, True, False]
+    assert [prosody.meter_fits("dactylic dimeter", n) for n in (3, 4, 5, 6, 7)] == [False, True, True, True, False]
+    assert prosody.meter_fits("free verse", 3)  # a meter it cannot count always fits
+    assert prosody.meter_templates("Iambic trimeter") == ["010101", "0101010"]
+    assert prosody.meter_templates("dactylic dimeter") == ["100100", "10010", "1001"]
+    assert prosody.meter_templates("free verse") == [] == prosody.meter_templates("iambic")
     # same seed, same stanzas; another seed, others
-    assert [r.text for u in bundled.gutenberg_units(cfg) for r in bundled.read_gutenberg(*u.arg, cfg, Report())] \
+    assert [r.text for u in sources.gutenberg_units(cfg) for r in sources.read_gutenberg(*u.arg, cfg, Report())] \
         == [r.text for r in recs]
-    other = bundled.GutenbergConfig(start_line=100, max_stanzas=50, min_lines=2, max_lines=8, seed=1)
-    assert [r.text for u in bundled.gutenberg_units(other) for r in bundled.read_gutenberg(*u.arg, other, Report())] \
+    other = sources.GutenbergConfig(start_line=100, max_stanzas=50, min_lines=2, max_lines=8, seed=1)
+    assert [r.text for u in sources.gutenberg_units(other) for r in sources.read_gutenberg(*u.arg, other, Report())] \
         != [r.text for r in recs]

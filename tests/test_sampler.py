@@ -7,7 +7,7 @@ import torch
 from trainer.diffusion.ddpm import DDPM, DDPMConfig
 from trainer.diffusion.guidance import drop_prompt
 from trainer.diffusion.sampler import SamplerConfig, edm_sampler, sigma_steps
-from trainer.diffusion.seam import DenoiserOutput, Prompt
+from trainer.models.denoisers.interface import DenoiserOutput, Prompt
 
 torch.set_num_threads(1)
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from tests.test_edm import randomize
-from trainer.diffusion import masking
+from trainer.models import masking
 from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond, edm_loss_weight
 from trainer.diffusion.sampler import SamplerConfig, edm_sampler
-from trainer.diffusion.seam import Prompt
+from trainer.models.denoisers.interface import Prompt
 from trainer.models.denoisers import DenoiserConfig, MoEDiTConfig, build_denoiser
 
 torch.set_num_threads(1)
@@ -117,7 +117,7 @@ def test_sampler_passes_each_evaluation_the_previous_estimate(guidance):
 
 def test_ddpm_path_of_the_pipeline_feeds_the_previous_estimate():
     from trainer.diffusion.ddpm import DDPM, DDPMConfig
-    from trainer.pipeline import _EDMAsEpsilon
+    from trainer.pipeline.pipeline import _EDMAsEpsilon
 
     rec = Recorder(sc_net().eval())
     ddpm = DDPM(torch.nn.Identity(), DDPMConfig(num_inference_steps=4, guidance_scale=2.0))
@@ -130,7 +130,7 @@ def test_ddpm_path_of_the_pipeline_feeds_the_previous_estimate():
 
 
 def test_flops_per_sample_count_the_expected_extra_pass():
-    from trainer.composer_diffusion import measure_flops_per_sample
+    from trainer.training.diffusion_model import measure_flops_per_sample
 
     plain = measure_flops_per_sample(sc_net(self_condition=False), (8, 4), (3, 6), 0.0)
     sc = measure_flops_per_sample(sc_net(), (8, 4), (3, 6), 0.0)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from trainer.config import ConfigError
+from trainer.base.config import ConfigError
 from trainer.models.text_encoders import PromptEncoderConfig, bundled_minilm_path, build_prompt_encoder
 
 PROMPTS = ["sonnet about the sea", "tanka by Ono no Komachi", ""]

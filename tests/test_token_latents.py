@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import UserError
+from trainer.base.config import UserError
 from trainer.models.token_latents import (CONFIG_NAME, TokenEmbeddingLatents, TokenLatentConfig, build_causal_lm,
                                           latent_kind, load_latent_encoder)
 
@@ -86,7 +86,7 @@ def test_latent_kind_dispatch(tmp_path):
     assert wrapped.decode(wrapped.encode(TEXTS)) == TEXTS
     # a pipeline exported from the plain LM dir holds the wrapped encoder, and says which kind it is
     from trainer.models.text_encoders import PromptEncoderConfig
-    from trainer.pipeline import export_pipeline
+    from trainer.pipeline.pipeline import export_pipeline
 
     from .tiny import tiny_denoiser
 
@@ -140,7 +140,7 @@ def test_end_to_end_train_lm_encode_diffuse_generate_with_prefix_evaluate(tmp_pa
 
     from trainer.diffusion.sampler import SamplerConfig
     from trainer.models.text_encoders import PromptEncoderConfig
-    from trainer.pipeline import Pipeline, PipelineConfig, export_pipeline
+    from trainer.pipeline.pipeline import Pipeline, PipelineConfig, export_pipeline
 
     from .test_encode_job import write_text_shards
 
@@ -213,7 +213,7 @@ def test_end_to_end_train_lm_encode_diffuse_generate_with_prefix_evaluate(tmp_pa
 
 
 def test_prefix_on_a_bart_pipeline_is_one_line(tmp_path):
-    from trainer.pipeline import Pipeline
+    from trainer.pipeline.pipeline import Pipeline
 
     from .tiny import tiny_pipeline
 

@@ -1,7 +1,7 @@
 """The autoencoder's tokenizers: exact round trips (line breaks kept), non-empty vocabularies, clear errors."""
 import pytest
 
-from trainer.config import UserError
+from trainer.base.config import UserError
 from trainer.models.tokenizers import (TokenizerConfig, build_tokenizer, gpt2_tokenizer, load_tokenizer,
                                        save_tokenizer, train_bpe)
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import config as C
-from trainer.callbacks import KILL_AT_BATCH_ENV, KILL_GROUP_ENV, KILL_IN_CHECKPOINT_ENV, NAN_AT_BATCH_ENV
+from trainer.base import config as C
+from tests import faults
 
 from .conftest import ROOT, run_cli
-from .diffusion_data import write_latent_shards
+from trainer.data.synthetic import write_latent_shards
 
 TINY = ["model.moe_dit.dim=32", "model.moe_dit.depth=2", "model.moe_dit.head_dim=16",
         "model.moe_dit.patch_mixer_depth=1", "model.moe_dit.num_experts=2", "batch_size=8", "threads=1",
@@ -39,7 +39,7 @@ def read_jsonl(path):
 
 def stale_streaming_shm():
     """Streaming shared-memory segments in /dev/shm that no live process maps."""
-    from trainer.data import _STREAMING_SHM, _mapped_shm_names
+    from trainer.data.loaders import _STREAMING_SHM, _mapped_shm_names
 
     mapped = _mapped_shm_names()
     return {n for n in os.listdir("/dev/shm") if _STREAMING_SHM.match(n) and n not in mapped}
@@ -116,13 +116,13 @@ def test_stage1_then_stage2_end_to_end(two_stages):
 
 
 def test_ema_is_exported_differs_from_raw_and_is_what_is_sampled(two_stages):
-    from trainer.data import LatentNormalizer
+    from trainer.data.loaders import LatentNormalizer
     from trainer.diffusion.sampler import SamplerConfig, edm_sampler
-    from trainer.diffusion.seam import Prompt
-    from trainer.export import load_denoiser
+    from trainer.models.denoisers.interface import Prompt
+    from trainer.pipeline.export import load_denoiser
     from trainer.models.autoencoder import LatentAutoencoder
     from trainer.models.text_encoders import PromptEncoderConfig, build_prompt_encoder
-    from trainer.pipeline import to_encoder_latents
+    from trainer.data.loaders import to_encoder_latents
 
     s1 = two_stages["s1"]
     final = model_state(s1 / "checkpoints" / "latest-rank0.pt")
@@ -173,9 +173,9 @@ def killed_and_resumed(shards, tmp_path_factory):
     before = stale_streaming_shm()
     # The whole process group dies (its own session, so pytest survives), Python's resource tracker
     # included: nothing is left to unlink streaming's shared memory, as when a node is lost.
-    r = subprocess.run([sys.executable, "-m", "trainer.cli", "train", PRETRAIN, *base(shards, out, *RESUME)],
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "train", PRETRAIN, *base(shards, out, *RESUME)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, start_new_session=True,
-                       env=dict(os.environ, **{KILL_AT_BATCH_ENV: "5", KILL_GROUP_ENV: "1"}))
+                       env=faults.env(KILL_AT_BATCH=5, KILL_GROUP=1))
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     left = stale_streaming_shm() - before
     killed_log = read_jsonl(out / "sample_log-rank0.jsonl")
@@ -212,7 +212,7 @@ def test_stale_shared_memory_of_a_killed_run_is_removed_at_the_next_start(killed
 
 def test_kill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(shards, reference, tmp_path):
     out = tmp_path / "ckptkill"
-    r = run_cli("train", PRETRAIN, *base(shards, out, *RESUME), env={KILL_IN_CHECKPOINT_ENV: "4"})
+    r = run_cli("train", PRETRAIN, *base(shards, out, *RESUME), env=faults.env(KILL_IN_CHECKPOINT=4))
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     ck = out / "checkpoints"
     half = ck / "ep0-ba4-rank0.pt"
@@ -231,7 +231,7 @@ def test_kill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(shar
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(shards, tmp_path):
     out = tmp_path / "nan"
     r = run_cli("train", PRETRAIN, *base(shards, out, "max_duration=6ba", "save_interval=2ba"),
-                env={NAN_AT_BATCH_ENV: "3"})
+                env=faults.env(NAN_AT_BATCH=3))
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1].strip()
     assert re.match(r"train loss is nan at batch 3: stopping .*last good checkpoint: .*ep0-ba2-rank0\.pt$", last), last
@@ -245,13 +245,13 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(shards,
 # ---------------------------------------------------------------- bad input, refused before any work
 
 def _load(*overrides, yaml=PRETRAIN):
-    from trainer.cli import load_config, load_job_module
+    from launch.cli import load_config, load_job_module
 
     return load_config(load_job_module("train"), yaml, list(overrides))
 
 
 def test_bad_yaml_is_refused_in_one_line(shards, tmp_path):
-    from trainer.train_diffusion import check_data
+    from trainer.jobs.train_diffusion import check_data
 
     with pytest.raises(C.ConfigError, match=r"command line: mask_ratio: expected float"):
         _load("mask_ratio=lots")
@@ -300,9 +300,9 @@ def test_metrics_file_has_each_batch_once_after_resume(reference, killed_and_res
 # ---------------------------------------------------------------- the prompt's mean latent
 
 def test_prompt_mean_is_fitted_before_training_checkpointed_and_exported(tmp_path):
-    from data_prep.mds import LocalMDS
-    from trainer.data import LatentNormalizer, load_latent_stats
-    from trainer.export import load_denoiser
+    from trainer.data.mds import LocalMDS
+    from trainer.data.loaders import LatentNormalizer, load_latent_stats
+    from trainer.pipeline.export import load_denoiser
 
     planted = write_latent_shards(tmp_path / "latents", n_train=96, n_val=32, prompt_dim=16, prompt_effect=1.0)
     out = tmp_path / "pm"
@@ -325,7 +325,7 @@ def test_prompt_mean_is_fitted_before_training_checkpointed_and_exported(tmp_pat
     assert r2 > 0.3, r2
     # Without a held-out split every 10th training sample chooses the ridge: a planted effect keeps a
     # small one, pure noise (the same shards without it) gets the largest.
-    from trainer.train_diffusion import fit_prompt_mean
+    from trainer.jobs.train_diffusion import fit_prompt_mean
 
     pm, info = fit_prompt_mean(_load(*base(planted, out), "prompt_mean.enabled=true", "model.prompt_dim=16"), norm)
     assert info["n_train"] == 96 and info["n_val"] == 9 and info["ridge"] < 1.0 and info["r2_val"] > 0.2

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from .conftest import ROOT, free_port
-from .diffusion_data import write_latent_shards
+from trainer.data.synthetic import write_latent_shards
 from .test_train_diffusion import PRETRAIN, TINY, read_jsonl
 
 
@@ -18,7 +18,7 @@ def test_two_process_fsdp2_run(tmp_path):
     out = tmp_path / "fsdp"
     composer = os.path.join(os.path.dirname(sys.executable), "composer")
     cmd = [composer, "-n", "2", "--master_port", str(free_port()), "--stdout", str(tmp_path / "out{rank}.txt"),
-           "--stderr", str(tmp_path / "err{rank}.txt"), "-m", "trainer.cli", "train", PRETRAIN,
+           "--stderr", str(tmp_path / "err{rank}.txt"), "-m", "launch.cli", "train", PRETRAIN,
            f"data.path={shards['train']}", f"data.eval_path={shards['val']}", f"out_dir={out}", *TINY,
            "max_duration=6ba", "save_interval=3ba", "eval_interval=6ba", "eval_batches=1", "log_sample_indices=true",
            "parallelism=fsdp2", "prompt_mean.enabled=true"]
@@ -36,7 +36,7 @@ def test_two_process_fsdp2_run(tmp_path):
     assert len(set(ids[0]) | set(ids[1])) == 48
     summary = json.load(open(out / "train_summary.json"))
     assert summary["batches"] == 6 and summary["eval/EMALoss"] > 0
-    from trainer.export import load_denoiser
+    from trainer.pipeline.export import load_denoiser
 
     net, meta = load_denoiser(str(out / "denoiser"))      # the full (gathered) EMA weights
     assert meta["weights"] == "ema" and sum(p.numel() for p in net.parameters()) > 10000

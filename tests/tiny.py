@@ -48,7 +48,7 @@ def tiny_stats(sigma_data: float = 0.9) -> dict:
 
 def tiny_denoiser(path: str, prompt_dim: int = 384, seed: int = 0) -> str:
     from trainer.diffusion.edm import EDMPrecond
-    from trainer.export import save_denoiser
+    from trainer.pipeline.export import save_denoiser
     from trainer.models.denoisers import DenoiserConfig, MoEDiTConfig, build_denoiser
 
     torch.manual_seed(seed)
@@ -63,7 +63,7 @@ def tiny_denoiser(path: str, prompt_dim: int = 384, seed: int = 0) -> str:
 
 def tiny_pipeline(root: str, lexicon: bool = False) -> str:
     from trainer.models.text_encoders import PromptEncoderConfig
-    from trainer.pipeline import PipelineConfig, export_pipeline
+    from trainer.pipeline.pipeline import PipelineConfig, export_pipeline
 
     ae = tiny_autoencoder(os.path.join(root, "ae"), lexicon=lexicon)
     den = tiny_denoiser(os.path.join(root, "den"))

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trainer.diffusion.guidance import guided_denoise
-from trainer.diffusion.seam import Prompt
+from trainer.models.denoisers.interface import Prompt
 
 
 @dataclasses.dataclass

@@ -15,8 +15,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from trainer.diffusion import masking
-from trainer.diffusion.seam import DenoiserOutput, Prompt
+from trainer.models import masking
+from trainer.models.denoisers.interface import DenoiserOutput, Prompt
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from trainer.diffusion.seam import Prompt, cat_prompts
+from trainer.models.denoisers.interface import Prompt, cat_prompts
 
 
 def drop_prompt(prompt: Prompt, null: Prompt, p: float, generator: Optional[torch.Generator] = None) -> Prompt:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.diffusion.guidance import guided_denoise
-from trainer.diffusion.seam import Prompt
+from trainer.models.denoisers.interface import Prompt
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@
 
 Lovelace et al., "Latent Diffusion for Language Generation" (2023): the pretrained BART is frozen and
 only the Perceiver parts learn. Without a pretrained path a small BART is built from its config and the
-whole thing trains end to end. Plain PyTorch + transformers; Composer lives in trainer/composer_models.py.
+whole thing trains end to end. Plain PyTorch + transformers; Composer lives in trainer/training/autoencoder_model.py.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import UserError
+from trainer.base.config import UserError
 from trainer.models.perceiver import PerceiverResampler, ReconstructionNetwork
 
 CONFIG_NAME = "autoencoder_config.json"

@@ -6,7 +6,7 @@ their prefixes; `LexiconLogitsProcessor` lets the decoder (greedy or beam search
 step, only tokens that keep the text spelt in that lexicon: a token that ends a word must end a
 lexicon word, a token that leaves a word open must leave a prefix of one. Punctuation, digits, line
 breaks and non-Latin letters are free; control characters are not allowed. What counts as a word is
-`trainer.metrics.words`: lower-cased runs of a-z with at most one inner apostrophe ("o'er").
+`trainer.text.words.words`: lower-cased runs of a-z with at most one inner apostrophe ("o'er").
 
 The tokenizers here are byte-level BPEs with every single byte in the vocabulary, so any prefix of
 a lexicon word can always be continued: the constraint never leaves the decoder without a choice.
@@ -20,19 +20,19 @@ from typing import Iterable, Optional
 import torch
 from transformers import LogitsProcessor
 
-from trainer.config import UserError
+from trainer.base.config import UserError
 
 LEXICON_NAME = "lexicon.txt"
 _LETTER = frozenset("abcdefghijklmnopqrstuvwxyz")
 
 
 class Lexicon:
-    """A set of lower-cased words (as `trainer.metrics.words` splits text) and all their prefixes."""
+    """A set of lower-cased words (as `trainer.text.words.words` splits text) and all their prefixes."""
 
     def __init__(self, words: Iterable[str]):
-        from trainer.metrics import _WORD
+        from trainer.text.words import WORD
 
-        self.words = frozenset(w for w in words if _WORD.fullmatch(w))
+        self.words = frozenset(w for w in words if WORD.fullmatch(w))
         self.prefixes = frozenset(w[:i] for w in self.words for i in range(1, len(w) + 1))
 
     def __len__(self) -> int:
@@ -41,7 +41,7 @@ class Lexicon:
     @classmethod
     def from_texts(cls, texts: Iterable[str], min_count: int = 1) -> "Lexicon":
         """The words seen at least `min_count` times in the texts."""
-        from trainer.metrics import words
+        from trainer.text.words import words
 
         counts = Counter(w for t in texts for w in words(t))
         return cls(w for w, c in counts.items() if c >= min_count)

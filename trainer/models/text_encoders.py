@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ConfigError
+from trainer.base.config import ConfigError
 
 
 @dataclasses.dataclass

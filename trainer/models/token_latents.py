@@ -10,7 +10,7 @@ clamped into the first positions while sampling (trainer/diffusion/sampler.py `i
 
 The LM is either a local Hugging Face causal LM (`pretrained_path`: Qwen, SmolLM2; only its input
 embeddings and head are used) or, offline, a small Llama built from the sizes below, whose embedding
-table only means something after `latentverse train` task `token_lm` (trainer/train_token_lm.py) has
+table only means something after `latentverse train` task `token_lm` (trainer/jobs/train_token_lm.py) has
 trained it as a causal LM on the text shards. `scale` (the std of the embedding table's entries) makes
 the latents unit-variance; it is stored with the weights. Plain PyTorch + transformers.
 """
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import UserError
+from trainer.base.config import UserError
 from trainer.models.tokenizers import TokenizerConfig
 
 LATENT_KIND = "token_embeddings"
@@ -201,7 +201,7 @@ class TokenEmbeddingLatents(nn.Module):
         """safetensors (LM + scale) + JSON config (latent_kind, LM config) + tokenizer files; temp dir, then rename."""
         from safetensors.torch import save_model
 
-        from trainer.export import replace_dir
+        from trainer.base.files import replace_dir
 
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)

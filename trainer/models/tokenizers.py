@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from typing import Iterable, Literal, Optional
 
-from trainer.config import UserError
+from trainer.base.config import UserError
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..3 come first
 

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from trainer.diffusion.seam import DenoiserOutput, Prompt
+from trainer.models.denoisers.interface import DenoiserOutput, Prompt
 
 
 def sinusoidal_embedding(c: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from trainer.diffusion.seam import DenoiserOutput
+from trainer.models.denoisers.interface import DenoiserOutput
 from trainer.models.denoisers.base import Backbone, NoiseEmbedding
 
 

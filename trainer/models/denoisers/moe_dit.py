@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.diffusion import masking
-from trainer.diffusion.seam import DenoiserOutput
+from trainer.models import masking
+from trainer.models.denoisers.interface import DenoiserOutput
 from trainer.models.denoisers.base import Backbone, NoiseEmbedding
 
 

@@ -12,7 +12,7 @@ import torch
 from diffusers import SanaTransformer2DModel
 from torch import nn
 
-from trainer.diffusion.seam import DenoiserOutput, Prompt
+from trainer.models.denoisers.interface import DenoiserOutput, Prompt
 from trainer.models.denoisers.base import Backbone
 from trainer.models.denoisers.view2d import LatentView2D
 

@@ -10,7 +10,7 @@ import dataclasses
 from diffusers import UNet2DModel
 from torch import nn
 
-from trainer.diffusion.seam import DenoiserOutput
+from trainer.models.denoisers.interface import DenoiserOutput
 from trainer.models.denoisers.base import Backbone
 from trainer.models.denoisers.view2d import LatentView2D
 

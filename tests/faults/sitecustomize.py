@@ -1,0 +1,91 @@
+"""Faults for the tests, injected from outside the product.
+
+A test that wants a training process to fail puts this folder first on that process's PYTHONPATH
+(`tests.faults.env(...)` builds the environment) and arms a fault with an environment variable.
+Python imports this file at start-up (it is `sitecustomize`); when a fault is armed it adds a
+callback to every Composer Trainer the process makes, through Composer's public `callbacks`
+argument. Nothing in trainer/, data_prep/ or launch/ knows about faults.
+
+    LATENTVERSE_FAULT_KILL_AT_BATCH=N         SIGKILL right after batch N's optimizer step (before
+                                              its checkpoint), as when a node dies
+    LATENTVERSE_FAULT_KILL_GROUP=1            ... the whole process group (Python's resource tracker too)
+    LATENTVERSE_FAULT_NAN_AT_BATCH=N          batch N's loss becomes NaN
+    LATENTVERSE_FAULT_KILL_IN_CHECKPOINT=N    batch N's checkpoint is written half-way, flushed, then SIGKILL
+"""
+import os
+
+PREFIX = "LATENTVERSE_FAULT_"
+
+
+def _int(name):
+    v = os.environ.get(PREFIX + name, "")
+    return int(v) if v.strip() else None
+
+
+def _fault_callbacks():
+    import signal
+
+    import torch
+    from composer.core import Callback
+
+    kill_at, nan_at = _int("KILL_AT_BATCH"), _int("NAN_AT_BATCH")
+
+    class KillAtBatch(Callback):
+        def batch_end(self, state, logger):
+            if int(state.timestamp.batch) == kill_at:
+                if os.environ.get(PREFIX + "KILL_GROUP") == "1":
+                    os.killpg(os.getpgrp(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    class NaNAtBatch(Callback):
+        def after_loss(self, state, logger):
+            if int(state.timestamp.batch) + 1 == nan_at:
+                state.loss = state.loss * torch.tensor(float("nan"))
+
+    return ([KillAtBatch()] if kill_at is not None else []) + ([NaNAtBatch()] if nan_at is not None else [])
+
+
+def _half_write_checkpoint(at):
+    """Composer's checkpoint writer replaced, for the checkpoint of batch `at` only, by one that writes
+    half the file, flushes it to disk and SIGKILLs the process: a crash in the middle of a save."""
+    import io
+    import signal
+
+    import torch
+    from composer.utils import checkpoint as ck
+
+    write = ck._write_checkpoint_file
+
+    def half_write(state_dict, filename):
+        name = os.path.basename(filename)
+        if f"-ba{at}-" in name or name.endswith(f"-ba{at}"):
+            buf = io.BytesIO()
+            torch.save(state_dict, buf)
+            data = buf.getvalue()
+            with open(filename, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(state_dict, filename)
+
+    ck._write_checkpoint_file = half_write
+
+
+def _install():
+    import composer
+
+    init = composer.Trainer.__init__
+
+    def __init__(self, *args, callbacks=None, **kwargs):
+        given = list(callbacks) if isinstance(callbacks, (list, tuple)) else ([callbacks] if callbacks else [])
+        init(self, *args, callbacks=_fault_callbacks() + given, **kwargs)   # first: before the loss guard
+
+    composer.Trainer.__init__ = __init__
+    at = _int("KILL_IN_CHECKPOINT")
+    if at is not None:
+        _half_write_checkpoint(at)
+
+
+if any(k.startswith(PREFIX) for k in os.environ):
+    _install()

@@ -1,0 +1,1 @@
+"""MDS shards (writing, reading, ranks) and the streaming loaders of latent shards."""

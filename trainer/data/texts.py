@@ -1,0 +1,36 @@
+"""Text shards (the prep job's output) as training data: the config of a text-model job's data, the
+split folders, and a StreamingDataLoader over a split (mid-epoch resume) with a job's collate."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from trainer.base.config import UserError
+
+
+@dataclasses.dataclass
+class TextDataConfig:
+    path: str = "out/demo/text_shards"  # the prep job's out_dir: <path>/<split>/index.json
+    train_split: str = "train"
+    eval_split: str = "val"
+    text_column: str = "text"
+    eval_samples: int = 256             # held-out texts per evaluation
+    num_workers: int = 0
+    # Clean streaming's leaked shared memory at start; turn off when other streaming jobs run on this machine.
+    clean_shared_memory: bool = True
+
+
+def text_split_dir(data: TextDataConfig, split: str) -> str:
+    d = os.path.join(data.path, split)
+    if not os.path.isfile(os.path.join(d, "index.json")):
+        raise UserError(f"data.path: {d}/index.json not found (text shards from `latentverse prep` expected)")
+    return d
+
+
+def text_dataloader(local: str, collate, data: TextDataConfig, batch_size: int, train: bool, seed: int):
+    """Shuffled (train) or in order (eval) batches of shard records, turned into tensors by `collate`."""
+    from streaming import StreamingDataLoader, StreamingDataset
+
+    ds = StreamingDataset(local=local, batch_size=batch_size, shuffle=train, shuffle_seed=seed)
+    return StreamingDataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=data.num_workers,
+                               drop_last=train)

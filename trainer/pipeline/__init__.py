@@ -1,0 +1,1 @@
+"""Export a trained denoiser with its autoencoder and prompt encoder; load, sample and decode."""

@@ -1,0 +1,1 @@
+"""Words and prosody: the word pattern, syllables, meter tables, CMU stresses, scansion."""

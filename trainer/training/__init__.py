@@ -1,0 +1,1 @@
+"""Composer wrappers, callbacks and checkpoints: everything a training job runs under Composer."""

@@ -1,0 +1,283 @@
+"""The Composer callbacks of the training jobs: EMA updates, a non-finite-loss stop, the metrics file
+and its curves, progress with the time left, the wall-clock safety net, RNG restored on resume, poems
+sampled for fixed prompts, and the per-batch sample-index log. Faults for the tests are injected from
+tests/ (tests/faults), never from here."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from trainer.base.config import UserError
+from trainer.base.log import get_logger
+from trainer.base.plots import Panel, plot_metrics
+
+log = get_logger("train.diffusion")
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or inf; the run stops before the bad step touches the weights."""
+
+
+class EMACallback(Callback):
+    """After every optimizer step: ema <- decay ema + (1 - decay) net; before `start_batch` the EMA
+    just copies the weights (decay 0), as micro_diffusion's ema_start does."""
+
+    def __init__(self, model, decay: float, start_batch: int = 0):
+        self.model, self.decay, self.start_batch = model, decay, start_batch
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        b = int(state.timestamp.batch)
+        self.model.update_ema(0.0 if b < self.start_batch else self.decay)
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops the run with one line when the loss is NaN or inf. Runs after the loss and before the
+    backward pass, so neither the weights nor the last checkpoint see the bad step."""
+
+    def __init__(self, checkpoint_dir: str):
+        self.checkpoint_dir = checkpoint_dir
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        b = int(state.timestamp.batch) + 1                     # the batch being trained
+        loss = state.loss if isinstance(state.loss, torch.Tensor) else torch.as_tensor(state.loss)
+        if not bool(torch.isfinite(loss.detach()).all()):
+            latest = os.path.join(self.checkpoint_dir, f"latest-rank{dist.get_global_rank()}.pt")
+            last = os.path.realpath(latest) if os.path.lexists(latest) else "none saved yet"
+            raise NonFiniteLoss(f"train loss is {float(loss.detach().reshape(-1)[0])} at batch {b}: stopping "
+                                f"(lower optim.lr or raise optim.grad_clip_norm); last good checkpoint: {last}")
+
+
+class RestoreRNGOnResume(Callback):
+    """Puts back the RNG state saved in the checkpoint right before the first resumed batch.
+
+    Composer restores it only when a run resumes at an epoch start or spins the dataloader forward;
+    with streaming's own mid-epoch resumption it does neither, and the resumed run would draw other
+    noise, sigmas, masks and CFG drops than the uninterrupted one. `take(trainer)` moves the state here."""
+
+    def __init__(self):
+        self.rng = None
+
+    def take(self, trainer) -> None:
+        self.rng, trainer._rng_state = trainer._rng_state, None
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        if self.rng is not None:
+            from composer.utils import reproducibility
+
+            reproducibility.load_rng_state(self.rng)
+            self.rng = None
+
+
+def trim_jsonl(path: str, done: int) -> None:
+    """Drop the rows of batches after `done` (a resumed run replays them) and lines cut by a kill."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("batch", 0) <= done:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+class SampleIndexLog(Callback):
+    """out_dir/sample_log-rank{r}.jsonl: {"batch", "epoch", "sample_index": [...]} for every batch.
+
+    On a resumed run the entries of batches after the checkpoint are dropped first, so the replayed
+    batches replace the killed run's: the file then says exactly which samples trained each batch."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def _path(self) -> str:
+        return os.path.join(self.out_dir, f"sample_log-rank{dist.get_global_rank()}.jsonl")
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        trim_jsonl(self._path(), int(state.timestamp.batch))
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        idx = state.batch.get("sample_index") if isinstance(state.batch, dict) else None
+        if idx is None:
+            return
+        row = {"batch": int(state.timestamp.batch) + 1, "epoch": int(state.timestamp.epoch),
+               "sample_index": [int(i) for i in idx.reshape(-1).tolist()]}
+        with open(self._path(), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class MetricsFile(Callback):
+    """Train loss every `log_interval` batches and every eval result -> out_dir/metrics.jsonl (rank 0;
+    a resumed run first drops the rows after its checkpoint); its curves drawn at the end of training."""
+
+    def __init__(self, out_dir: str, log_interval: int, plot=None, plot_name: str = "loss_curve.png"):
+        self.out_dir, self.log_interval = out_dir, max(1, log_interval)
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.plot, self.plot_name = plot or plot_loss_curve, plot_name
+        self.last_eval_batch: Optional[int] = None   # in memory on every rank (the file is rank 0's)
+        self.t0 = time.time()
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0:
+            trim_jsonl(self.path, int(state.timestamp.batch))
+
+    def _write(self, row: dict) -> None:
+        if dist.get_global_rank() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        b = int(state.timestamp.batch)
+        if b % self.log_interval == 0:
+            lr = state.schedulers[0].get_last_lr()[0] if state.schedulers else None
+            self._write({"batch": b, "seconds": round(time.time() - self.t0, 2),
+                         "train/loss": float(state.loss.detach()), "lr": lr})
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        self.last_eval_batch = int(state.timestamp.batch)
+        row = {"batch": int(state.timestamp.batch)}
+        for label, metrics in state.eval_metrics.items():
+            for name, m in metrics.items():
+                row[f"{label}/{name}"] = float(m.compute())
+        self._write(row)
+        log.info("eval " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def draw(self) -> None:
+        """The curves of out_dir/metrics.jsonl (rank 0; the training job calls this after its last eval)."""
+        if dist.get_global_rank() == 0 and os.path.isfile(self.path):
+            self.plot(self.path, os.path.join(self.out_dir, self.plot_name))
+
+
+def plot_loss_curve(metrics_jsonl: str, png: str) -> str:
+    """metrics.jsonl -> PNG of train loss (and eval losses) against batches."""
+    return plot_metrics(metrics_jsonl, png, [Panel("loss", [("train/loss", "train loss", "-"),
+                                                                      ("eval/*", "", "o-")], "loss", log_y=True)], dpi=90)
+
+
+def plot_training_curve(metrics_jsonl: str, png: str) -> str:
+    """metrics.jsonl written by the training job -> PNG: train loss and held-out accuracies against batches."""
+    return plot_metrics(metrics_jsonl, png, [
+        Panel("loss", [("train/loss", "train loss", "-"), ("eval/ReconstructionLoss", "val loss (teacher-forced)", "o-")],
+              log_y=True),
+        Panel("reconstruction token accuracy", [("eval/TokenAccuracy", "val token acc, teacher-forced", "o-"),
+                                                ("eval/GreedyTokenAccuracy", "val token acc, greedy from latent", "o-")],
+              ylim=(0, 1))])
+
+
+class PoemSampler(Callback):
+    """Every `every` batches (and at the end), rank 0 samples one poem per fixed prompt with the EMA
+    denoiser (EDM Heun sampler, fixed noise, classifier-free guidance) and decodes it with the
+    autoencoder; the poems go to the log and to out_dir/samples.txt."""
+
+    def __init__(self, model, normalizer, out_dir: str, every: int, prompts: list[str], autoencoder: str,
+                 prompt_encoder_cfg, sampler_cfg, seed: int = 0):
+        self.model, self.normalizer, self.out_dir, self.every = model, normalizer, out_dir, every
+        self.prompts, self.autoencoder_dir, self.penc_cfg = prompts, autoencoder, prompt_encoder_cfg
+        self.sampler_cfg, self.seed = sampler_cfg, seed
+        self.ae = self.prompt = None
+        self.last = -1
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() != 0:
+            return
+        from trainer.models.denoisers.interface import Prompt
+        from trainer.models.text_encoders import build_prompt_encoder
+        from trainer.models.token_latents import latent_kind, load_latent_encoder
+
+        self.ae = load_latent_encoder(self.autoencoder_dir)  # either latent space, by its directory's kind
+        self.kind = latent_kind(self.autoencoder_dir)
+        if self.model.net.backbone.prompt_dim > 0:
+            penc = build_prompt_encoder(self.penc_cfg)
+            emb, mask, pooled = penc(self.prompts)
+            self.prompt = Prompt(emb.clone(), mask.clone(), pooled.clone())
+            del penc
+
+    def _sample(self, state: State) -> None:
+        from trainer.diffusion.sampler import edm_sampler
+        from trainer.data.loaders import to_encoder_latents
+
+        b = int(state.timestamp.batch)
+        if dist.get_global_rank() != 0 or self.ae is None or b == self.last:
+            return
+        self.last = b
+        net = self.model.ema
+        T, C = net.backbone.latent_shape
+        g = torch.Generator().manual_seed(self.seed)               # fixed noise: samples comparable over time
+        noise = torch.randn(len(self.prompts), T, C, generator=g)
+        dev = next(net.parameters()).device
+        prompt = None if self.prompt is None else type(self.prompt)(*(t.to(dev) for t in self.prompt))
+        x = edm_sampler(net, noise.to(dev), prompt, self.sampler_cfg, generator=g)
+        poems = self.ae.decode(to_encoder_latents(x.cpu(), self.normalizer, self.kind))  # as the pipeline decodes
+        with open(os.path.join(self.out_dir, "samples.txt"), "a") as f:
+            for p, poem in zip(self.prompts, poems):
+                f.write(f"batch {b} | prompt: {p!r}\n{poem}\n\n")
+                log.info(f"sample at batch {b} for {p!r}: {poem}")
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self.every > 0 and int(state.timestamp.batch) % self.every == 0:
+            self._sample(state)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._sample(state)
+
+
+class WallClockLimit(Callback):
+    """Stops training after max_minutes of this process's training time (Composer has no such duration)."""
+
+    def __init__(self, max_minutes: Optional[float]):
+        self.max_minutes = max_minutes
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.t0 = time.time()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self.max_minutes is not None and time.time() - self.t0 > 60 * self.max_minutes:
+            log.warning(f"max_minutes={self.max_minutes} CUT this run at batch {int(state.timestamp.batch)} of its "
+                        f"{state.max_duration} budget: the model is not the one its YAML describes")
+            state.stop_training()
+
+
+class Progress(Callback):
+    """Progress in the log (rank 0), which a Slurm log or a terminal keeps: after the first batches
+    the estimated time of the whole run, then every tenth of it the batch, the rate and the time left."""
+
+    def __init__(self, estimate_after: int = 20):
+        self.estimate_after = estimate_after
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.b0, self.t0 = int(state.timestamp.batch), time.time()
+        self.total = int(state.max_duration.value) if state.max_duration.unit.name == "BATCH" else None
+        self.next_report = None
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() != 0 or not self.total:
+            return
+        b, done = int(state.timestamp.batch), int(state.timestamp.batch) - self.b0
+        if done < min(self.estimate_after, self.total - self.b0) or (self.next_report and b < self.next_report):
+            return
+        rate = done / max(time.time() - self.t0, 1e-9)
+        left = (self.total - b) / rate
+        if self.next_report is None:
+            log.info(f"estimate: {self.total - self.b0} batches at {rate:.2f} batches/s (measured on the first "
+                     f"{done}): {_clock(left + done / rate)} for this run, {_clock(left)} left")
+        else:
+            log.info(f"batch {b}/{self.total} ({100 * b // self.total}%), {rate:.2f} batches/s, {_clock(left)} left")
+        self.next_report = b + max(1, self.total // 10)
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,155 @@
+"""The Composer wrapper for diffusion training: EDM loss on a denoiser, CFG dropout, masking, and an EMA.
+
+Layout of the ComposerModel (it matters for FSDP2, which shards each direct child on its own):
+    train_step  DiffusionTrainStep: the trained EDMPrecond `net` plus the loss; CFG dropout happens
+                inside its forward, where FSDP has gathered the learned null prompt
+    ema         a frozen copy of `net` whose weights track net's: ema <- decay ema + (1 - decay) net
+                after every optimizer step (EMACallback); part of the state dict, so checkpoints and
+                resume carry it, and it is what evaluation reports, the sampler uses and export saves.
+Batches come from trainer/data/loaders.py (precomputed, normalised latents and prompt embeddings).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from composer.models import ComposerModel
+from torch import nn
+from torchmetrics import Metric
+
+from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMLossOutput, EDMPrecond
+from trainer.diffusion.guidance import drop_prompt
+from trainer.models.denoisers.interface import Prompt
+
+
+def batch_prompt(batch: dict) -> Prompt:
+    """The prompt tensors of a latent batch (any may be missing: an unconditional dataset)."""
+    return Prompt(batch.get("prompt_emb"), batch.get("prompt_mask"), batch.get("prompt_pooled"))
+
+
+class DiffusionTrainStep(nn.Module):
+    """net + EDM loss as one module: forward(batch) -> EDMLossOutput.
+
+    cfg_dropout: each sample's prompt becomes the net's learned null prompt with this probability
+    (classifier-free guidance training, Ho & Salimans 2022). mask_ratio: share of latent tokens the
+    backbone drops (MAE-style masked pretraining); the loss covers the kept tokens only."""
+
+    def __init__(self, net: EDMPrecond, loss: EDMLoss, mask_ratio: float = 0.0, cfg_dropout: float = 0.1):
+        super().__init__()
+        self.net, self.loss_fn = net, loss
+        self.mask_ratio, self.cfg_dropout = float(mask_ratio), float(cfg_dropout)
+
+    def forward(self, batch: dict, generator: Optional[torch.Generator] = None,
+                mask_ratio: Optional[float] = None) -> EDMLossOutput:
+        y = batch["latent"]                                               # [B, T, C] normalised
+        prompt = batch_prompt(batch)
+        if self.training and self.cfg_dropout > 0 and not prompt.is_empty:
+            L = prompt.emb.shape[1] if prompt.emb is not None else None
+            prompt = drop_prompt(prompt, self.net.null_prompt(y.shape[0], L), self.cfg_dropout, generator)
+        r = self.mask_ratio if mask_ratio is None else mask_ratio
+        return self.loss_fn(self.net, y, prompt, mask_ratio=r, generator=generator)
+
+
+class MeanLoss(Metric):
+    """Sample-weighted mean of per-sample losses over the eval set (summed across ranks)."""
+
+    full_state_update = False
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key                  # which eval output it averages (survives Composer's deepcopy)
+        self.add_state("sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, per_sample: torch.Tensor) -> None:
+        self.sum += per_sample.detach().double().sum()
+        self.count += per_sample.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.sum / self.count.clamp_min(1)
+
+
+class DiffusionComposerModel(ComposerModel):
+    """Trains `net` with the EDM loss; keeps an EMA of it.
+
+    Eval metrics (unmasked, no CFG dropout, noise and sigma drawn from a generator seeded by the
+    batch's sample indices so every evaluation sees the same draws and the training RNG is untouched):
+    EMALoss (the exported weights) and Loss (the raw weights)."""
+
+    def __init__(self, net: EDMPrecond, loss: EDMLoss, mask_ratio: float = 0.0, cfg_dropout: float = 0.1,
+                 ema_decay: float = 0.9999):
+        super().__init__()
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {ema_decay}")
+        self.train_step = DiffusionTrainStep(net, loss, mask_ratio, cfg_dropout)
+        self.ema = copy.deepcopy(net).requires_grad_(False).eval()
+        self.ema_decay = float(ema_decay)
+        # A plain dict, not a child module: FSDP2 would try to shard a ModuleDict child (Composer moves
+        # and copies eval metrics itself).
+        self.val_metrics = {k: MeanLoss(k) for k in ("EMALoss", "Loss")}
+        self.flops_per_sample: Optional[float] = None   # set by the job (measured), read by SpeedMonitor
+
+    @property
+    def net(self) -> EDMPrecond:
+        return self.train_step.net
+
+    def forward(self, batch: dict) -> EDMLossOutput:
+        return self.train_step(batch)
+
+    def loss(self, outputs: EDMLossOutput, batch: dict) -> torch.Tensor:
+        return outputs.loss
+
+    def eval_forward(self, batch: dict, outputs=None) -> dict:
+        seed = int(batch["sample_index"].sum()) if "sample_index" in batch else 0
+        dev = batch["latent"].device
+        # The raw net is called through train_step (in eval mode: no CFG dropout), the module FSDP2 gathers.
+        raw = self.train_step(batch, generator=torch.Generator(device=dev).manual_seed(seed), mask_ratio=0.0)
+        ema = self.train_step.loss_fn(self.ema, batch["latent"], batch_prompt(batch),
+                                      generator=torch.Generator(device=dev).manual_seed(seed))
+        return {"EMALoss": ema.per_sample, "Loss": raw.per_sample}
+
+    def get_metrics(self, is_train: bool = False) -> dict:
+        return {} if is_train else dict(self.val_metrics)
+
+    def update_metric(self, batch: dict, outputs: dict, metric: Metric) -> None:
+        metric.update(outputs[metric.key])
+
+    def flops_per_batch(self, batch: dict) -> float:
+        """Model FLOPs of one training step (forward + backward) on this batch; for SpeedMonitor / MFU."""
+        return float(self.flops_per_sample or 0.0) * batch["latent"].shape[0]
+
+    @torch.no_grad()
+    def update_ema(self, decay: Optional[float] = None) -> None:
+        """ema <- d ema + (1 - d) net, parameter by parameter (also on FSDP2 shards: same placements)."""
+        d = self.ema_decay if decay is None else decay
+        for e, p in zip(self.ema.parameters(), self.net.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.ema.buffers(), self.net.buffers()):
+            e.copy_(b)
+
+
+def measure_flops_per_sample(net: EDMPrecond, latent_shape: tuple[int, int], prompt_shape: Optional[tuple[int, int]],
+                             mask_ratio: float, batch: int = 2, self_cond_prob: float = 0.5) -> float:
+    """FLOPs of one training sample, forward + backward, counted by torch's FlopCounterMode on a tiny batch
+    (matmuls and attention; elementwise ops are not counted, as in the usual MFU convention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = copy.deepcopy(net).train()
+    T, C = latent_shape
+    y = torch.randn(batch, T, C)
+    prompt = Prompt()
+    if prompt_shape is not None:
+        L, D = prompt_shape
+        prompt = Prompt(torch.randn(batch, L, D), torch.ones(batch, L, dtype=torch.bool), torch.randn(batch, D))
+    def flops(with_extra_pass: bool) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            EDMLoss(EDMConfig(self_cond_prob=float(with_extra_pass)))(net, y, prompt, mask_ratio=mask_ratio).loss.backward()
+        return counter.get_total_flops()
+
+    plain = flops(False)
+    if not net.self_conditioning:
+        return plain / batch
+    # A self-conditioning net runs its extra no-grad pass on a share self_cond_prob of the batches.
+    return ((1 - self_cond_prob) * plain + self_cond_prob * flops(True)) / batch

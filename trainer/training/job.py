@@ -1,0 +1,242 @@
+"""The one skeleton every training job runs (autoencoder, token LM, diffusion), in this order:
+
+    skip when exported -> out_dir checked -> the job's own checks -> stale shared memory cleaned
+    -> threads -> distributed initialised -> batch divisible by the ranks -> seeded
+    -> the job builds its model and loaders -> half-written checkpoints set aside (autoresume)
+    -> Composer's Trainer (AdamW, warm-up + cosine, clipping, checkpoints, the common callbacks)
+    -> fit -> final held-out metrics -> the job exports -> train_summary.json (written atomically)
+
+A job is a `TrainingJob`: its config (a `TrainingConfig`), where its export goes, and the steps
+`check`, `build` and `export`. The budget is `max_duration` in batches: the same YAML trains the
+same model on a slow machine and a fast one; `max_minutes` is only a safety net, and a cut is logged
+as a warning naming the batch and the budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Literal, Optional
+
+import torch
+
+from trainer.base.config import ConfigError
+from trainer.base.files import write_json_atomic
+from trainer.base.log import get_logger
+from trainer.data.loaders import clean_stale_shared_memory
+from trainer.training import callbacks as cb
+from trainer.training.checkpoints import repair_checkpoints
+
+log = get_logger("train")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW, a linear warm-up then a cosine decay to alpha_f * lr, and global-norm gradient clipping."""
+    lr: float = 1e-3
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup: str = "100ba"
+    alpha_f: float = 0.1                # cosine decays to alpha_f * lr
+    grad_clip_norm: float = 1.0         # clip the global gradient norm (0 = off)
+
+    def __post_init__(self):
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must hold two values, got {self.betas}")
+        if self.lr <= 0 or self.grad_clip_norm < 0:
+            raise ValueError("lr must be > 0 and grad_clip_norm >= 0")
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """The keys every training job shares; each job's config extends it."""
+    out_dir: str = "out/train"
+    run_name: str = "run"
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    batch_size: int = 64                # global; split over the ranks
+    max_duration: str = "1000ba"        # the budget (batches): the same on any machine
+    max_minutes: Optional[float] = None  # a safety net only; a cut is a warning naming batch and budget
+    eval_interval: str = "500ba"
+    save_interval: str = "500ba"
+    save_num_checkpoints_to_keep: int = 2
+    autoresume: bool = True
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"  # auto: bf16 where the GPU has it
+    log_interval: int = 20              # batches between lines in out_dir/metrics.jsonl
+    tensorboard: bool = False           # out_dir/tensorboard
+    threads: Optional[int] = None       # torch intra-op threads (CPU)
+    seed: int = 17
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass
+class Parts:
+    """What a job builds for the skeleton to train."""
+    model: Any                                    # a ComposerModel
+    train_dataloader: Any
+    eval_dataloader: Any = None
+    eval_batches: int = 1                         # per rank per evaluation
+    params: Any = None                            # trained parameters (default: all that need grad)
+    callbacks: list = dataclasses.field(default_factory=list)
+    load_path: Optional[str] = None               # a checkpoint to start from (stage hand-over)
+    load_weights_only: bool = False
+    parallelism_config: Any = None
+    final_eval: bool = True                       # evaluate once more when the last batch had none
+    plot: Optional[Callable[[str, str], str]] = None  # metrics.jsonl -> PNG at the end of training
+    plot_name: str = "loss_curve.png"
+
+
+class TrainingJob:
+    """A training job for `run_training`. Subclasses set `export_name`, `export_marker` and
+    `summary_key`, and write `build` and `export`; `check` and `without_training` are optional."""
+    export_name = "export"             # out_dir/<export_name> is the job's product
+    export_marker = "config.json"      # the file whose presence there means the job is done
+    summary_key = "export_dir"
+    clean_shared_memory = True
+
+    def __init__(self, cfg: TrainingConfig):
+        self.cfg = cfg
+
+    @property
+    def export_dir(self) -> str:
+        return os.path.join(self.cfg.out_dir, self.export_name)
+
+    def check(self) -> None:
+        """Refuse bad inputs with one line, before any work."""
+
+    def without_training(self) -> Optional[dict]:
+        """A summary when the export is made without training (e.g. pretrained weights used as they are)."""
+        return None
+
+    def build(self, world: int, per_rank: int) -> Parts:
+        raise NotImplementedError
+
+    def load_failed(self, error: RuntimeError) -> None:
+        """Turn a checkpoint that does not fit this run into a one-line error (or do nothing)."""
+
+    def export(self, trainer, parts: Parts, summary: dict) -> dict:
+        """Write the export (every rank calls this; collectives allowed); return summary additions."""
+        raise NotImplementedError
+
+
+def check_out_dir(out_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir: {out_dir!r} is a file, not a folder")
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def resolve_precision(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "amp_bf16" if torch.cuda.is_bf16_supported() else "amp_fp16"
+    return "fp32"  # CPU autocast to bf16 is slower than fp32 on most CPUs
+
+
+def optimizer_and_schedule(params, o: OptimConfig):
+    from composer.algorithms import GradientClipping
+    from composer.optim import CosineAnnealingWithWarmupScheduler
+
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    schedule = CosineAnnealingWithWarmupScheduler(t_warmup=o.warmup, alpha_f=o.alpha_f)
+    clip = [GradientClipping(clipping_type="norm", clipping_threshold=o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
+    return opt, schedule, clip
+
+
+def start(cfg: TrainingConfig, clean_shared_memory: bool) -> tuple[Any, int, int]:
+    """Shared memory, threads, distributed, the batch split and the seed: (device, world, per_rank)."""
+    from composer.utils import dist, get_device, reproducibility
+
+    if clean_shared_memory:
+        stale = clean_stale_shared_memory()  # a crashed streaming run leaves its shared memory behind
+        if stale:
+            log.info(f"removed {len(stale)} stale shared-memory segments of crashed streaming runs")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = get_device(None)
+    dist.initialize_dist(device)
+    world = dist.get_world_size()
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by the {world} ranks")
+    reproducibility.seed_all(cfg.seed)
+    return device, world, cfg.batch_size // world
+
+
+def build_trainer(job: TrainingJob, parts: Parts, device):
+    from composer import Trainer
+    from composer.callbacks import LRMonitor
+    from composer.loggers import TensorboardLogger
+
+    cfg = job.cfg
+    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+    params = parts.params if parts.params is not None else [p for p in parts.model.parameters() if p.requires_grad]
+    opt, schedule, clip = optimizer_and_schedule(params, cfg.optim)
+    restore_rng = cb.RestoreRNGOnResume()
+    metrics = cb.MetricsFile(cfg.out_dir, cfg.log_interval, parts.plot, parts.plot_name)
+    callbacks = [cb.NonFiniteLossGuard(ckpt_dir), metrics, cb.WallClockLimit(cfg.max_minutes), cb.Progress(),
+                 LRMonitor(), restore_rng, *parts.callbacks]
+    loggers = [TensorboardLogger(log_dir=os.path.join(cfg.out_dir, "tensorboard"), flush_interval=50)] \
+        if cfg.tensorboard else []
+    try:
+        trainer = Trainer(
+            model=parts.model, train_dataloader=parts.train_dataloader, eval_dataloader=parts.eval_dataloader,
+            max_duration=cfg.max_duration, optimizers=opt, schedulers=schedule, algorithms=clip,
+            eval_interval=cfg.eval_interval if parts.eval_dataloader is not None else 0,
+            eval_subset_num_batches=parts.eval_batches, precision=resolve_precision(cfg.precision), device=device,
+            seed=cfg.seed, parallelism_config=parts.parallelism_config,
+            save_folder=ckpt_dir, save_interval=cfg.save_interval,
+            save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
+            autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
+            load_path=parts.load_path or None, load_weights_only=parts.load_weights_only,
+            callbacks=callbacks, loggers=loggers, progress_bar=True, log_to_console=False)
+    except RuntimeError as e:
+        job.load_failed(e)
+        raise
+    restore_rng.take(trainer)
+    return trainer, metrics
+
+
+def run_training(job: TrainingJob) -> dict:
+    """Train `job` under Composer and export it; see the module docstring for the steps."""
+    from composer.utils import dist
+
+    cfg = job.cfg
+    if os.path.isfile(os.path.join(job.export_dir, job.export_marker)):
+        log.info(f"{job.export_dir} exists: training already finished, skipping (delete it to train again)")
+        return {job.summary_key: job.export_dir, "skipped": True}
+    check_out_dir(cfg.out_dir)
+    job.check()
+    made = job.without_training()
+    if made is not None:
+        return made
+    device, world, per_rank = start(cfg, job.clean_shared_memory)
+    parts = job.build(world, per_rank)
+    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+    if dist.get_global_rank() == 0 and cfg.autoresume:
+        resumed_from = repair_checkpoints(ckpt_dir)
+        if resumed_from:
+            log.info(f"autoresume: {ckpt_dir}/{resumed_from}")
+    dist.barrier()
+    trainer, metrics = build_trainer(job, parts, device)
+    t0 = time.time()
+    try:
+        trainer.fit()
+    except cb.NonFiniteLoss:
+        trainer.close()  # progress bars closed first, so the one-line message is the last thing printed
+        raise
+    seconds = time.time() - t0
+    batches = int(trainer.state.timestamp.batch)
+    if parts.final_eval and parts.eval_dataloader is not None and metrics.last_eval_batch != batches:
+        trainer.eval()  # final held-out figures, also when the run ended between evaluations
+    metrics.draw()
+    final = {f"{lbl}/{k}": float(m.compute()) for lbl, ms in trainer.state.eval_metrics.items() for k, m in ms.items()}
+    summary = {job.summary_key: job.export_dir, "batches": batches, "fit_seconds": round(seconds, 1), **final}
+    summary.update(job.export(trainer, parts, summary) or {})
+    if dist.get_global_rank() == 0:
+        write_json_atomic(os.path.join(cfg.out_dir, "train_summary.json"), summary)
+    trainer.close()
+    dist.barrier()
+    return summary
