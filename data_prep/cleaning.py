@@ -1,5 +1,6 @@
 """Text cleaning: Unicode and whitespace normalisation that keeps line breaks, the counting
-tokenizer, content hashes (exact and near-duplicate keys) and the hash-decided split.
+tokenizer, long poems cut into pieces that fit, content hashes (exact and near-duplicate keys) and
+the hash-decided split.
 
 Everything here is a pure function of the text, so every rank and every re-run agrees.
 """
@@ -58,6 +59,57 @@ def normalize_label(value, lower: bool) -> str:
     if lower:
         value = value.replace("_", " ").replace("-", " ").lower()
     return " ".join(value.split())
+
+
+# Where a long poem is cut, best first: between stanzas, between lines, between words.
+CUTS = ("\n\n", "\n", " ")
+
+
+def split_long(text: str, max_tokens: int) -> list[tuple[str, int, str]]:
+    """A normalised poem as consecutive pieces of at most `max_tokens` counting tokens each:
+    (piece, tokens, sep), where sep is the text that followed the piece in the poem ('' after the
+    last), so ''.join(piece + sep) is the poem again. Whole stanzas are packed into a piece while
+    they fit; a stanza too long alone is cut between lines, a line between words, and a run without
+    spaces (punctuation) between tokens. Tokens never span whitespace, so the counts add up."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    pieces = _pack(text, max_tokens, 0)
+    pieces[-1][2] = ""
+    return [tuple(p) for p in pieces]
+
+
+def _pack(text: str, max_tokens: int, level: int) -> list[list]:
+    if level == len(CUTS):
+        ends = [m.end() for m in TOKEN_RE.finditer(text)][max_tokens - 1:-1:max_tokens]
+        starts = [0, *ends]
+        return [[text[a:b], count_tokens(text[a:b]), ""] for a, b in zip(starts, [*ends, len(text)])]
+    sep = CUTS[level]
+    out: list[list] = []
+    run: list[str] = []   # parts packed into the piece being built
+    run_n = 0
+    for part in text.split(sep):
+        n = count_tokens(part)
+        if n > max_tokens:
+            if run_n:
+                out.append([sep.join(run), run_n, sep])
+            else:      # only token-less parts so far (indents): they go with the cut part
+                part = sep.join([*run, part])
+            sub = _pack(part, max_tokens, level + 1)
+            sub[-1][2] = sep
+            out += sub
+            run, run_n = [], 0
+        elif run_n and run_n + n > max_tokens:
+            out.append([sep.join(run), run_n, sep])
+            run, run_n = [part], n
+        else:
+            run.append(part)
+            run_n += n
+    if run:
+        if out and not run_n:  # token-less tail: it belongs to the last piece
+            out[-1][0] += out[-1][2] + sep.join(run)
+        else:
+            out.append([sep.join(run), run_n, sep])
+    return out
 
 
 def near_key(text: str) -> str:

@@ -4,7 +4,9 @@ Reads the user's poems (folder tree, JSONL, CSV, webdataset tar) and/or the bund
 (Gutenberg stanzas, Shakespeare's sonnets, the Hyakunin Isshu tanka), cleans them, removes exact and
 near duplicates (merging their labels), builds a prompt from the labels and writes
 out_dir/<split>/<slot>/ shards with a merged out_dir/<split>/index.json, plus stats.json and
-token_hist.png. Bad input is skipped or repaired, counted and named in stats.json.
+token_hist.png. Bad input is skipped or repaired, counted and named in stats.json. A poem longer
+than clean.max_tokens is cut into pieces that fit (one record each, tied to the poem by poem_id,
+piece and pieces), after dedup and with the poem's split, so a poem's pieces never straddle splits.
 
 Work runs in slots: `num_workers` processes here, times WORLD_SIZE ranks under a launcher.
 Phase 1 reads a slice of the input per slot and routes each poem to the slot that owns its content
@@ -33,12 +35,13 @@ from trainer.base.config import UserError
 from trainer.base.log import get_logger
 from data_prep import readers, shuffle, sources
 from data_prep.sources import SourcesConfig
-from data_prep.cleaning import bucket_of, count_tokens, digest, near_key, normalize_label, normalize_text, split_of
+from data_prep.cleaning import (bucket_of, count_tokens, digest, near_key, normalize_label, normalize_text,
+                                split_long, split_of)
 from trainer.data.mds import RankedDataset, wait_for, world_from_env
 from trainer.base.files import read_json, write_json_atomic
 from data_prep.prompts import PromptConfig, build_prompt
 from data_prep.report import Report
-from trainer.base.schema import LABELS, SPLITS, TEXT_COLUMNS
+from trainer.base.schema import LABELS, PREP_COLUMNS, SPLITS
 from data_prep.stats import Stats, plot_histogram
 
 log = get_logger("prep")
@@ -73,6 +76,10 @@ class CleanConfig:
     keep_indent: bool = False               # keep leading spaces of lines (indented couplets)
     min_tokens: int = 4                     # length bounds, in the counting tokenizer (TOKEN_COUNTER)
     max_tokens: int = 512
+    # A poem over max_tokens: cut at stanza (else line, else word) boundaries into pieces that fit
+    # (split; every line is kept, so a last piece may be under min_tokens), or dropped and counted
+    # as too_long (skip).
+    long_poems: Literal["split", "skip"] = "split"
     max_line_chars: int = 1000              # a longer line is not verse (e.g. a whole file on one line)
     near_dedup: bool = True                 # also drop copies differing only in case/punctuation/spacing
 
@@ -121,10 +128,17 @@ CONFIG = PrepConfig
 # units of work
 
 
-def list_units(cfg: PrepConfig) -> list[readers.Unit]:
-    units = []
-    if cfg.data.path is not None:
-        units += readers.list_units(cfg.data.format, cfg.data.path, cfg.data.max_files)
+def data_units(cfg: PrepConfig) -> list[readers.Unit]:
+    """The user's input files, checked for their text column: bad input stops here, before any work."""
+    if cfg.data.path is None:
+        return []
+    units = readers.list_units(cfg.data.format, cfg.data.path, cfg.data.max_files)
+    readers.check_text_column(units, cfg.data.text_column)
+    return units
+
+
+def list_units(cfg: PrepConfig, data: list[readers.Unit] | None = None) -> list[readers.Unit]:
+    units = data_units(cfg) if data is None else list(data)
     units += sources.bundled_units(cfg.sources)
     if not units:
         raise UserError("nothing to read: set data.path or enable a source under sources")
@@ -151,7 +165,8 @@ def read_unit(unit: readers.Unit, cfg: PrepConfig, report: Report):
 
 
 def clean_record(rec: readers.Record, c: CleanConfig, report: Report):
-    """(exact digest, near digest, n_tokens, text, labels) or None (skipped, counted)."""
+    """(exact digest, near digest, n_tokens, text, labels) or None (skipped, counted). A long poem
+    stays whole here (unless long_poems=skip): dedup and the split key on the poem, phase 2 cuts it."""
     text = normalize_text(rec.text, c.unicode_form, c.keep_indent)
     if not text:
         report.skip("empty", rec.origin)
@@ -164,7 +179,7 @@ def clean_record(rec: readers.Record, c: CleanConfig, report: Report):
     if n < c.min_tokens:
         report.skip("too_short", rec.origin, f"{n} tokens < {c.min_tokens}")
         return None
-    if n > c.max_tokens:
+    if n > c.max_tokens and c.long_poems == "skip":
         report.skip("too_long", rec.origin, f"{n} tokens > {c.max_tokens}")
         return None
     key = near_key(text)
@@ -229,20 +244,32 @@ def phase2(cfg: PrepConfig, ds: RankedDataset, slot: int, n_slots: int, work: st
     if kill_slot not in (None, "") and int(kill_slot) != slot:
         kill_after = 0
     stats = Stats(bin_width=cfg.hist_bin_width)
+    long_poems = {"poems": 0, "pieces": 0}
+    max_tokens = cfg.clean.max_tokens
     with ds.rank_writer(slot) as w:
         for k, (ex, nd, n, source, text, labels, origin) in enumerate(
                 tqdm(kept, desc=f"prep write [slot {slot}/{n_slots}]", unit="poem", disable=not show)):
             lab = dict(zip(LABELS, labels))
-            split = split_of(nd, cfg.split.val, cfg.split.test, cfg.split.salt)
-            w.write({"id": f"{source}-{ex.hex()[:16]}", "text": text, "prompt": build_prompt(lab, cfg.prompt),
-                     "source": source, **lab, "n_tokens": n}, split=split)
-            stats.add(split, source, lab, n)
+            prompt = build_prompt(lab, cfg.prompt)
+            split = split_of(nd, cfg.split.val, cfg.split.test, cfg.split.salt)  # the poem's: all its pieces
+            poem_id = f"{source}-{ex.hex()[:16]}"
+            pieces = split_long(text, max_tokens) if n > max_tokens else [(text, n, "")]
+            if len(pieces) > 1:
+                report.repair("split_long", origin, f"{n} tokens > {max_tokens}: {len(pieces)} pieces")
+                long_poems["poems"] += 1
+                long_poems["pieces"] += len(pieces)
+            for p, (piece, m, sep) in enumerate(pieces):
+                w.write({"id": poem_id if len(pieces) == 1 else f"{poem_id}-p{p}", "text": piece,
+                         "prompt": prompt, "source": source, **lab, "n_tokens": m, "poem_id": poem_id,
+                         "piece": p, "pieces": len(pieces), "piece_sep": sep}, split=split)
+                stats.add(split, source, lab, m)
             if kill_after and k + 1 >= kill_after:
                 if kill_slot not in (None, ""):  # the other slots finish first: a kill after they are done
                     wait_for([ds.marker(r) for r in range(n_slots) if r != slot], 300, what="the other slots")
                 log.warning(f"{KILL_ENV}={kill_after}: slot {slot} kills its process now")
                 os.kill(os.getpid(), signal.SIGKILL)
-        return w.finish({"stats": stats.as_dict(), "report": report.as_dict(), "labels_merged": merged})
+        return w.finish({"stats": stats.as_dict(), "report": report.as_dict(), "labels_merged": merged,
+                         "long_poems": long_poems})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,10 +337,11 @@ def run(cfg: PrepConfig) -> dict:
     n_slots = world * workers
     my_slots = [rank * workers + k for k in range(workers)]
     out = cfg.out_dir
-    ds = RankedDataset(out, TEXT_COLUMNS, splits=SPLITS, compression=cfg.compression,
+    ds = RankedDataset(out, PREP_COLUMNS, splits=SPLITS, compression=cfg.compression,
                        size_limit=cfg.shard_size_limit)
     work = os.path.join(out, "_work")
     fp = fingerprint(cfg, n_slots)
+    data = data_units(cfg)  # one-line errors before out_dir is claimed for this config
     done = ds.claim(fp, {"slots": n_slots, "config": C.to_dict(cfg)}, cfg.overwrite, rank, "_job.json",
                     "text shards", also_remove=("stats.json", "token_hist.png", "_work"),
                     wait_timeout=cfg.wait_timeout_s)
@@ -322,7 +350,7 @@ def run(cfg: PrepConfig) -> dict:
         return read_json(os.path.join(out, "stats.json"))
 
     t0 = time.time()
-    units = list_units(cfg)
+    units = list_units(cfg, data)
     log.info(f"{len(units)} units of work over {n_slots} slot(s); this process runs slots {my_slots}")
 
     todo = [s for s in my_slots if ds.rank_done(s) is None]
@@ -340,6 +368,7 @@ def run(cfg: PrepConfig) -> dict:
     t1 = min(max(t0, *(shuffle.done(work, s).get("finished_at", t0) for s in range(n_slots))), t2)
 
     stats, report, read, merged = Stats(bin_width=cfg.hist_bin_width), Report(), {}, 0
+    long_poems = {"mode": cfg.clean.long_poems, "poems_split": 0, "pieces": 0}
     for s in range(n_slots):
         p1 = shuffle.done(work, s)
         for k, v in p1["read"].items():
@@ -349,8 +378,10 @@ def run(cfg: PrepConfig) -> dict:
         stats.merge(Stats.from_dict(info["stats"]))
         report.merge(Report(**info["report"]))
         merged += info["labels_merged"]
+        long_poems["poems_split"] += info["long_poems"]["poems"]
+        long_poems["pieces"] += info["long_poems"]["pieces"]
     result = {**stats.as_dict(), "read_per_source": read, **report.as_dict(), "labels_merged": merged,
-              "token_counter": TOKEN_COUNTER, "slots": n_slots,
+              "long_poems": long_poems, "token_counter": TOKEN_COUNTER, "slots": n_slots,
               "seconds": {"read_clean": round(t1 - t0, 2), "dedup_write": round(t2 - t1, 2)}}
     write_json_atomic(os.path.join(out, "stats.json"), result)
     if stats.n == 0:
@@ -361,7 +392,8 @@ def run(cfg: PrepConfig) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     n_skip = sum(e["count"] for e in result["skipped"].values())
     reasons = ", ".join(f"{k} {v['count']}" for k, v in result["skipped"].items()) or "none"
-    log.info(f"{out}: {stats.n} poems ({dict(stats.counts['split'])}) from {sum(read.values())} read; "
+    log.info(f"{out}: {stats.n} records ({dict(stats.counts['split'])}) from {sum(read.values())} read; "
              f"{n_skip} skipped ({reasons}); "
+             f"{long_poems['poems_split']} long poems split into {long_poems['pieces']} pieces; "
              f"{time.time() - t0:.1f} s")
     return result

@@ -1,6 +1,7 @@
 """Readers for the user's own poems: a folder tree (Kaggle poems-dataset layout), JSONL, CSV and
 webdataset tar shards. Each yields `Record`s and reports what it skipped or repaired; nothing here
-raises on bad data, only on a root that does not exist or holds no poems at all.
+raises on bad data, only on a root that does not exist or holds no poems at all, and (before any
+reading, `check_text_column`) on a CSV or JSONL file that has no text column at all.
 
 Work is cut into `Unit`s (one file each) so that ranks can share it: `list_units` is cheap and
 deterministic (sorted paths), `read_unit` does the reading.
@@ -136,6 +137,85 @@ def list_units(fmt: str, path: str, max_files: int | None = None, key: str = "da
     if max_files is not None:
         files = files[:max_files]
     return [Unit(fmt, fmt, (full, rel)) for full, rel in files]
+
+
+# ---------------------------------------------------------------------------------------------
+# the text column, checked before any work
+
+HEAD_BYTES = 1 << 20   # enough for a CSV header or the first JSONL records
+MAX_LISTED = 30        # column names shown in the error
+
+
+def check_text_column(units: list[Unit], text_column: str, key: str = "data.text_column") -> None:
+    """One-line error naming the file, the column asked for (`key`) and the columns found, when a
+    CSV's header lacks `text_column` or no object of a JSONL file has it. A file that cannot be
+    read or decoded is left to its reader (skipped and counted there)."""
+    for unit in units:
+        if unit.kind not in ("csv", "jsonl"):
+            continue
+        full, rel = unit.arg
+        found = _csv_columns(full, rel) if unit.kind == "csv" else _jsonl_keys(full, rel, text_column)
+        if found is None or text_column in found:
+            continue
+        what = "column" if unit.kind == "csv" else "record has the key"
+        names = ", ".join(found[:MAX_LISTED]) or "none"
+        if len(found) > MAX_LISTED:
+            names += f" (and {len(found) - MAX_LISTED} more)"
+        raise UserError(f"{full}: no {what} {text_column!r} ({key}); found: {names}")
+
+
+class _Unreported(Report):
+    """A look ahead of the readers: what they will report is not reported twice."""
+
+    def _add(self, *args, **kwargs) -> None:
+        pass
+
+
+def _head(full: str, rel: str, limit: int | None) -> tuple[str | None, bool]:
+    """The file's first `limit` bytes (whole lines) as text, and whether that is the whole file."""
+    try:
+        with open(full, "rb") as f:
+            data = f.read() if limit is None else f.read(limit + 1)
+    except OSError:
+        return None, True
+    whole = limit is None or len(data) <= limit
+    if not whole:
+        data = data[:limit]
+        utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+        data = data[:len(data) // 2 * 2] if utf16 else data[:data.rfind(b"\n") + 1]
+    return decode_bytes(data, rel, _Unreported()), whole
+
+
+def _csv_columns(full: str, rel: str) -> list[str] | None:
+    text, _ = _head(full, rel, HEAD_BYTES)
+    if text is None:
+        return None
+    try:
+        return next(csv.reader(io.StringIO(text, newline="")), None)
+    except csv.Error:
+        return None
+
+
+def _jsonl_keys(full: str, rel: str, text_column: str) -> list[str] | None:
+    """The keys of the file's objects (sorted), or None when one has `text_column` (looking past
+    the head of the file only when the head has none) or no line is a JSON object."""
+    for limit in (HEAD_BYTES, None):
+        text, whole = _head(full, rel, limit)
+        if text is None:
+            return None
+        keys: set = set()
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                if text_column in row:
+                    return None
+                keys.update(row)
+        if whole:
+            return sorted(keys) or None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

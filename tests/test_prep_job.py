@@ -1,5 +1,6 @@
 """The prep job end to end on small trees and files made here: bad input, dedup and label merging,
-formats, shards readable by StreamingDataset, determinism, 2 slots == 1 slot, resume after a kill."""
+formats, long poems cut into pieces, shards readable by StreamingDataset, determinism, 2 slots ==
+1 slot, resume after a kill."""
 import io
 import json
 import os
@@ -9,7 +10,8 @@ import pytest
 
 from trainer.base import config as C
 from data_prep import prep_job
-from trainer.base.schema import SPLITS, TEXT_COLUMNS
+from data_prep.cleaning import count_tokens, digest, near_key, normalize_text, split_of
+from trainer.base.schema import LABELS, PREP_COLUMNS, SPLITS
 from tests.conftest import run_cli
 
 WORDS = ("moon river stone wind quiet ember harbor lantern meadow thunder silver hollow crow orchard "
@@ -74,7 +76,7 @@ def test_folder_tree_labels_merge_and_bad_files(tmp_path):
     stats = prep_job.run(load([f"data.path={root}", f"out_dir={out}", *NO_BUNDLED], "yamls/prep/folder_tree.yaml"))
 
     rows = [r for rs in read_all(out).values() for r in rs]
-    assert sorted(rows[0]) == sorted(TEXT_COLUMNS)
+    assert sorted(rows[0]) == sorted(PREP_COLUMNS)
     # 40 poems (10 in two places merged into one) + cp1252 + crlf + bom
     assert len(rows) == stats["records"] == 43
     assert len({r["id"] for r in rows}) == 43
@@ -142,13 +144,12 @@ def test_jsonl_csv_wds_readers(tmp_path):
         w.writerow([poem(k + 50), "sea", "iambic tetrameter"])
     w.writerow(["", "sea", ""])
     write(f"{tmp_path}/c/a.csv", buf.getvalue())
-    write(f"{tmp_path}/c/b.csv", "title,author\nx,y\n")
     out = f"{tmp_path}/oc"
     stats = prep_job.run(load([f"data.path={tmp_path}/c", "data.format=csv", f"out_dir={out}", *NO_BUNDLED]))
     rows = [r for rs in read_all(out).values() for r in rs]
     assert len(rows) == 8 and "\n" in rows[0]["text"]
     assert {r["prompt"] for r in rows} == {"poem about sea in iambic tetrameter"}
-    assert stats["skipped"]["no_text_column"]["files"] == ["b.csv"] and stats["skipped"]["no_text"]["count"] == 1
+    assert stats["skipped"]["no_text"]["count"] == 1
 
     os.makedirs(f"{tmp_path}/w")
     with wds.TarWriter(f"{tmp_path}/w/shard-000.tar") as tw:
@@ -270,3 +271,151 @@ def test_launcher_ranks_share_the_work(tmp_path):
     for split in SPLITS:
         assert {r["id"] for r in read_split(f"{tmp_path}/ranks", split)} == \
                {r["id"] for r in read_split(f"{tmp_path}/one", split)}
+
+
+# ---------------------------------------------------------------------------------------------
+# long poems: cut into pieces that fit, not dropped
+
+MAX = 60   # clean.max_tokens in these tests; poem() lines are 7 tokens, its 4-line stanzas 28
+ALL_LABELS = {"title": "The Long Road", "author": "A. Poet", "form": "ode", "topic": "sea",
+              "meter": "iambic tetrameter"}
+
+
+def long_poems() -> list[str]:
+    """Over MAX tokens: five stanzas (two fit in a piece); a stanza alone too long (cut between
+    lines); one line alone too long (cut between words)."""
+    several = ["\n\n".join(poem(1000 * k + s) for s in range(5)) for k in range(1, 7)]
+    return [*several, poem(900) + "\n\n" + poem(901, lines=12), poem(902) + "\n\n" + " ".join(WORDS * 3)]
+
+
+def check_pieces(out: str, poems: list[str], source: str, labels=None, split_cfg=(0.3, 0.3, "latentverse")) -> dict:
+    """Each long poem is pieces 0..n-1 that fit, whose texts (with what followed each) give the
+    poem's cleaned text, all with its labels, its poem_id and the poem's split. {poem_id: rows}"""
+    rows = [dict(r, split=split) for split, rs in read_all(out).items() for r in rs]
+    by_poem = {}
+    for r in rows:
+        by_poem.setdefault(r["poem_id"], []).append(r)
+    found = {}
+    for k, text in enumerate(poems):
+        cleaned = normalize_text(text)
+        pid = f"{source}-{digest(cleaned).hex()[:16]}"
+        pieces = sorted(by_poem.get(pid, []), key=lambda r: r["piece"])
+        assert len(pieces) > 1, (k, pid, sorted(by_poem))
+        assert [r["piece"] for r in pieces] == list(range(len(pieces)))
+        assert {r["pieces"] for r in pieces} == {len(pieces)}
+        assert [r["id"] for r in pieces] == [f"{pid}-p{p}" for p in range(len(pieces))]
+        assert all(0 < count_tokens(r["text"]) == r["n_tokens"] <= MAX for r in pieces)
+        assert "".join(r["text"] + r["piece_sep"] for r in pieces) == cleaned
+        assert {r["split"] for r in pieces} == {split_of(digest(near_key(cleaned)), *split_cfg)}
+        for label in LABELS:
+            assert len({r[label] for r in pieces}) == 1, (k, label)
+        if labels is not None:
+            assert {label: pieces[0][label] for label in labels} == labels
+        assert len({r["prompt"] for r in pieces}) == 1
+        found[pid] = pieces
+    # several poems, and their pieces land in more than one split: a split per piece would scatter them
+    assert len({r["split"] for ps in found.values() for r in ps}) > 1
+    return found
+
+
+def test_long_poems_become_pieces_in_a_folder_tree(tmp_path):
+    root = str(tmp_path / "poems")
+    longs = long_poems()
+    for k, text in enumerate(longs):
+        write(f"{root}/forms/ode/long{k}.txt", text)
+    write(f"{root}/topics/sea/long0.txt", longs[0])                  # the same poem under a topic: merged
+    write(f"{root}/topics/sea/stanza.txt", longs[1].split("\n\n")[0])  # one stanza of a long poem: a poem
+    write(f"{root}/topics/sea/copy.txt", longs[2].upper())           # a near copy of a long poem: dropped
+    for k in range(5):
+        write(f"{root}/forms/ode/short{k}.txt", poem(k))
+    common = [f"data.path={root}", *NO_BUNDLED, f"clean.max_tokens={MAX}", "split.val=0.3", "split.test=0.3"]
+    out = f"{tmp_path}/out"
+    stats = prep_job.run(load([*common, f"out_dir={out}"], "yamls/prep/folder_tree.yaml"))
+    found = check_pieces(out, longs, "folder")
+    seps = [{r["piece_sep"] for r in ps} for ps in found.values()]
+    assert all(s == {"\n\n", ""} for s in seps[:6])           # whole stanzas
+    assert "\n" in seps[6] and " " in seps[7]                  # a stanza cut between lines, a line between words
+    assert all("\n\n" in r["text"] for ps in list(found.values())[:6] for r in ps[:-1])  # two stanzas a piece
+    l0 = list(found.values())[0]
+    assert {(r["title"], r["form"], r["topic"], r["prompt"]) for r in l0} == {("long0", "ode", "sea", "ode about sea")}
+    rows = [r for rs in read_all(out).values() for r in rs]
+    n_pieces = sum(len(ps) for ps in found.values())
+    assert stats["records"] == len(rows) == n_pieces + 5 + 1
+    stanza = [r for r in rows if r["title"] == "stanza"]
+    assert len(stanza) == 1 and (stanza[0]["piece"], stanza[0]["pieces"]) == (0, 1) and stanza[0]["piece_sep"] == ""
+    assert stanza[0]["poem_id"] == stanza[0]["id"]
+    assert stats["long_poems"] == {"mode": "split", "poems_split": len(longs), "pieces": n_pieces}
+    assert stats["repaired"]["split_long"]["count"] == len(longs) and "too_long" not in stats["skipped"]
+    assert stats["skipped"]["duplicate_near"]["files"] == ["topics/sea/copy.txt"]
+    assert stats["skipped"]["duplicate_exact"]["files"] == ["topics/sea/long0.txt"]
+
+    # two slots cut and place the same pieces
+    two = f"{tmp_path}/two"
+    prep_job.run(load([*common, f"out_dir={two}", "num_workers=2"], "yamls/prep/folder_tree.yaml"))
+    for split in SPLITS:
+        assert {tuple(sorted(r.items())) for r in read_split(out, split)} == \
+               {tuple(sorted(r.items())) for r in read_split(two, split)}
+
+    # long_poems=skip: the old behaviour, long poems (and their copies) dropped as too_long
+    skip = f"{tmp_path}/skip"
+    stats = prep_job.run(load([*common, f"out_dir={skip}", "clean.long_poems=skip"], "yamls/prep/folder_tree.yaml"))
+    rows = [r for rs in read_all(skip).values() for r in rs]
+    assert stats["records"] == len(rows) == 5 + 1 and all(r["pieces"] == 1 for r in rows)
+    assert stats["skipped"]["too_long"]["count"] == len(longs) + 2 and "split_long" not in stats["repaired"]
+    assert stats["long_poems"] == {"mode": "skip", "poems_split": 0, "pieces": 0}
+
+
+def test_long_poems_become_pieces_in_jsonl_csv_wds(tmp_path):
+    import csv
+    import webdataset as wds
+    longs = long_poems()
+    shorts = [poem(k) for k in range(4)]
+    common = [*NO_BUNDLED, f"clean.max_tokens={MAX}", "split.val=0.3", "split.test=0.3"]
+
+    write(f"{tmp_path}/j/a.jsonl", "".join(json.dumps({"text": t, **ALL_LABELS}) + "\n" for t in longs + shorts))
+    out = f"{tmp_path}/oj"
+    stats = prep_job.run(load([f"data.path={tmp_path}/j", f"out_dir={out}", *common], "yamls/prep/jsonl.yaml"))
+    found = check_pieces(out, longs, "jsonl", ALL_LABELS)
+    assert stats["records"] == sum(map(len, found.values())) + len(shorts)
+    assert stats["repaired"]["split_long"]["files"] == [f"a.jsonl:{k + 1}" for k in range(len(longs))]
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, ["text", *ALL_LABELS])
+    w.writeheader()
+    for t in longs + shorts:
+        w.writerow({"text": t, **ALL_LABELS})
+    write(f"{tmp_path}/c/a.csv", buf.getvalue())
+    out = f"{tmp_path}/oc"
+    stats = prep_job.run(load([f"data.path={tmp_path}/c", "data.format=csv", f"out_dir={out}", *common]))
+    found = check_pieces(out, longs, "csv", ALL_LABELS)
+    assert stats["long_poems"]["poems_split"] == len(longs)
+
+    os.makedirs(f"{tmp_path}/w")
+    with wds.TarWriter(f"{tmp_path}/w/shard-000.tar") as tw:
+        for k, t in enumerate(longs + shorts):
+            tw.write({"__key__": f"s{k:03d}", "txt": t, "json": ALL_LABELS})
+    out = f"{tmp_path}/ow"
+    stats = prep_job.run(load([f"data.path={tmp_path}/w", "data.format=wds", f"out_dir={out}", *common]))
+    check_pieces(out, longs, "wds", ALL_LABELS)
+    assert stats["long_poems"]["poems_split"] == len(longs)
+
+
+def test_missing_text_column_is_one_line_before_any_work(tmp_path):
+    write(f"{tmp_path}/c/a.csv", "text,topic\nmoon river stone wind,sea\n")
+    write(f"{tmp_path}/c/b.csv", "title,author,poem\nx,y,z\n")
+    r = run_cli("prep", f"data.path={tmp_path}/c", "data.format=csv", f"out_dir={tmp_path}/oc", *NO_BUNDLED)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"{tmp_path}/c/b.csv: no column 'text' (data.text_column); found: title, author, poem"]
+    assert not os.path.exists(f"{tmp_path}/oc")
+    # JSONL: no record of the file has the key (a record without it among others is skipped, counted)
+    write(f"{tmp_path}/j/a.jsonl", "".join(json.dumps({"poem": poem(k), "form": "ode"}) + "\n" for k in range(3)))
+    r = run_cli("prep", "yamls/prep/jsonl.yaml", f"data.path={tmp_path}/j", f"out_dir={tmp_path}/oj")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"{tmp_path}/j/a.jsonl: no record has the key 'text' (data.text_column); found: form, poem"]
+    assert not os.path.exists(f"{tmp_path}/oj")
+    # the key named: it runs
+    stats = prep_job.run(load([f"data.path={tmp_path}/j", f"out_dir={tmp_path}/oj", "data.text_column=poem"],
+                              "yamls/prep/jsonl.yaml"))
+    assert stats["records"] == 3

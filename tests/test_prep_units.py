@@ -1,12 +1,14 @@
-"""Pieces of the prep job: cleaning, prompts, decoding repairs, the bundled corpora (slices)."""
+"""Pieces of the prep job: cleaning, long poems cut into pieces, prompts, decoding repairs, the bundled
+corpora (slices)."""
 import codecs
 import dataclasses
+import random
 
 import pytest
 
 from data_prep import sources
 from trainer.text import prosody
-from data_prep.cleaning import count_tokens, digest, near_key, normalize_text, split_of
+from data_prep.cleaning import count_tokens, digest, near_key, normalize_text, split_long, split_of
 from data_prep.prompts import PromptConfig, build_prompt
 from data_prep.readers import decode_bytes
 from data_prep.report import Report
@@ -25,6 +27,36 @@ def test_token_counter_and_keys():
     assert count_tokens("O'er the hills, and far away!") == 8  # o'er the hills , and far away !
     assert near_key("Hello,  World!\nAgain") == near_key("hello world again") == "helloworldagain"
     assert digest("a") != digest("b") and len(digest("a")) == 16
+
+
+def test_long_poem_pieces_cut_stanzas_then_lines_then_words():
+    poem = "a b c\nd e f g\n\nh i\n\nj k l m n o p q r\ns"   # stanzas of 7, 2 and 10 tokens
+    assert split_long(poem, 19) == [(poem, 19, "")]
+    # whole stanzas while they fit; the third alone is too long: cut between lines
+    assert split_long(poem, 9) == [("a b c\nd e f g\n\nh i", 9, "\n\n"), ("j k l m n o p q r", 9, "\n"), ("s", 1, "")]
+    # a line alone too long: cut between words; the pieces of a cut stanza never take in the next one
+    assert split_long(poem, 4) == [("a b c", 3, "\n"), ("d e f g", 4, "\n\n"), ("h i", 2, "\n\n"),
+                                   ("j k l m", 4, " "), ("n o p q", 4, " "), ("r", 1, "\n"), ("s", 1, "")]
+    # a run without spaces: cut between tokens; an indent goes with the words after it
+    assert split_long("x\n!!!!!!!", 3) == [("x", 1, "\n"), ("!!!", 3, ""), ("!!!", 3, ""), ("!", 1, "")]
+    assert split_long("  a b c", 2) == [("  a b", 2, " "), ("c", 1, "")]
+    with pytest.raises(ValueError, match="max_tokens"):
+        split_long(poem, 0)
+    # any poem: pieces that fit, in order, that give the poem back, and the same pieces every time
+    rng = random.Random(0)
+    for trial in range(200):
+        stanzas = ["\n".join((" " * rng.choice((0, 0, 2))) + " ".join(
+            rng.choice(("o'er", "the", "sea", ",", "!", "moon--", "x")) for _ in range(rng.randint(1, 30)))
+            for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 6))]
+        text = normalize_text("\n\n".join(stanzas), keep_indent=True)
+        limit = rng.randint(1, 60)
+        pieces = split_long(text, limit)
+        assert "".join(p + sep for p, _, sep in pieces) == text, (trial, limit)
+        assert all(0 < n == count_tokens(p) <= limit for p, n, _ in pieces), (trial, limit)
+        assert all(sep in ("\n\n", "\n", " ", "") for _, _, sep in pieces[:-1]) and pieces[-1][2] == ""
+        assert split_long(text, limit) == pieces
+        if count_tokens(text) <= limit:
+            assert pieces == [(text, count_tokens(text), "")]
 
 
 def test_split_is_a_function_of_the_text_and_roughly_the_fractions():

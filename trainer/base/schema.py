@@ -6,7 +6,8 @@ Latent shards (encode job -> diffusion job):            <out_dir>/<split>/index.
                                                         sub-folder per partition), <split>/latent_stats.json,
                                                         <out_dir>/latent_stats.json (the train split's),
                                                         <out_dir>/_encode_config.json (what made them)
-A label a record does not have is the empty string.
+A label a record does not have is the empty string. Consumers of text shards read TEXT_COLUMNS;
+the prep job writes PREP_COLUMNS (those plus where a record sits in its poem).
 """
 # Files that pass between jobs
 LATENT_STATS = "latent_stats.json"        # per-channel and overall mean/std and sigma_data of stored latents
@@ -17,13 +18,23 @@ METRICS_FILE = "metrics.jsonl"            # train loss and eval rows of a traini
 LABELS = ("title", "author", "form", "topic", "meter")
 
 TEXT_COLUMNS = {
-    "id": "str",          # stable id: source + hash of the normalised text
+    "id": "str",          # stable id: source + hash of the normalised text (+ -p<piece> for a piece)
     "text": "str",        # the poem, line breaks kept
     "prompt": "str",      # built from the labels by the prep job's template ('' when no labels)
     "source": "str",      # gutenberg | shakespeare | ogura | folder | jsonl | csv | wds
     **{k: "str" for k in LABELS},
     "n_tokens": "int32",  # length in the prep job's counting tokenizer
 }
+
+# A poem longer than the prep job's clean.max_tokens is cut into pieces (at stanza, else line, else
+# word boundaries), one record each: ''.join(text + piece_sep over its pieces in order) is the poem.
+PIECE_COLUMNS = {
+    "poem_id": "str",     # the id of the whole poem (= id when the poem is one piece)
+    "piece": "int32",     # this piece's place in the poem, from 0
+    "pieces": "int32",    # how many pieces the poem has (1: the whole poem)
+    "piece_sep": "str",   # what followed this piece in the poem: "\n\n", "\n", " ", or "" after the last
+}
+PREP_COLUMNS = {**TEXT_COLUMNS, **PIECE_COLUMNS}
 
 SPLITS = ("train", "val", "test")
 
