@@ -19,7 +19,7 @@ $(LOCK_STAMP): requirements.lock
 	$(BIN)/pip install -q pip==26.3
 	# torch and torchvision normally, so their own runtime wheels come along ...
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	# ... then everything else exactly as locked, without the resolver (see README).
+	# ... then everything else exactly as locked, without the resolver (see docs/install.md).
 	$(BIN)/pip install -q --no-deps -r requirements.lock
 	touch $@
 

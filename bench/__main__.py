@@ -1,4 +1,9 @@
-"""python -m bench [name ...]: run benchmarks and print the README table (also bench/results.md)."""
+"""python -m bench [name ...]: run benchmarks, print their table and write bench/results.md.
+
+bench/results.md is written only by this command, never by hand: a run of some benchmarks replaces
+their rows and keeps the others' (each row says when and on what machine it was measured); the docs
+quote the file."""
+import datetime
 import importlib
 import os
 import pkgutil
@@ -6,25 +11,36 @@ import sys
 
 import torch
 
+HEADER = ["| benchmark | ratio | goal | command | measured |", "|---|---|---|---|---|"]
+
+
+def _rows_of(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        return []
+    return [line.rstrip("\n") for line in open(path) if line.startswith("| ") and line.count("|") == 6
+            and not line.startswith(HEADER[0][:12])]
+
 
 def main(names: list[str]) -> int:
     here = os.path.dirname(__file__)
     mods = sorted(m.name for m in pkgutil.iter_modules([here]) if m.name.startswith("bench_"))
     if names:
         mods = [m for m in mods if m in names or m.removeprefix("bench_") in names]
-    rows = []
+    machine = f"{datetime.date.today()}, {os.cpu_count()} cores, torch {torch.__version__.split('+')[0]}"
+    fresh = []
     for name in mods:
         print(f"== {name}", flush=True)
-        rows += importlib.import_module(f"bench.{name}").main()
-    lines = ["| benchmark | ratio | goal | command |", "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['benchmark']} | {r['ratio']:.2f} | {r['goal']} | `{r['command']}` |")
-    table = "\n".join(lines)
-    print(f"\nmachine: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(table)
-    if not names:
-        with open(os.path.join(here, "results.md"), "w") as f:
-            f.write(table + "\n")
+        for r in importlib.import_module(f"bench.{name}").main():
+            fresh.append(f"| {r['benchmark']} | {r['ratio']:.2f} | {r['goal']} | `{r['command']}` | {machine} |")
+    ran = {f"`python -m bench {m.removeprefix('bench_')}`" for m in mods}
+    path = os.path.join(here, "results.md")
+    kept = [row for row in _rows_of(path) if row.split(" | ")[3] not in ran]
+    table = "\n".join(HEADER + sorted(kept + fresh, key=lambda row: row.split(" | ")[3]))
+    print("\n" + "\n".join(HEADER + fresh))
+    with open(path + ".tmp", "w") as f:
+        f.write("# Benchmark results\n\nWritten by `python -m bench` (each row: the ratio of the things it compares, "
+                "measured side by side in one run).\n\n" + table + "\n")
+    os.replace(path + ".tmp", path)
     return 0
 
 

@@ -1,10 +1,10 @@
 """Decoding poems from latents: lexicon-constrained against free spelling, greedy and with 4 beams, on
 the demo's autoencoder (its decoder and lexicon; run `make demo` first). The latents are draws from the
 Gaussian of the encoder's latents of 2,000 training poems, put back on the encoder's sphere -- what the
-demo's diffusion model samples (its denoiser is the linear one; see the README's demo section).
+demo's diffusion model samples (its denoiser is the linear one; see docs/experiments.md).
 `cold`: a fresh logits processor, every allowed-token mask worked out anew; `warm`: as many other draws
 after those, with the masks cached so far, as a long-lived pipeline decodes. Word validity is
-counted against all the training poems' words. Then the meter readings (trainer.pipeline.read_for_meter):
+counted against all the training poems' words. Then the meter readings (trainer.pipeline.pipeline.best_scanning_readings):
 the best-scanning in iambic pentameter of the pipeline's default 32 readings of each latent (the greedy
 one and 31 sampled), against the greedy reading alone, both from the lexicon with its masks cached.
 One thread."""
@@ -31,7 +31,7 @@ def main() -> list[dict]:
     from trainer.text.prosody import scansion
     from trainer.models.autoencoder import LatentAutoencoder
     from trainer.models.lexicon import Lexicon
-    from trainer.pipeline.pipeline import DecodeConfig, read_for_meter
+    from trainer.pipeline.pipeline import DecodeConfig, best_scanning_readings
     from trainer.data.mds import read_texts
 
     if not os.path.isfile(os.path.join(AE, "lexicon.txt")):
@@ -59,7 +59,7 @@ def main() -> list[dict]:
               f"{times[('warm', beams)]:.2f} s (word validity {word_validity(lex, vocab):.3f})", flush=True)
     meter, n_read = "iambic pentameter", DecodeConfig().meter_readings
     t_greedy, greedy = _timed(lambda: ae.decode(second, lexicon=True))
-    t_read, read = _timed(lambda: read_for_meter(ae, second, ae.decode(second, lexicon=True), [meter] * N, n_read,
+    t_read, read = _timed(lambda: best_scanning_readings(ae, second, ae.decode(second, lexicon=True), [meter] * N, n_read,
                                                  lexicon=True))
     scans = (lambda ts: sum(scansion(t, meter) for t in ts) / len(ts))
     print(f"{meter}, {N} poems from the lexicon: greedy {t_greedy:.2f} s (scansion {scans(greedy):.3f}), "

@@ -18,7 +18,7 @@ actually stored, per split, in `out_dir/<split>/latent_stats.json`, and the trai
 `partition_by: form` (any label column, or source) also splits every split by that column's value:
 samples go to `out_dir/<split>/form=<value>/<slot>/`, each such folder is a dataset of its own after the
 merge, and `out_dir/<split>/index.json` still covers them all. Training then weighs the partitions
-with `data.streams` proportions, e.g. to show a rare form more often (see README).
+with `data.streams` proportions, e.g. to show a rare form more often (see docs/data.md).
 """
 from __future__ import annotations
 
@@ -212,8 +212,8 @@ def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dic
     device = _device(cfg)
     ae = load_latent_encoder(cfg.autoencoder, device)
     penc = build_prompt_encoder(cfg.prompt_encoder).to(device)
-    T, C = ae.latent_shape
-    cols = _columns(cfg, (T, C), penc)
+    tokens, dims = ae.latent_shape
+    cols = _columns(cfg, (tokens, dims), penc)
     ds_out = RankedDataset(cfg.out_dir, cols, splits=cfg.data.splits, compression=cfg.compression)
     writer = ds_out.rank_writer(slot)
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
@@ -226,7 +226,7 @@ def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dic
         src = LocalMDS(os.path.join(cfg.data.path, split))
         n = len(src) if cfg.data.max_samples is None else min(len(src), cfg.data.max_samples)
         block = _block(n, slot, n_slots)
-        st = stats[split] = LatentStats(C)
+        st = stats[split] = LatentStats(dims)
         wds_writer = _WdsRankWriter(ds_out.rank_dir(slot, split)) if cfg.format == "wds" else None
         bar = tqdm(total=len(block), desc=f"encode {split} slot {slot}", unit="sample", disable=None,
                    position=slot if n_slots > 1 else None, leave=n_slots == 1)

@@ -50,7 +50,7 @@ def _default_stages() -> list[Stage]:
               ["sources.gutenberg.max_stanzas=2000"]),
         Stage("autoencoder", "train", "yamls/autoencoder/tiny_cpu.yaml",
               # 4,800 batches (~20 minutes at ~4 batches/s): the budget is batches, never minutes.
-              # (model.latent_noise=0.5 reconstructs better but the DiT's poems got worse: see README)
+              # (model.latent_noise=0.5 reconstructs better but the DiT's poems got worse: see docs/experiments.md)
               ["out_dir={out}/autoencoder", "data.path={out}/text_shards", "model.max_tokens=32",
                "max_duration=4800ba"],
               ["max_duration=400ba"]),

@@ -1,7 +1,7 @@
 """DDPM epsilon-prediction baseline (Ho et al., 2020) through diffusers' DDPMScheduler.
 
-This is how the earlier text-diffusion systems trained and sampled (1000 ancestral steps); it is
-kept behind the same backbone seam so the two formulations can be compared on one backbone.
+The classic text-diffusion recipe (1000 ancestral steps), kept as a sibling formulation behind the
+same backbone seam and call shape as EDM, so the two can be compared on one backbone.
 The backbone receives x_t unscaled (variance-preserving, so c_in = 1) and c_noise = t / T_train.
 """
 from __future__ import annotations

@@ -7,23 +7,8 @@ and a PNG into its out_dir. `latentverse evaluate CONFIG.yaml --help` lists the 
 """
 from __future__ import annotations
 
-import importlib
+from trainer.jobs.tasks import Tasks
 
-from trainer.base.config import KeyProblem
-
-TASKS = {"autoencoder": "trainer.jobs.evaluate_autoencoder", "generation": "trainer.jobs.evaluate_generation"}
-DEFAULT_TASK = "generation"
-
-
-def _task_module(task):
-    if task not in TASKS:
-        raise KeyProblem("task", f"expected one of {', '.join(map(repr, TASKS))}, got {task!r}")
-    return importlib.import_module(TASKS[task])
-
-
-def config_class(raw: dict) -> type:
-    return _task_module(raw.get("task", DEFAULT_TASK)).CONFIG
-
-
-def run(cfg):
-    return _task_module(cfg.task).run(cfg)
+TASKS = Tasks({"autoencoder": "trainer.jobs.evaluate_autoencoder", "generation": "trainer.jobs.evaluate_generation"},
+              default="generation")
+config_class, run = TASKS.config_class, TASKS.run

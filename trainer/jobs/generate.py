@@ -7,7 +7,7 @@
 
 --prefix (pipelines of latent_kind token_embeddings) continues a text: its token embeddings are
 clamped into the first latent positions at every sampler step; the guidance defaults to the
-pipeline's prefix_guidance (5, as the earlier diffusion LM).
+pipeline's prefix_guidance (5).
 
 --churn (the Heun sampler's S_churn; default: the pipeline's, 40 for the demo's) adds fresh noise
 before every step whose noise level lies in the pipeline's [S_min, S_max] (Karras et al. 2022,
@@ -30,9 +30,10 @@ import argparse
 import json
 import os
 import sys
-
-from trainer.base.config import UserError
 from trainer.base.log import get_logger
+from trainer.base.config import UserError
+from trainer.text.prosody import prompt_meter, scansion
+from trainer.pipeline.pipeline import Pipeline, show_steps_html
 
 log = get_logger("generate")
 
@@ -64,9 +65,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=None, guidance=None, seed: int = 0,
              sampler: str = "heun", show_steps: int = 0, device: str = "cpu", prefix=None, lexicon=None,
              churn=None, meter_readings=None) -> dict:
-    from trainer.text.prosody import prompt_meter, scansion
-    from trainer.pipeline.pipeline import Pipeline
-
     if num_samples < 1:
         raise UserError(f"--num-samples: must be >= 1, got {num_samples}")
     if show_steps and sampler != "heun":
@@ -96,8 +94,6 @@ def main(args) -> int:
                    args.show_steps, args.device, args.prefix, {"auto": None, "on": True, "off": False}[args.lexicon],
                    args.churn, args.meter_readings)
     if out["trace"]:
-        from trainer.pipeline.pipeline import show_steps_html
-
         for b in range(len(out["results"])):
             print(f"=== prompt {out['results'][b]['prompt']!r}, sample {out['results'][b]['sample']}: steps")
             for t in out["trace"]:

@@ -6,25 +6,8 @@ The top-level `task:` key picks the job: `autoencoder` (trainer/jobs/train_autoe
 """
 from __future__ import annotations
 
-import importlib
+from trainer.jobs.tasks import Tasks
 
-from trainer.base.config import KeyProblem
-
-TASKS = {"autoencoder": "trainer.jobs.train_autoencoder", "diffusion": "trainer.jobs.train_diffusion",
-         "token_lm": "trainer.jobs.train_token_lm"}
-DEFAULT_TASK = "autoencoder"
-
-
-def _task_module(task):
-    if task not in TASKS:
-        raise KeyProblem("task", f"expected one of {', '.join(map(repr, TASKS))}, got {task!r}")
-    return importlib.import_module(TASKS[task])
-
-
-def config_class(raw: dict) -> type:
-    """The config dataclass of the task named by the YAML's top-level `task:` key."""
-    return _task_module(raw.get("task", DEFAULT_TASK)).CONFIG
-
-
-def run(cfg):
-    return _task_module(cfg.task).run(cfg)
+TASKS = Tasks({"autoencoder": "trainer.jobs.train_autoencoder", "diffusion": "trainer.jobs.train_diffusion",
+              "token_lm": "trainer.jobs.train_token_lm"}, default="autoencoder")
+config_class, run = TASKS.config_class, TASKS.run

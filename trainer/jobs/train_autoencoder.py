@@ -65,7 +65,6 @@ class LexiconConfig:
             raise ValueError(f"min_count and texts must be >= 1, got {self.min_count} and {self.texts}")
 
 
-
 @dataclasses.dataclass
 class AutoencoderTrainConfig(TrainingConfig):
     task: Literal["autoencoder"] = "autoencoder"

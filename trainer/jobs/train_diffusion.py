@@ -162,7 +162,7 @@ def check_data(cfg: DiffusionTrainConfig) -> dict:
             raise ConfigError(f"{key}: path does not exist: {path!r}")
     streams = cfg.data.stream_paths()
     stats = load_latent_stats(cfg.data.stats_file())
-    T, C = cfg.model.latent_tokens, cfg.model.latent_dim
+    tokens, dims = cfg.model.latent_tokens, cfg.model.latent_dim
     paths = [s.path for s in streams] + ([cfg.data.eval_path] if cfg.data.eval_path else [])
     for p in paths:
         if not os.path.isfile(os.path.join(p, "index.json")):
@@ -170,15 +170,15 @@ def check_data(cfg: DiffusionTrainConfig) -> dict:
         cols = shard_columns(p)
         if "latent" not in cols:
             raise ConfigError(f"data: {p}: shards have no 'latent' column (latent shards from `latentverse encode`?)")
-        if column_shape(cols["latent"]) != (T, C):
-            raise ConfigError(f"model.latent_tokens/latent_dim: the model expects latents [{T}, {C}], "
+        if column_shape(cols["latent"]) != (tokens, dims):
+            raise ConfigError(f"model.latent_tokens/latent_dim: the model expects latents [{tokens}, {dims}], "
                               f"{p} holds {cols['latent']}")
         widths = {column_shape(cols[k])[-1] for k in ("prompt_emb", "prompt_pooled") if k in cols}
         if cfg.model.prompt_dim > 0 and widths and widths != {cfg.model.prompt_dim}:
             raise ConfigError(f"model.prompt_dim: {cfg.model.prompt_dim}, but {p} holds prompt embeddings of width "
                               f"{sorted(widths)}")
-    if len(stats["channel_mean"]) != C:
-        raise ConfigError(f"{cfg.data.stats_file()}: {len(stats['channel_mean'])} channels, the model has {C}")
+    if len(stats["channel_mean"]) != dims:
+        raise ConfigError(f"{cfg.data.stats_file()}: {len(stats['channel_mean'])} channels, the model has {dims}")
     return stats
 
 

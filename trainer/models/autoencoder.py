@@ -20,9 +20,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from trainer.base.config import UserError
 from trainer.models.perceiver import PerceiverResampler, ReconstructionNetwork
+from trainer.base.config import UserError
+from trainer.models.lexicon import Lexicon, LexiconLogitsProcessor
+from trainer.models.tokenizers import load_tokenizer
 
 CONFIG_NAME = "autoencoder_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -314,8 +315,6 @@ class LatentAutoencoder(nn.Module):
         return out[:, 1:]  # drop the decoder start token
 
     def lexicon_processor(self, max_length: int):
-        from trainer.models.lexicon import LexiconLogitsProcessor
-
         if self.lexicon is None:
             raise UserError("decode.lexicon: this autoencoder has no lexicon (exports before lexicons were "
                             "saved have none); set decode.lexicon=false")
@@ -364,10 +363,6 @@ class LatentAutoencoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, map_location: str = "cpu") -> "LatentAutoencoder":
         from safetensors.torch import load_model
-
-        from trainer.models.lexicon import Lexicon
-        from trainer.models.tokenizers import load_tokenizer
-
         cfg_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(cfg_file):
             raise UserError(f"{path}: not an autoencoder directory (no {CONFIG_NAME})")

@@ -19,9 +19,8 @@ from typing import Iterable, Optional
 
 import torch
 from transformers import LogitsProcessor
-
 from trainer.base.config import UserError
-
+from trainer.text.words import WORD, words
 LEXICON_NAME = "lexicon.txt"
 _LETTER = frozenset("abcdefghijklmnopqrstuvwxyz")
 
@@ -30,8 +29,6 @@ class Lexicon:
     """A set of lower-cased words (as `trainer.text.words.words` splits text) and all their prefixes."""
 
     def __init__(self, words: Iterable[str]):
-        from trainer.text.words import WORD
-
         self.words = frozenset(w for w in words if WORD.fullmatch(w))
         self.prefixes = frozenset(w[:i] for w in self.words for i in range(1, len(w) + 1))
 
@@ -41,8 +38,6 @@ class Lexicon:
     @classmethod
     def from_texts(cls, texts: Iterable[str], min_count: int = 1) -> "Lexicon":
         """The words seen at least `min_count` times in the texts."""
-        from trainer.text.words import words
-
         counts = Counter(w for t in texts for w in words(t))
         return cls(w for w, c in counts.items() if c >= min_count)
 

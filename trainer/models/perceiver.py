@@ -74,7 +74,7 @@ class PerceiverResampler(nn.Module):
         z = self.proj_out(self.final_norm(latents))  # [B, N, dim_latent]
         if self.l2_normalize:
             # Every slot on the sphere of radius sqrt(dim_latent): unit variance per coordinate, as the
-            # diffusion model's sigma_data assumes (DESIGN.md).
+            # diffusion model's sigma_data assumes.
             z = F.normalize(z, dim=-1) * math.sqrt(z.shape[-1])
         return z
 

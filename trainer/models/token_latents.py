@@ -3,7 +3,7 @@
     text -> tokenizer -> first L tokens (+ </s>, padded with </s>) -> embedding table / scale
     latent [L, d] -> nearest embedding row by cosine (or the LM head's argmax) -> tokens -> text
 
-As the earlier diffusion language model did with Qwen: the diffusion model denoises a sequence of
+As diffusion language models over a causal LM's embeddings do: the diffusion model denoises a sequence of
 token embeddings, and a generated sequence is read back token by token. No encoder network, no
 compression: the latent is as long as the text it holds (L tokens), and a prompt's own tokens can be
 clamped into the first positions while sampling (trainer/diffusion/sampler.py `inpaint`).
@@ -26,9 +26,10 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from trainer.base.config import UserError
 from trainer.models.tokenizers import TokenizerConfig
+from trainer.base.config import UserError
+from trainer.base.files import replace_dir
+from trainer.models.autoencoder import CONFIG_NAME as AE_CONFIG, LatentAutoencoder
 
 LATENT_KIND = "token_embeddings"
 CONFIG_NAME = "token_latents_config.json"
@@ -200,9 +201,6 @@ class TokenEmbeddingLatents(nn.Module):
     def save_pretrained(self, path: str) -> None:
         """safetensors (LM + scale) + JSON config (latent_kind, LM config) + tokenizer files; temp dir, then rename."""
         from safetensors.torch import save_model
-
-        from trainer.base.files import replace_dir
-
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".token-latents-", dir=parent)
@@ -260,8 +258,6 @@ class TokenEmbeddingLatents(nn.Module):
 
 def latent_kind(path: str) -> str:
     """The kind of latent encoder saved in a directory: token_embeddings, bart_perceiver or hf_causal_lm."""
-    from trainer.models.autoencoder import CONFIG_NAME as AE_CONFIG
-
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         try:
             with open(os.path.join(path, CONFIG_NAME)) as f:
@@ -282,8 +278,6 @@ def load_latent_encoder(path: str, device: str = "cpu"):
     export, or a plain Hugging Face causal LM directory (wrapped with L = 32, table-std scale)."""
     kind = latent_kind(path)
     if kind == "bart_perceiver":
-        from trainer.models.autoencoder import LatentAutoencoder
-
         enc = LatentAutoencoder.from_pretrained(path)
     elif kind == LATENT_KIND:
         enc = TokenEmbeddingLatents.from_pretrained(path)

@@ -13,10 +13,11 @@ import dataclasses
 import json
 import os
 import tempfile
-
-from trainer.base import config as C
 from trainer.base.config import UserError
 from trainer.base.files import replace_dir
+from trainer.base import config as C
+from trainer.diffusion.edm import EDMPrecond, PromptMean
+from trainer.models.denoisers import build_denoiser, DenoiserConfig
 
 DENOISER_CONFIG = "denoiser_config.json"
 DENOISER_WEIGHTS = "denoiser.safetensors"
@@ -40,10 +41,6 @@ def save_denoiser(path: str, net, denoiser_cfg, latent_stats: dict, normalize: s
 def load_denoiser(path: str, map_location: str = "cpu"):
     """(EDMPrecond in eval mode, meta dict). A missing or corrupt file is a one-line error naming it."""
     from safetensors.torch import load_file
-
-    from trainer.diffusion.edm import EDMPrecond, PromptMean
-    from trainer.models.denoisers import DenoiserConfig, build_denoiser
-
     cfg_file, weights = os.path.join(path, DENOISER_CONFIG), os.path.join(path, DENOISER_WEIGHTS)
     for f in (cfg_file, weights):
         if not os.path.isfile(f):

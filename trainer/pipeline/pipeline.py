@@ -23,15 +23,19 @@ from typing import Literal, Optional
 
 import torch
 from torch import nn
-
-from trainer.base import config as C
 from trainer.base.config import UserError
-from trainer.data.loaders import to_encoder_latents
+from trainer.data.loaders import LatentNormalizer, to_encoder_latents
 from trainer.diffusion.sampler import SamplerConfig, edm_sampler, sigma_steps
 from trainer.models.denoisers.interface import DenoiserOutput, Prompt
 from trainer.pipeline.export import load_denoiser
 from trainer.base.files import replace_dir
 from trainer.models.text_encoders import PromptEncoderConfig, build_prompt_encoder
+from trainer.base import config as C
+from trainer.models.token_latents import latent_kind, TokenEmbeddingLatents
+from trainer.models import token_latents
+from trainer.models.autoencoder import CONFIG_NAME, LatentAutoencoder, WEIGHTS_NAME
+from trainer.text.prosody import prompt_meter, scansion
+from trainer.diffusion.ddpm import DDPM, DDPMConfig
 
 FORMAT = "latentverse-pipeline"
 PIPELINE_JSON = "pipeline.json"
@@ -66,16 +70,13 @@ class PipelineConfig:
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     prompt_mode: Literal["tokens", "pooled", "both"] = "both"
     latent_kind: Literal["bart_perceiver", "token_embeddings"] = "bart_perceiver"  # set by export_pipeline
-    # token_embeddings: the guidance scale used with a prefix when none is given (the earlier
-    # diffusion LM's generate_with_prompt.py default).
+    # token_embeddings: the guidance scale used with a prefix when none is given.
     prefix_guidance: float = 5.0
 
 
 def export_pipeline(path: str, autoencoder_dir: str, denoiser_dir: str, prompt_encoder: PromptEncoderConfig,
                     cfg: Optional[PipelineConfig] = None) -> str:
     """Assemble a pipeline directory (written to a temporary name, then renamed into place)."""
-    from trainer.models.token_latents import latent_kind
-
     cfg = cfg or PipelineConfig()
     for what, d in (("autoencoder", autoencoder_dir), ("denoiser", denoiser_dir)):
         if not os.path.isdir(d):
@@ -87,8 +88,6 @@ def export_pipeline(path: str, autoencoder_dir: str, denoiser_dir: str, prompt_e
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=parent)
     if kind == "hf_causal_lm":  # a plain Qwen / SmolLM2 directory: wrapped, so the pipeline holds its scale
-        from trainer.models.token_latents import TokenEmbeddingLatents
-
         TokenEmbeddingLatents.from_causal_lm(autoencoder_dir).save_pretrained(os.path.join(tmp, "autoencoder"))
     else:
         shutil.copytree(autoencoder_dir, os.path.join(tmp, "autoencoder"))
@@ -113,9 +112,6 @@ def _read_json(path: str) -> dict:
 
 def _load_autoencoder(path: str, device: str, kind: str = "bart_perceiver"):
     """The latent encoder of the pipeline's kind, with a damaged file named in a one-line error."""
-    from trainer.models import token_latents
-    from trainer.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, LatentAutoencoder
-
     if kind == "token_embeddings":
         cfg_file = os.path.join(path, token_latents.CONFIG_NAME)
         if _read_json(cfg_file).get("latent_kind") != kind:  # names a missing or corrupt config
@@ -131,14 +127,12 @@ def _load_autoencoder(path: str, device: str, kind: str = "bart_perceiver"):
         raise UserError(f"{os.path.join(path, WEIGHTS_NAME)}: cannot load the autoencoder: {first}") from None
 
 
-def read_for_meter(autoencoder, z: torch.Tensor, texts: list[str], meters: list[str], readings: int,
+def best_scanning_readings(autoencoder, z: torch.Tensor, texts: list[str], meters: list[str], readings: int,
                    temperature: float = 0.7, seed: int = 0, batch: int = 32, **decode_kwargs) -> list[str]:
     """`texts`, the greedy readings of latents z, with each one whose meter is not "" replaced by the
     reading that scans best in it (trainer.text.prosody.scansion) of `readings`: the greedy one and
     readings - 1 sampled at `temperature` (drawn from their own generator seeded by `seed`);
     ties go to the earlier reading, so the greedy one stays unless another scans better."""
-    from trainer.text.prosody import scansion
-
     texts = list(texts)
     rows = [i for i, m in enumerate(meters) if m]
     if readings < 2 or not rows:
@@ -184,8 +178,6 @@ class _EDMAsEpsilon(nn.Module):
 
 class Pipeline:
     def __init__(self, autoencoder, net, meta: dict, prompt_encoder, cfg: PipelineConfig, path: str = ""):
-        from trainer.data.loaders import LatentNormalizer
-
         self.autoencoder, self.net, self.meta = autoencoder, net, meta
         self.prompt_encoder, self.cfg, self.path = prompt_encoder, cfg, path
         self.normalizer = LatentNormalizer(meta["latent_stats"], meta["normalize"])
@@ -258,11 +250,9 @@ class Pipeline:
         n = self.meter_readings(meter_readings)
         if n < 2:
             return list(texts)
-        from trainer.text.prosody import prompt_meter
-
         d = self.cfg.decode
         kw = {"lexicon": True} if self.uses_lexicon(lexicon) else {}
-        return read_for_meter(self.autoencoder, self.to_latents(x), texts, [prompt_meter(p) for p in prompts], n,
+        return best_scanning_readings(self.autoencoder, self.to_latents(x), texts, [prompt_meter(p) for p in prompts], n,
                               d.reading_temperature, seed, max_length=d.max_length, **kw)
 
     @torch.no_grad()
@@ -307,8 +297,6 @@ class Pipeline:
             x = edm_sampler(self.net, noise, prompt, scfg, generator=g, callback=cb if show_steps else None,
                             inpaint=inpaint)
         elif sampler == "ddpm":
-            from trainer.diffusion.ddpm import DDPM, DDPMConfig
-
             n = steps or 1000
             ddpm = DDPM(nn.Identity(), DDPMConfig(num_inference_steps=n, guidance_scale=scfg.guidance_scale))
             ddpm.backbone = _EDMAsEpsilon(self.net, ddpm.scheduler.alphas_cumprod, ddpm.cfg.num_train_timesteps)

@@ -13,10 +13,14 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
-
-from trainer.base.config import UserError
 from trainer.base.log import get_logger
 from trainer.base.plots import Panel, plot_metrics
+from trainer.base.config import UserError
+from trainer.models.denoisers.interface import Prompt
+from trainer.models.text_encoders import build_prompt_encoder
+from trainer.models.token_latents import latent_kind, load_latent_encoder
+from trainer.diffusion.sampler import edm_sampler
+from trainer.data.loaders import to_encoder_latents
 
 log = get_logger("train.diffusion")
 
@@ -37,9 +41,21 @@ class EMACallback(Callback):
         self.model.update_ema(0.0 if b < self.start_batch else self.decay)
 
 
+def all_ranks_agree(flag: bool, device) -> bool:
+    """True on every rank when `flag` holds on every rank (one collective; a plain bool with one rank).
+    Decisions that end a run must be taken together, or the ranks left running wait in their next
+    collective until the timeout."""
+    if dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, reduce_operation="MIN")
+    return bool(t.item() > 0.5)
+
+
 class NonFiniteLossGuard(Callback):
-    """Stops the run with one line when the loss is NaN or inf. Runs after the loss and before the
-    backward pass, so neither the weights nor the last checkpoint see the bad step."""
+    """Stops the run with one line when the loss is NaN or inf on any rank -- every rank together.
+    Runs after the loss and before the backward pass, so neither the weights nor the last checkpoint
+    see the bad step."""
 
     def __init__(self, checkpoint_dir: str):
         self.checkpoint_dir = checkpoint_dir
@@ -47,10 +63,12 @@ class NonFiniteLossGuard(Callback):
     def after_loss(self, state: State, logger: Logger) -> None:
         b = int(state.timestamp.batch) + 1                     # the batch being trained
         loss = state.loss if isinstance(state.loss, torch.Tensor) else torch.as_tensor(state.loss)
-        if not bool(torch.isfinite(loss.detach()).all()):
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if not all_ranks_agree(finite, loss.device):
             latest = os.path.join(self.checkpoint_dir, f"latest-rank{dist.get_global_rank()}.pt")
             last = os.path.realpath(latest) if os.path.lexists(latest) else "none saved yet"
-            raise NonFiniteLoss(f"train loss is {float(loss.detach().reshape(-1)[0])} at batch {b}: stopping "
+            where = "" if finite else f" is {float(loss.detach().reshape(-1)[0])}"
+            raise NonFiniteLoss(f"train loss{where or ' is not finite on another rank'} at batch {b}: stopping "
                                 f"(lower optim.lr or raise optim.grad_clip_norm); last good checkpoint: {last}")
 
 
@@ -193,10 +211,6 @@ class PoemSampler(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() != 0:
             return
-        from trainer.models.denoisers.interface import Prompt
-        from trainer.models.text_encoders import build_prompt_encoder
-        from trainer.models.token_latents import latent_kind, load_latent_encoder
-
         self.ae = load_latent_encoder(self.autoencoder_dir)  # either latent space, by its directory's kind
         self.kind = latent_kind(self.autoencoder_dir)
         if self.model.net.backbone.prompt_dim > 0:
@@ -206,9 +220,6 @@ class PoemSampler(Callback):
             del penc
 
     def _sample(self, state: State) -> None:
-        from trainer.diffusion.sampler import edm_sampler
-        from trainer.data.loaders import to_encoder_latents
-
         b = int(state.timestamp.batch)
         if dist.get_global_rank() != 0 or self.ae is None or b == self.last:
             return
@@ -235,7 +246,8 @@ class PoemSampler(Callback):
 
 
 class WallClockLimit(Callback):
-    """Stops training after max_minutes of this process's training time (Composer has no such duration)."""
+    """A safety net, not a budget: stops training after max_minutes of training time, on every rank
+    together (rank 0's clock decides), and says loudly at which batch of which budget it cut."""
 
     def __init__(self, max_minutes: Optional[float]):
         self.max_minutes = max_minutes
@@ -244,7 +256,11 @@ class WallClockLimit(Callback):
         self.t0 = time.time()
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        if self.max_minutes is not None and time.time() - self.t0 > 60 * self.max_minutes:
+        if self.max_minutes is None:
+            return
+        over = [time.time() - self.t0 > 60 * self.max_minutes]
+        dist.broadcast_object_list(over, src=0)
+        if over[0]:
             log.warning(f"max_minutes={self.max_minutes} CUT this run at batch {int(state.timestamp.batch)} of its "
                         f"{state.max_duration} budget: the model is not the one its YAML describes")
             state.stop_training()

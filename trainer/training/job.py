@@ -24,7 +24,7 @@ from trainer.base.config import ConfigError
 from trainer.base.files import write_json_atomic
 from trainer.base.log import get_logger
 from trainer.data.loaders import clean_stale_shared_memory
-from trainer.training import callbacks as cb
+from trainer.training import callbacks as cb, composer_fixes
 from trainer.training.checkpoints import repair_checkpoints
 
 log = get_logger("train")
@@ -156,6 +156,7 @@ def start(cfg: TrainingConfig, clean_shared_memory: bool) -> tuple[Any, int, int
             log.info(f"removed {len(stale)} stale shared-memory segments of crashed streaming runs")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    composer_fixes.apply()   # per-node signal files: autoresume on a disk shared by several nodes
     device = get_device(None)
     dist.initialize_dist(device)
     world = dist.get_world_size()

@@ -1,5 +1,5 @@
 """An MLP-UNet: the flattened latent through a stack of shrinking MLP blocks and back, with U-Net skip
-connections and FiLM conditioning on noise level + pooled prompt (the earlier systems' small denoiser)."""
+connections and FiLM conditioning on noise level + pooled prompt (a small, fast baseline denoiser)."""
 from __future__ import annotations
 
 import dataclasses
