@@ -1,0 +1,342 @@
+"""A real Slurm on one machine, for the tests: one controller and two compute nodes, n1 and n2.
+
+The `slurm_cluster` fixture (session scope, registered in tests/conftest.py) runs Debian's Slurm 22.05
+(`slurmctld`, `slurmd`) and `munged`, as root, everything under one temporary folder
+(/tmp/lv-slurm-XXXX, short because Slurm and munge put unix sockets there):
+
+    slurm.conf, plugstack.conf, task_prolog.sh, hosts       the cluster's configuration
+    munge/      munge.key (random, 0600), munge.sock, munged.log
+    ctld/       slurmctld's state, log and pid
+    nodes/n1/   slurmd's spool, log and pid, and the node's TMPDIR (same for n2)
+    shared/     the cluster's "shared filesystem": tests put job scripts and outputs here
+
+How the two nodes are kept apart, as on separate machines. Each `slurmd` runs in its own Linux
+namespaces, made by `unshare --mount --uts --ipc --pid --fork --mount-proc`; slurmd starts every job
+step's slurmstepd, which starts the tasks, so a node's tasks inherit its namespaces:
+- hostname: the node's own (`hostname` in a task prints n1 or n2);
+- /dev/shm: a fresh tmpfs per node (POSIX shared memory and semaphores, e.g. mosaicml-streaming's,
+  are not seen by the other node nor by the host); also a private SysV IPC namespace;
+- /etc/hosts: bind-mounted from the cluster folder with `n1` and `n2` at 127.0.0.1, so the node names
+  resolve inside jobs (MASTER_ADDR=n1 works); the host's /etc/hosts is not touched, so the test
+  process itself cannot resolve n1/n2 (it never needs to: clients talk to the daemons by address);
+- processes: a PID namespace whose init is the node's slurmd, so `kill_node` (SIGKILL to that slurmd)
+  takes every process of the node down with it, the way a node dies;
+- TMPDIR: the task prolog exports nodes/<node>/tmp (Python's tempfile and streaming's file locks follow
+  it); /tmp itself stays shared, and so do the network (loopback: every node is 127.0.0.1) and the
+  rest of the filesystem, which plays the shared filesystem.
+Each daemon listens on a free port of 127.0.0.1 (SlurmctldPort, and Port= per node). Tasks run as
+root; a job's working directory is where sbatch was called or its --chdir (use `shared`).
+
+Nothing reads a system-wide configuration: every daemon gets `-f <folder>/slurm.conf`, the clients get
+SLURM_CONF (set in os.environ while the cluster runs, and exported again by the task prolog), munge
+runs with its own key and socket (AuthInfo=socket=...) and PlugStackConfig names an empty file.
+No slurmdbd: `sacct` does not work; a finished job stays in `scontrol show job` for MinJobAge (300 s)
+and in the job completion log (jobcomp.txt); `sbatch --wait` exits with the job's exit code.
+
+Stopping: the fixture cancels any job left, stops the slurmds (their PID namespaces end with every
+process in them), slurmctld and munged, each by the process id it started, and removes the folder.
+The daemons also get PR_SET_PDEATHSIG, so they go away if the test process dies.
+
+Without root, Linux namespaces, or the packages, the fixture skips with a one-line reason; with
+LATENTVERSE_REQUIRE_CLUSTER=1 (set by .ci/run) it fails instead. `make test` installs the packages
+when it runs as root (`make cluster-deps`). Start-up takes about 3 s on 2 cores (see the report in
+docs/training.md).
+"""
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+NODES = ("n1", "n2")
+DAEMONS = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "srun", "scontrol", "scancel", "unshare")
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+                "BOOT_FAIL", "DEADLINE"}
+REQUIRE_ENV = "LATENTVERSE_REQUIRE_CLUSTER"
+
+
+def missing() -> str:
+    """Why this machine cannot run the local cluster, in one line ('' when it can)."""
+    absent = [cmd for cmd in DAEMONS if shutil.which(cmd) is None]
+    if absent:
+        return (f"Slurm/munge not installed (missing {', '.join(absent)}): "
+                "as root run `make cluster-deps` (apt-get install slurmctld slurmd munge)")
+    if os.geteuid() != 0:
+        return "the local Slurm cluster needs root (slurmd runs tasks as root in Linux namespaces)"
+    probe = subprocess.run(["unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "true"],
+                           capture_output=True, text=True)
+    if probe.returncode:
+        return f"Linux namespaces unavailable (unshare: {probe.stderr.strip()})"
+    return ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent():
+    """preexec_fn: the daemon gets SIGTERM if the test process dies without stopping it."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+SLURM_CONF = """\
+ClusterName=latentverse
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/munge/munge.sock
+PlugStackConfig={root}/plugstack.conf
+StateSaveLocation={root}/ctld/state
+SlurmctldPidFile={root}/ctld/slurmctld.pid
+SlurmctldLogFile={root}/ctld/slurmctld.log
+SlurmdSpoolDir={root}/nodes/%n/spool
+SlurmdPidFile={root}/nodes/%n/slurmd.pid
+SlurmdLogFile={root}/nodes/%n/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# No cgroups: processes are tracked through /proc, tasks are not bound to CPUs.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+TaskProlog={root}/task_prolog.sh
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# The nodes claim {cpus} CPUs each on whatever machine the tests run on.
+SlurmdParameters=config_overrides
+MpiDefault=none
+SwitchType=switch/none
+SchedulerType=sched/builtin
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={root}/jobcomp.txt
+ReturnToService=2
+SlurmdTimeout={slurmd_timeout}
+KillWait=5
+MinJobAge=300
+InactiveLimit=0
+MessageTimeout=30
+{nodes}
+PartitionName=debug Nodes={node_list} Default=YES MaxTime=INFINITE State=UP
+"""
+
+TASK_PROLOG = """\
+#!/bin/sh
+# Runs before every task of every job step (the batch script included); its "export" lines
+# go into the task's environment.
+echo "export TMPDIR={root}/nodes/$SLURMD_NODENAME/tmp"
+echo "export SLURM_CONF={root}/slurm.conf"
+"""
+
+# Runs as the init of a node's namespaces (see the module docstring), then becomes slurmd.
+NODE_INIT = """\
+set -e
+hostname "$1"
+mount -t tmpfs -o mode=1777 lv-shm-$1 /dev/shm
+mount --bind "$2/hosts" /etc/hosts
+exec slurmd -D -N "$1" -f "$2/slurm.conf"
+"""
+
+
+class SlurmCluster:
+    """The daemons of one local cluster; see the module docstring."""
+
+    def __init__(self, root: Path, cpus: int = 2, slurmd_timeout: int = 30):
+        self.root = Path(root)
+        self.shared = self.root / "shared"
+        self.conf = self.root / "slurm.conf"
+        self.cpus, self.slurmd_timeout = cpus, slurmd_timeout
+        # Nothing of an outer Slurm job (the tests may run inside one) leaks into this cluster.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        self.env["SLURM_CONF"] = str(self.conf)
+        self.ports = {}
+        self.procs = {}  # name ("munged", "slurmctld", "n1", "n2") -> Popen
+
+    # --- configuration -------------------------------------------------------------------------
+    def write_config(self):
+        root = self.root
+        for d in ("munge", "ctld/state", "shared", *(f"nodes/{n}/{s}" for n in NODES for s in ("spool", "tmp"))):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        (root / "munge").chmod(0o700)
+        key = root / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        self.ports = {"slurmctld": free_port(), **{n: free_port() for n in NODES}}
+        nodes = "\n".join(f"NodeName={n} NodeHostname={n} NodeAddr=127.0.0.1 Port={self.ports[n]} "
+                          f"CPUs={self.cpus} State=UNKNOWN" for n in NODES)
+        self.conf.write_text(SLURM_CONF.format(
+            root=root, ctld_port=self.ports["slurmctld"], cpus=self.cpus, slurmd_timeout=self.slurmd_timeout,
+            nodes=nodes, node_list=",".join(NODES)))
+        (root / "plugstack.conf").write_text("")
+        prolog = root / "task_prolog.sh"
+        prolog.write_text(TASK_PROLOG.format(root=root))
+        prolog.chmod(0o755)
+        hosts = Path("/etc/hosts").read_text() + "".join(f"127.0.0.1 {n}\n" for n in NODES)
+        (root / "hosts").write_text(hosts)
+
+    # --- daemons -------------------------------------------------------------------------------
+    def _spawn(self, name, argv, log):
+        out = open(self.root / log, "ab")
+        self.procs[name] = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        out.close()
+
+    def start(self, timeout: float = 60):
+        self.write_config()
+        m = self.root / "munge"
+        self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={m}/munge.sock",
+                               f"--key-file={m}/munge.key", f"--log-file={m}/munged.log",
+                               f"--pid-file={m}/munged.pid", f"--seed-file={m}/munged.seed"], "munge/stdout.log")
+        self._wait(lambda: (m / "munge.sock").exists(), timeout, "munged to open its socket")
+        self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)], "ctld/stdout.log")
+        for n in NODES:
+            self.start_node(n)
+        self.wait_idle(timeout)
+
+    def start_node(self, node):
+        """Start (or restart) node `node`'s slurmd in its own namespaces."""
+        self._spawn(node, ["unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--mount-proc",
+                           "--propagation", "private", "--kill-child=SIGTERM",
+                           "sh", "-c", NODE_INIT, "node-init", node, str(self.root)], f"nodes/{node}/stdout.log")
+
+    def kill_node(self, node):
+        """Every process of `node` dies at once (SIGKILL to its namespace's init), as when a node fails."""
+        init = self.node_init_pid(node)
+        if init:
+            os.kill(init, signal.SIGKILL)
+        self.procs[node].wait(30)
+
+    def node_init_pid(self, node):
+        """Host pid of the node's slurmd (the init of its PID namespace), or None."""
+        unshare = self.procs.get(node)
+        if unshare is None or unshare.poll() is not None:
+            return None
+        children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children")
+        pids = children.read_text().split() if children.exists() else []
+        return int(pids[0]) if pids else None
+
+    def node_of(self, pid: int):
+        """The node a host process runs on ('n1', 'n2'), or None (the host, or gone)."""
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/pid")
+        except OSError:
+            return None
+        for n in NODES:
+            init = self.node_init_pid(n)
+            if init and ns == _readlink(f"/proc/{init}/ns/pid"):
+                return n
+        return None
+
+    def wait_idle(self, timeout: float = 60, nodes=NODES):
+        def idle():
+            r = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)
+            states = dict(line.split() for line in r.stdout.splitlines() if line.strip())
+            return all(states.get(n) == "idle" for n in nodes)
+        self._wait(idle, timeout, f"nodes {', '.join(nodes)} to be idle in sinfo")
+
+    def _wait(self, ready, timeout, what):
+        deadline = time.monotonic() + timeout
+        while not ready():
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                why = f"{', '.join(dead)} exited" if dead else f"timed out after {timeout:.0f} s"
+                raise RuntimeError(f"local Slurm: waiting for {what}: {why}\n{self.logs()}")
+            time.sleep(0.2)
+
+    def logs(self, lines: int = 15) -> str:
+        """The last lines of every daemon log, for error messages."""
+        out = []
+        for log in sorted(self.root.glob("**/*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log.relative_to(self.root)}\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def run(self, *args, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
+        """A Slurm client command (sbatch, squeue, ...) against this cluster."""
+        r = subprocess.run([str(a) for a in args], env=self.env, capture_output=True, text=True,
+                           timeout=timeout, **kw)
+        if check and r.returncode:
+            raise RuntimeError(f"{' '.join(map(str, args))} exited {r.returncode}: {r.stderr.strip()}")
+        return r
+
+    def job(self, job_id) -> dict:
+        """`scontrol show job` as a dict (JobState, ExitCode, NodeList, ...)."""
+        text = self.run("scontrol", "-o", "show", "job", str(job_id)).stdout
+        return dict(f.split("=", 1) for f in text.split() if "=" in f)
+
+    def wait(self, job_id, timeout: float = 120) -> dict:
+        """Poll until the job has ended (a final JobState, not completing); its `job` dict."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.job(job_id)
+            if info["JobState"] in FINAL_STATES:
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {info['JobState']} after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def stop(self):
+        """Cancel every job, stop the daemons this object started, by pid."""
+        if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
+            self.run("scancel", "--partition=debug", check=False, timeout=30)
+            self._wait_quiet(lambda: not self.run("squeue", "-h", check=False, timeout=30).stdout.strip(), 20)
+        for name in (*NODES, "slurmctld", "munged"):
+            p = self.procs.get(name)
+            if p is None or p.poll() is not None:
+                continue
+            # unshare ignores SIGTERM while it waits for its child: a node is stopped through its slurmd.
+            pid = self.node_init_pid(name) if name in NODES else p.pid
+            if pid:
+                os.kill(pid, signal.SIGTERM)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+
+    @staticmethod
+    def _wait_quiet(ready, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not ready():
+            time.sleep(0.3)
+
+
+def _readlink(path):
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A started two-node local Slurm (SlurmCluster); skips, or fails under LATENTVERSE_REQUIRE_CLUSTER=1,
+    when this machine cannot run one."""
+    reason = missing()
+    if reason:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ENV}=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    cluster = SlurmCluster(tempfile.mkdtemp(prefix="lv-slurm-"))
+    saved = os.environ.get("SLURM_CONF")
+    try:
+        cluster.start()
+        os.environ["SLURM_CONF"] = str(cluster.conf)
+        yield cluster
+    finally:
+        cluster.stop()
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+        shutil.rmtree(cluster.root, ignore_errors=True)
