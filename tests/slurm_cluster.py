@@ -58,12 +58,14 @@ NODES = ("n1", "n2")
 DAEMONS = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "srun", "scontrol", "scancel", "unshare")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE"}
+# The daemons live in /usr/sbin, which a non-login PATH may lack.
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 REQUIRE_ENV = "LATENTVERSE_REQUIRE_CLUSTER"
 
 
 def missing() -> str:
     """Why this machine cannot run the local cluster, in one line ('' when it can)."""
-    absent = [cmd for cmd in DAEMONS if shutil.which(cmd) is None]
+    absent = [cmd for cmd in DAEMONS if shutil.which(cmd, path=SEARCH_PATH) is None]
     if absent:
         return (f"Slurm/munge not installed (missing {', '.join(absent)}): "
                 "as root run `make cluster-deps` (apt-get install slurmctld slurmd munge)")
@@ -151,14 +153,14 @@ exec slurmd -D -N "$1" -f "$2/slurm.conf"
 class SlurmCluster:
     """The daemons of one local cluster; see the module docstring."""
 
-    def __init__(self, root: Path, cpus: int = 2, slurmd_timeout: int = 30):
+    def __init__(self, root: Path, cpus: int = 2, slurmd_timeout: int = 10):
         self.root = Path(root)
         self.shared = self.root / "shared"
         self.conf = self.root / "slurm.conf"
         self.cpus, self.slurmd_timeout = cpus, slurmd_timeout
         # Nothing of an outer Slurm job (the tests may run inside one) leaks into this cluster.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        self.env["SLURM_CONF"] = str(self.conf)
+        self.env.update(SLURM_CONF=str(self.conf), PATH=SEARCH_PATH)
         self.ports = {}
         self.procs = {}  # name ("munged", "slurmctld", "n1", "n2") -> Popen
 
@@ -210,11 +212,19 @@ class SlurmCluster:
                            "sh", "-c", NODE_INIT, "node-init", node, str(self.root)], f"nodes/{node}/stdout.log")
 
     def kill_node(self, node):
-        """Every process of `node` dies at once (SIGKILL to its namespace's init), as when a node fails."""
+        """Every process of `node` dies at once (SIGKILL to its namespace's init), as when a machine fails.
+        slurmctld notices when the node stops answering its pings (SlurmdTimeout: about 25 s with 10 s),
+        then requeues the node's jobs; `scontrol update nodename=<node> state=down` tells it at once."""
         init = self.node_init_pid(node)
         if init:
             os.kill(init, signal.SIGKILL)
         self.procs[node].wait(30)
+
+    def restart_node(self, node, timeout: float = 60):
+        """Start a killed node again and wait until it is back and idle."""
+        self.start_node(node)
+        self.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)  # if it was marked down
+        self.wait_idle(timeout, nodes=(node,))
 
     def node_init_pid(self, node):
         """Host pid of the node's slurmd (the init of its PID namespace), or None."""

@@ -1,7 +1,6 @@
 """The local Slurm of tests/slurm_cluster.py behaves as a two-node cluster: jobs span both nodes, run as
 root in the shared folder, each node has its own hostname, /dev/shm and TMPDIR, failures and
 cancellations are reported and stop the job's processes."""
-import os
 import time
 import uuid
 from pathlib import Path
@@ -54,8 +53,14 @@ srun --ntasks-per-node=1 bash -c '
     echo "tmpdir=$TMPDIR"; echo "shm=$(ls /dev/shm | grep {tag} | tr "\\n" " ")"
     echo "resolve=$(getent hosts n1 n2 | cut -d" " -f1 | sort -u | tr "\\n" " ")"; }} > node-$SLURM_NODEID.txt'
 """)
-    code, job = sbatch_wait(slurm_cluster, script, "--nodes=2")
+    try:
+        code, job = sbatch_wait(slurm_cluster, script, "--nodes=2")
+    finally:  # were /dev/shm shared, the tasks wrote into the host's
+        leaked = sorted(Path("/dev/shm").glob(f"{tag}-*"))
+        for f in leaked:
+            f.unlink()
     assert code == 0, (job_dir / f"slurm-{job}.out").read_text()
+    assert not leaked, "the nodes' /dev/shm is not the host's"
     seen = {}
     for f in sorted(job_dir.glob("node-*.txt")):
         info = dict(line.split("=", 1) for line in f.read_text().splitlines())
@@ -68,7 +73,6 @@ srun --ntasks-per-node=1 bash -c '
         assert info["shm"].split() == [f"{tag}-{nodeid}"], "each node has its own /dev/shm"
         assert info["resolve"].split() == ["127.0.0.1"], "n1 and n2 resolve inside a job"
     assert seen["0"]["tmpdir"] != seen["1"]["tmpdir"]
-    assert not [f for f in os.listdir("/dev/shm") if tag in f], "the host's /dev/shm is not the nodes'"
 
 
 def test_job_failing_on_one_node_is_reported_failed(slurm_cluster, job_dir):
@@ -99,3 +103,26 @@ srun bash -c 'exec -a {token} sleep 300'
         time.sleep(0.2)
     assert host_pids_named(token) == []
     assert slurm_cluster.wait(job)["JobState"] == "CANCELLED"
+
+
+def test_a_killed_node_takes_its_processes_along_and_comes_back(slurm_cluster, job_dir):
+    token = f"lv-kill-{uuid.uuid4().hex[:8]}"
+    script = write_script(job_dir / "job.sh", f"""
+srun bash -c 'exec -a {token} sleep 300'
+""")
+    job = slurm_cluster.run("sbatch", "--parsable", "--nodes=2", "--chdir", job_dir, "-o", job_dir / "slurm-%j.out",
+                            script).stdout.strip()
+    deadline = time.monotonic() + 60
+    while len(host_pids_named(token)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    slurm_cluster.kill_node("n2")
+    assert [slurm_cluster.node_of(p) for p in host_pids_named(token)] == ["n1"]
+    slurm_cluster.run("scontrol", "update", "nodename=n2", "state=down", "reason=killed")
+    deadline = time.monotonic() + 30
+    while slurm_cluster.job(job)["JobState"] in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    info = slurm_cluster.job(job)
+    assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), "requeued after the node failure"
+    slurm_cluster.run("scancel", job)
+    slurm_cluster.wait(job)
+    slurm_cluster.restart_node("n2")
