@@ -4,43 +4,51 @@ The `slurm_cluster` fixture (session scope, registered in tests/conftest.py) run
 (`slurmctld`, `slurmd`) and `munged`, as root, everything under one temporary folder
 (/tmp/lv-slurm-XXXX, short because Slurm and munge put unix sockets there):
 
-    slurm.conf, plugstack.conf, task_prolog.sh, hosts       the cluster's configuration
-    munge/      munge.key (random, 0600), munge.sock, munged.log
+    slurm.conf, plugstack.conf (empty), task_prolog.sh, hosts, jobcomp.txt (one line per finished job)
+    munge/      munge.key (random, 0600), munge.sock, stdout.log (munged's log)
     ctld/       slurmctld's state, log and pid
     nodes/n1/   slurmd's spool, log and pid, and the node's TMPDIR (same for n2)
     shared/     the cluster's "shared filesystem": tests put job scripts and outputs here
 
-How the two nodes are kept apart, as on separate machines. Each `slurmd` runs in its own Linux
-namespaces, made by `unshare --mount --uts --ipc --pid --fork --mount-proc`; slurmd starts every job
-step's slurmstepd, which starts the tasks, so a node's tasks inherit its namespaces:
+How the two nodes are kept apart, as on separate machines. Each node is a set of Linux namespaces made
+by `unshare --mount --uts --ipc --pid --fork --mount-proc`, whose init (a few lines of sh, NODE_INIT)
+sets the node up and starts its `slurmd -D -N <node>`; slurmd starts each job step's slurmstepd, which
+starts the tasks, so every process of a node's jobs lives in the node's namespaces:
 - hostname: the node's own (`hostname` in a task prints n1 or n2);
 - /dev/shm: a fresh tmpfs per node (POSIX shared memory and semaphores, e.g. mosaicml-streaming's,
-  are not seen by the other node nor by the host); also a private SysV IPC namespace;
+  are seen neither by the other node nor by the host); also a private SysV IPC namespace;
 - /etc/hosts: bind-mounted from the cluster folder with `n1` and `n2` at 127.0.0.1, so the node names
   resolve inside jobs (MASTER_ADDR=n1 works); the host's /etc/hosts is not touched, so the test
   process itself cannot resolve n1/n2 (it never needs to: clients talk to the daemons by address);
-- processes: a PID namespace whose init is the node's slurmd, so `kill_node` (SIGKILL to that slurmd)
-  takes every process of the node down with it, the way a node dies;
+- processes: a PID namespace per node (`ps` in a task lists the node's processes only), so
+  `kill_node` (SIGKILL to its init) takes every process of the node down at once, as when a machine
+  fails; `restart_node` brings it back;
 - TMPDIR: the task prolog exports nodes/<node>/tmp (Python's tempfile and streaming's file locks follow
-  it); /tmp itself stays shared, and so do the network (loopback: every node is 127.0.0.1) and the
+  it). /tmp itself stays shared, and so do the network (loopback: every node is 127.0.0.1) and the
   rest of the filesystem, which plays the shared filesystem.
-Each daemon listens on a free port of 127.0.0.1 (SlurmctldPort, and Port= per node). Tasks run as
-root; a job's working directory is where sbatch was called or its --chdir (use `shared`).
+Each daemon listens on a free port of 127.0.0.1 (SlurmctldPort, and Port= per node). The nodes claim
+2 CPUs each whatever the machine has (SlurmdParameters=config_overrides); no cgroups (proctrack/
+linuxproc, task/none). Tasks run as root; a job's working directory is where sbatch was called or its
+--chdir (use `shared`).
 
 Nothing reads a system-wide configuration: every daemon gets `-f <folder>/slurm.conf`, the clients get
-SLURM_CONF (set in os.environ while the cluster runs, and exported again by the task prolog), munge
-runs with its own key and socket (AuthInfo=socket=...) and PlugStackConfig names an empty file.
-No slurmdbd: `sacct` does not work; a finished job stays in `scontrol show job` for MinJobAge (300 s)
-and in the job completion log (jobcomp.txt); `sbatch --wait` exits with the job's exit code.
+SLURM_CONF (in `cluster.env`, and in os.environ while the fixture lives; the task prolog exports it
+again), munge runs with its own key and socket (AuthInfo=socket=...), PlugStackConfig names an empty
+file. There is no slurmdbd, so `sacct` does not work: a finished job stays in `scontrol show job`
+(`cluster.job(id)`) for MinJobAge (300 s) and in jobcomp.txt; `sbatch --wait` exits with the job's
+exit code, but polls at 2 s then 8 s: `cluster.wait(id)` polls every 0.2 s. A node that stops
+answering is marked down after SlurmdTimeout (10 s here; about 25 s from a kill to the job's requeue),
+or at once by `scontrol update nodename=n2 state=down`.
 
-Stopping: the fixture cancels any job left, stops the slurmds (their PID namespaces end with every
-process in them), slurmctld and munged, each by the process id it started, and removes the folder.
-The daemons also get PR_SET_PDEATHSIG, so they go away if the test process dies.
+Stopping: the fixture cancels any job left, stops each node (SIGTERM to its init, passed on to slurmd;
+the PID namespace ends with every process in it), slurmctld and munged, each by the process id it
+started, then removes the folder. The daemons also get PR_SET_PDEATHSIG: if the test process is
+killed, they die with it (only the folder stays behind).
 
 Without root, Linux namespaces, or the packages, the fixture skips with a one-line reason; with
 LATENTVERSE_REQUIRE_CLUSTER=1 (set by .ci/run) it fails instead. `make test` installs the packages
-when it runs as root (`make cluster-deps`). Start-up takes about 3 s on 2 cores (see the report in
-docs/training.md).
+when it runs as root (`make cluster-deps`: apt-get, about 10 s). On 2 busy cores the cluster is up
+(both nodes idle in sinfo) in 0.5-1.7 s and stops in 0.1-3.5 s; a 2-node job takes about 2 s.
 """
 import ctypes
 import os
@@ -84,9 +92,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(ready, timeout: float, every: float = 0.2) -> bool:
+    """Poll `ready()` until it is true (True) or `timeout` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
 def _die_with_parent():
-    """preexec_fn: the daemon gets SIGTERM if the test process dies without stopping it."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    """preexec_fn: the daemon is killed if the test process dies without stopping it (a node's unshare
+    then takes its namespace along: --kill-child)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 SLURM_CONF = """\
@@ -140,13 +159,17 @@ echo "export TMPDIR={root}/nodes/$SLURMD_NODENAME/tmp"
 echo "export SLURM_CONF={root}/slurm.conf"
 """
 
-# Runs as the init of a node's namespaces (see the module docstring), then becomes slurmd.
+# The init (pid 1) of a node's namespaces (see the module docstring): sets the node up, starts its slurmd,
+# passes SIGTERM on to it, and reaps the orphans it is given (slurmd would leave them as zombies).
 NODE_INIT = """\
 set -e
 hostname "$1"
 mount -t tmpfs -o mode=1777 lv-shm-$1 /dev/shm
 mount --bind "$2/hosts" /etc/hosts
-exec slurmd -D -N "$1" -f "$2/slurm.conf"
+slurmd -D -N "$1" -f "$2/slurm.conf" &
+slurmd=$!
+trap 'kill -TERM $slurmd' TERM
+while kill -0 $slurmd 2>/dev/null; do wait $slurmd || true; done
 """
 
 
@@ -218,7 +241,7 @@ class SlurmCluster:
         init = self.node_init_pid(node)
         if init:
             os.kill(init, signal.SIGKILL)
-        self.procs[node].wait(30)
+        self.procs.pop(node).wait(30)
 
     def restart_node(self, node, timeout: float = 60):
         """Start a killed node again and wait until it is back and idle."""
@@ -227,7 +250,7 @@ class SlurmCluster:
         self.wait_idle(timeout, nodes=(node,))
 
     def node_init_pid(self, node):
-        """Host pid of the node's slurmd (the init of its PID namespace), or None."""
+        """Host pid of the node's init (pid 1 of its PID namespace, parent of its slurmd), or None."""
         unshare = self.procs.get(node)
         if unshare is None or unshare.poll() is not None:
             return None
@@ -255,13 +278,12 @@ class SlurmCluster:
         self._wait(idle, timeout, f"nodes {', '.join(nodes)} to be idle in sinfo")
 
     def _wait(self, ready, timeout, what):
-        deadline = time.monotonic() + timeout
-        while not ready():
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                why = f"{', '.join(dead)} exited" if dead else f"timed out after {timeout:.0f} s"
-                raise RuntimeError(f"local Slurm: waiting for {what}: {why}\n{self.logs()}")
-            time.sleep(0.2)
+        """Wait for `ready()`; a daemon that exits meanwhile, or the timeout, raises with the logs."""
+        def dead():
+            return [n for n, p in self.procs.items() if p.poll() is not None]
+        if not wait_until(lambda: dead() or ready(), timeout) or dead():
+            why = f"{', '.join(dead())} exited" if dead() else f"timed out after {timeout:.0f} s"
+            raise RuntimeError(f"local Slurm: waiting for {what}: {why}\n{self.logs()}")
 
     def logs(self, lines: int = 15) -> str:
         """The last lines of every daemon log, for error messages."""
@@ -286,25 +308,20 @@ class SlurmCluster:
 
     def wait(self, job_id, timeout: float = 120) -> dict:
         """Poll until the job has ended (a final JobState, not completing); its `job` dict."""
-        deadline = time.monotonic() + timeout
-        while True:
-            info = self.job(job_id)
-            if info["JobState"] in FINAL_STATES:
-                return info
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {info['JobState']} after {timeout:.0f} s")
-            time.sleep(0.2)
+        if not wait_until(lambda: self.job(job_id)["JobState"] in FINAL_STATES, timeout):
+            raise TimeoutError(f"job {job_id} still {self.job(job_id)['JobState']} after {timeout:.0f} s")
+        return self.job(job_id)
 
     def stop(self):
         """Cancel every job, stop the daemons this object started, by pid."""
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             self.run("scancel", "--partition=debug", check=False, timeout=30)
-            self._wait_quiet(lambda: not self.run("squeue", "-h", check=False, timeout=30).stdout.strip(), 20)
+            wait_until(lambda: not self.run("squeue", "-h", check=False, timeout=30).stdout.strip(), 20)
         for name in (*NODES, "slurmctld", "munged"):
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
                 continue
-            # unshare ignores SIGTERM while it waits for its child: a node is stopped through its slurmd.
+            # unshare ignores SIGTERM while it waits for its child: a node is stopped through its init.
             pid = self.node_init_pid(name) if name in NODES else p.pid
             if pid:
                 os.kill(pid, signal.SIGTERM)
@@ -313,12 +330,6 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
-
-    @staticmethod
-    def _wait_quiet(ready, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not ready():
-            time.sleep(0.3)
 
 
 def _readlink(path):

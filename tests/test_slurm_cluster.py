@@ -1,11 +1,12 @@
 """The local Slurm of tests/slurm_cluster.py behaves as a two-node cluster: jobs span both nodes, run as
 root in the shared folder, each node has its own hostname, /dev/shm and TMPDIR, failures and
 cancellations are reported and stop the job's processes."""
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.slurm_cluster import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -85,42 +86,34 @@ srun bash -c 'if [ "$SLURM_NODEID" = 1 ]; then exit 3; fi'
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "3:0")
 
 
-def test_scancel_stops_the_job_processes_on_both_nodes(slurm_cluster, job_dir):
-    token = f"lv-scancel-{uuid.uuid4().hex[:8]}"
+def start_sleepers(cluster, job_dir, token):
+    """Submit a 2-node job whose task on each node sleeps under the name `token`; its id once both run."""
     script = write_script(job_dir / "job.sh", f"""
 srun bash -c 'exec -a {token} sleep 300'
 """)
-    job = slurm_cluster.run("sbatch", "--parsable", "--nodes=2", "--chdir", job_dir, "-o", job_dir / "slurm-%j.out",
-                            script).stdout.strip()
-    deadline = time.monotonic() + 60
-    while len(host_pids_named(token)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    pids = host_pids_named(token)
-    assert sorted(slurm_cluster.node_of(p) for p in pids) == ["n1", "n2"]
+    job = cluster.run("sbatch", "--parsable", "--nodes=2", "--chdir", job_dir, "-o", job_dir / "slurm-%j.out",
+                      script).stdout.strip()
+    wait_until(lambda: len(host_pids_named(token)) == 2, 60)
+    assert sorted(cluster.node_of(p) for p in host_pids_named(token)) == ["n1", "n2"]
+    return job
+
+
+def test_scancel_stops_the_job_processes_on_both_nodes(slurm_cluster, job_dir):
+    token = f"lv-scancel-{uuid.uuid4().hex[:8]}"
+    job = start_sleepers(slurm_cluster, job_dir, token)
     slurm_cluster.run("scancel", job)
-    deadline = time.monotonic() + 30
-    while host_pids_named(token) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: not host_pids_named(token), 30)
     assert host_pids_named(token) == []
     assert slurm_cluster.wait(job)["JobState"] == "CANCELLED"
 
 
 def test_a_killed_node_takes_its_processes_along_and_comes_back(slurm_cluster, job_dir):
     token = f"lv-kill-{uuid.uuid4().hex[:8]}"
-    script = write_script(job_dir / "job.sh", f"""
-srun bash -c 'exec -a {token} sleep 300'
-""")
-    job = slurm_cluster.run("sbatch", "--parsable", "--nodes=2", "--chdir", job_dir, "-o", job_dir / "slurm-%j.out",
-                            script).stdout.strip()
-    deadline = time.monotonic() + 60
-    while len(host_pids_named(token)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    job = start_sleepers(slurm_cluster, job_dir, token)
     slurm_cluster.kill_node("n2")
     assert [slurm_cluster.node_of(p) for p in host_pids_named(token)] == ["n1"]
     slurm_cluster.run("scontrol", "update", "nodename=n2", "state=down", "reason=killed")
-    deadline = time.monotonic() + 30
-    while slurm_cluster.job(job)["JobState"] in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: slurm_cluster.job(job)["JobState"] not in ("RUNNING", "COMPLETING"), 30)
     info = slurm_cluster.job(job)
     assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), "requeued after the node failure"
     slurm_cluster.run("scancel", job)
