@@ -54,7 +54,6 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -84,12 +83,6 @@ def missing() -> str:
     if probe.returncode:
         return f"Linux namespaces unavailable (unshare: {probe.stderr.strip()})"
     return ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(ready, timeout: float, every: float = 0.2) -> bool:
@@ -189,8 +182,10 @@ class SlurmCluster:
 
     # --- configuration -------------------------------------------------------------------------
     def write_config(self):
+        from tests.conftest import free_port  # not at the top: conftest imports this module
         root = self.root
-        for d in ("munge", "ctld/state", "shared", *(f"nodes/{n}/{s}" for n in NODES for s in ("spool", "tmp"))):
+        node_dirs = [f"nodes/{n}/{sub}" for n in NODES for sub in ("spool", "tmp")]
+        for d in ("munge", "ctld/state", "shared", *node_dirs):
             (root / d).mkdir(parents=True, exist_ok=True)
         (root / "munge").chmod(0o700)
         key = root / "munge" / "munge.key"
@@ -221,7 +216,8 @@ class SlurmCluster:
         m = self.root / "munge"
         self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={m}/munge.sock",
                                f"--key-file={m}/munge.key", f"--log-file={m}/munged.log",
-                               f"--pid-file={m}/munged.pid", f"--seed-file={m}/munged.seed"], "munge/stdout.log")
+                               f"--pid-file={m}/munged.pid", f"--seed-file={m}/munged.seed"],
+                    "munge/stdout.log")
         self._wait(lambda: (m / "munge.sock").exists(), timeout, "munged to open its socket")
         self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)], "ctld/stdout.log")
         for n in NODES:
@@ -232,7 +228,8 @@ class SlurmCluster:
         """Start (or restart) node `node`'s slurmd in its own namespaces."""
         self._spawn(node, ["unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--mount-proc",
                            "--propagation", "private", "--kill-child=SIGTERM",
-                           "sh", "-c", NODE_INIT, "node-init", node, str(self.root)], f"nodes/{node}/stdout.log")
+                           "sh", "-c", NODE_INIT, "node-init", node, str(self.root)],
+                    f"nodes/{node}/stdout.log")
 
     def kill_node(self, node):
         """Every process of `node` dies at once (SIGKILL to its namespace's init), as when a machine fails.
@@ -246,7 +243,8 @@ class SlurmCluster:
     def restart_node(self, node, timeout: float = 60):
         """Start a killed node again and wait until it is back and idle."""
         self.start_node(node)
-        self.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)  # if it was marked down
+        # If it was marked down (scontrol refuses this for a node that was not).
+        self.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)
         self.wait_idle(timeout, nodes=(node,))
 
     def node_init_pid(self, node):

@@ -26,8 +26,8 @@ def write_script(path: Path, body: str) -> Path:
 
 def sbatch_wait(cluster, script, *opts):
     """`sbatch --wait`: (exit code, job id)."""
-    r = cluster.run("sbatch", "--parsable", "--wait", "--chdir", script.parent, "-o", script.parent / "slurm-%j.out",
-                    *opts, script, check=False, timeout=180)
+    r = cluster.run("sbatch", "--parsable", "--wait", "--chdir", script.parent,
+                    "-o", script.parent / "slurm-%j.out", *opts, script, check=False, timeout=180)
     return r.returncode, r.stdout.strip().split(";")[0]
 
 
@@ -52,7 +52,8 @@ srun --ntasks-per-node=1 bash -c '
   while [ $(ls written-* | wc -l) -lt 2 ]; do sleep 0.1; done   # both nodes wrote to /dev/shm
   {{ echo "nodeid=$SLURM_NODEID"; echo "host=$(hostname)"; echo "uid=$(id -u)"; echo "cwd=$PWD"
     echo "tmpdir=$TMPDIR"; echo "shm=$(ls /dev/shm | grep {tag} | tr "\\n" " ")"
-    echo "resolve=$(getent hosts n1 n2 | cut -d" " -f1 | sort -u | tr "\\n" " ")"; }} > node-$SLURM_NODEID.txt'
+    echo "resolve=$(getent hosts n1 n2 | cut -d" " -f1 | sort -u | tr "\\n" " ")"
+  }} > node-$SLURM_NODEID.txt'
 """)
     try:
         code, job = sbatch_wait(slurm_cluster, script, "--nodes=2")
