@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the local Slurm fixture)
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
