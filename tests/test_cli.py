@@ -1,4 +1,5 @@
-"""The one CLI: help for each job, unknown jobs, jobs not built yet, config errors and --print-config."""
+"""The one CLI: help for each job (the keys of the task a YAML selects), unknown jobs, config errors,
+--print-config."""
 import pytest
 
 from launch import cli
