@@ -43,11 +43,6 @@ from trainer.models.text_encoders import PromptEncoderConfig
 
 log = get_logger("encode")
 
-# Test hook: a slot SIGKILLs its own process after encoding this many samples (optionally only the
-# slot named by LATENTVERSE_ENCODE_KILL_SLOT), to prove that a re-run finishes the job.
-KILL_ENV, KILL_SLOT_ENV = "LATENTVERSE_ENCODE_KILL_AFTER", "LATENTVERSE_ENCODE_KILL_SLOT"
-
-
 @dataclasses.dataclass
 class EncodeDataConfig:
     path: ExistingPath = "out/demo/text_shards"   # the prep job's out_dir (holds <split>/index.json)
@@ -216,10 +211,6 @@ def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dic
     cols = _columns(cfg, (tokens, dims), penc)
     ds_out = RankedDataset(cfg.out_dir, cols, splits=cfg.data.splits, compression=cfg.compression)
     writer = ds_out.rank_writer(slot)
-    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-    if os.environ.get(KILL_SLOT_ENV, "") not in ("", str(slot)):
-        kill_after = 0
-    written = 0
     stats, counts = {}, {}
     prompts = _PromptCache(penc)
     for split in cfg.data.splits:
@@ -250,10 +241,6 @@ def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dic
                     part = partition_name(cfg.partition_by, r.get(cfg.partition_by)) if cfg.partition_by else None
                     writer.write(sample, split=split, partition=part)
             bar.update(len(rows))
-            written += len(rows)
-            if kill_after and written >= kill_after:
-                log.warning(f"{KILL_ENV}={kill_after}: slot {slot} kills its process now")
-                os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         if wds_writer is not None:
             wds_writer.finish()
@@ -332,10 +319,11 @@ def run(cfg: EncodeConfig) -> dict:
             p.start()
         for p in procs.values():
             p.join()
-        dead = [s for s, p in procs.items() if p.exitcode != 0]
+        dead = [f"slot {s} " + (f"killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
+                                else f"exited with {p.exitcode}") for s, p in procs.items() if p.exitcode != 0]
         if dead:
-            raise UserError(f"encode: slot(s) {dead} failed or were killed; run the same command again to "
-                            f"finish (finished slots are kept)")
+            raise UserError(f"encode: {', '.join(dead)}; run the same command again to finish (finished slots "
+                            f"are kept)")
     if rank != 0:
         wait_for([os.path.join(cfg.out_dir, "_done.json")], cfg.wait_timeout_s, what="rank 0's merge")
         return read_json(os.path.join(cfg.out_dir, "_done.json"))

@@ -24,7 +24,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import time
 from typing import Literal
 
@@ -47,10 +46,6 @@ from data_prep.stats import Stats, plot_histogram
 log = get_logger("prep")
 
 TOKEN_COUNTER = r"regex \w+(?:['’]\w+)*|[^\w\s] (words with inner apostrophes, or one punctuation mark)"
-# Test hook: a slot SIGKILLs its own process after writing this many records in phase 2, to prove
-# that a re-run finishes the job. With LATENTVERSE_PREP_KILL_SLOT only that slot dies, and only after
-# every other slot has finished (a kill after the first ranks are done).
-KILL_ENV, KILL_SLOT_ENV = "LATENTVERSE_PREP_KILL_AFTER", "LATENTVERSE_PREP_KILL_SLOT"
 
 
 @dataclasses.dataclass
@@ -239,16 +234,12 @@ def phase2(cfg: PrepConfig, ds: RankedDataset, slot: int, n_slots: int, work: st
             kept[j][5] = filled
             merged += 1
 
-    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-    kill_slot = os.environ.get(KILL_SLOT_ENV)
-    if kill_slot not in (None, "") and int(kill_slot) != slot:
-        kill_after = 0
     stats = Stats(bin_width=cfg.hist_bin_width)
     long_poems = {"poems": 0, "pieces": 0}
     max_tokens = cfg.clean.max_tokens
     with ds.rank_writer(slot) as w:
-        for k, (ex, nd, n, source, text, labels, origin) in enumerate(
-                tqdm(kept, desc=f"prep write [slot {slot}/{n_slots}]", unit="poem", disable=not show)):
+        for ex, nd, n, source, text, labels, origin in tqdm(kept, desc=f"prep write [slot {slot}/{n_slots}]",
+                                                            unit="poem", disable=not show):
             lab = dict(zip(LABELS, labels))
             prompt = build_prompt(lab, cfg.prompt)
             split = split_of(nd, cfg.split.val, cfg.split.test, cfg.split.salt)  # the poem's: all its pieces
@@ -263,11 +254,6 @@ def phase2(cfg: PrepConfig, ds: RankedDataset, slot: int, n_slots: int, work: st
                          "prompt": prompt, "source": source, **lab, "n_tokens": m, "poem_id": poem_id,
                          "piece": p, "pieces": len(pieces), "piece_sep": sep}, split=split)
                 stats.add(split, source, lab, m)
-            if kill_after and k + 1 >= kill_after:
-                if kill_slot not in (None, ""):  # the other slots finish first: a kill after they are done
-                    wait_for([ds.marker(r) for r in range(n_slots) if r != slot], 300, what="the other slots")
-                log.warning(f"{KILL_ENV}={kill_after}: slot {slot} kills its process now")
-                os.kill(os.getpid(), signal.SIGKILL)
         return w.finish({"stats": stats.as_dict(), "report": report.as_dict(), "labels_merged": merged,
                          "long_poems": long_poems})
 

@@ -11,6 +11,7 @@ import torch
 from data_prep import encode_job
 from trainer.base import config as C
 
+from . import faults
 from .conftest import run_cli
 
 FORMS = ["sonnet", "tanka", "haiku", ""]
@@ -114,15 +115,26 @@ def test_same_prompt_same_embedding(assets, tmp_path):
 def test_kill_and_rerun_keeps_finished_slots(assets, tmp_path):
     out = tmp_path / "k"
     args = ["encode", *overrides(assets, out, "num_workers=2")]
-    r = run_cli(*args, env={encode_job.KILL_ENV: "7", encode_job.KILL_SLOT_ENV: "1"})
-    assert r.returncode != 0
+    r = run_cli(*args, env=faults.env(KILL_AFTER_RECORDS=7, KILL_SLOT=1, KILL_WAITS_FOR=0))
+    assert r.returncode == 2 and "slot 1 killed by SIGKILL; run the same command again" in r.stderr, r.stderr[-2000:]
+    assert "slot 1 SIGKILLs its process after 7 records" in r.stderr
+    # slot 1 died mid-write: its shard folder open, never finished (no index), no done-marker
+    assert os.path.isdir(out / "train" / "1") and not os.path.exists(out / "train" / "1" / "index.json")
     assert os.path.exists(out / "_ranks" / "0.json") and not os.path.exists(out / "_ranks" / "1.json")
     mtime0 = os.path.getmtime(out / "_ranks" / "0.json")
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.getmtime(out / "_ranks" / "0.json") == mtime0      # slot 0 was not redone
-    got = read_latents(str(out / "train"))
-    assert sorted(got) == sorted(f"train-{i}" for i in range(40))     # each sample exactly once
+    # the same samples, bit for bit, as the same job never killed
+    encode_job.run(C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "ref", "num_workers=2")))
+    for split in ("train", "val"):
+        got, ref = read_latents(str(out / split)), read_latents(str(tmp_path / "ref" / split))
+        assert list(got) == list(ref) and len(got) == {"train": 40, "val": 12}[split]   # each sample once, in order
+        for k in ref:
+            assert set(got[k]) == set(ref[k])
+            for col in ref[k]:
+                np.testing.assert_array_equal(got[k][col], ref[k][col], err_msg=f"{k} {col}")
+    assert json.load(open(out / "latent_stats.json")) == json.load(open(tmp_path / "ref" / "latent_stats.json"))
 
 
 def test_wds_output(assets, tmp_path):

@@ -12,6 +12,7 @@ from trainer.base import config as C
 from data_prep import prep_job
 from data_prep.cleaning import count_tokens, digest, near_key, normalize_text, split_of
 from trainer.base.schema import LABELS, PREP_COLUMNS, SPLITS
+from tests import faults
 from tests.conftest import run_cli
 
 WORDS = ("moon river stone wind quiet ember harbor lantern meadow thunder silver hollow crow orchard "
@@ -214,8 +215,15 @@ def test_two_workers_equal_one_worker_as_a_set(tmp_path):
     assert s1["per_form"] == s2["per_form"] and s1["token_histogram"] == s2["token_histogram"]
 
 
-def _ids(out):
-    return [r["id"] for rs in read_all(out).values() for r in rs]
+def _as_set(out):
+    return {s: {tuple(sorted(r.items())) for r in rows} for s, rows in read_all(out).items()}
+
+
+def _unfinished_shards(out, slot):
+    """Shard files of `slot` on disk while the slot has no done-marker: it died mid-write."""
+    return not os.path.exists(f"{out}/_ranks/{slot}.json") and [
+        f for s in SPLITS if os.path.isdir(f"{out}/{s}/{slot}") for f in os.listdir(f"{out}/{s}/{slot}")
+        if f.endswith(".zstd")]
 
 
 @pytest.mark.slow
@@ -224,31 +232,31 @@ def test_kill_and_rerun_writes_every_record_exactly_once(tmp_path):
     common = ["yamls/prep/folder_tree.yaml", f"data.path={root}", "shard_size_limit=3000"]
     ref = f"{tmp_path}/ref"
     prep_job.run(load([*common[1:], f"out_dir={ref}"], common[0]))
-    expected = sorted(_ids(ref))
-    assert len(expected) == 120
+    expected = read_all(ref)
+    assert sum(map(len, expected.values())) == 120
 
     # one process, killed (SIGKILL) in the middle of writing its shards
     out = f"{tmp_path}/k1"
-    r = run_cli("prep", *common, f"out_dir={out}", env={prep_job.KILL_ENV: "50"})
-    assert r.returncode == -9, r.stderr
-    assert not os.path.exists(f"{out}/_done.json") and any(
-        f.endswith(".zstd") for _, _, fs in os.walk(out) for f in fs)  # half-written shards on disk
+    r = run_cli("prep", *common, f"out_dir={out}", env=faults.env(KILL_AFTER_RECORDS=50))
+    assert r.returncode == -9 and "slot 0 SIGKILLs its process after 50 records" in r.stderr, r.stderr
+    assert not os.path.exists(f"{out}/_done.json") and _unfinished_shards(out, 0)
     r = run_cli("prep", *common, f"out_dir={out}")
     assert r.returncode == 0, r.stderr
-    assert sorted(_ids(out)) == expected
+    assert read_all(out) == expected    # the same records in the same order as a run never killed
 
     # two workers: slot 1 is killed, slot 0 finishes; the re-run keeps slot 0 and redoes slot 1
     out = f"{tmp_path}/k2"
     r = run_cli("prep", *common, f"out_dir={out}", "num_workers=2",
-                env={prep_job.KILL_ENV: "5", prep_job.KILL_SLOT_ENV: "1"})
-    assert r.returncode == 2 and "run the same command again" in r.stderr
-    assert os.path.exists(f"{out}/_ranks/0.json") and not os.path.exists(f"{out}/_ranks/1.json")
+                env=faults.env(KILL_AFTER_RECORDS=40, KILL_SLOT=1, KILL_WAITS_FOR=0))
+    assert r.returncode == 2 and "run the same command again" in r.stderr, r.stderr
+    assert "slot 1 SIGKILLs its process after 40 records" in r.stderr
+    assert os.path.exists(f"{out}/_ranks/0.json") and _unfinished_shards(out, 1)
     slot0 = os.stat(f"{out}/_ranks/0.json").st_mtime_ns
     r = run_cli("prep", *common, f"out_dir={out}", "num_workers=2")
     assert r.returncode == 0, r.stderr
     assert "slots [0] finished in an earlier run" in r.stderr
     assert os.stat(f"{out}/_ranks/0.json").st_mtime_ns == slot0
-    assert sorted(_ids(out)) == expected
+    assert _as_set(out) == _as_set(ref)   # 2 slots: the same records (slot order differs from 1 slot)
     # and a third run finds it finished
     r = run_cli("prep", *common, f"out_dir={out}", "num_workers=2")
     assert r.returncode == 0 and "nothing to do" in r.stderr

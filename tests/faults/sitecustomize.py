@@ -1,16 +1,28 @@
 """Faults for the tests, injected from outside the product.
 
-A test that wants a training process to fail puts this folder first on that process's PYTHONPATH
+A test that wants a process to fail puts this folder first on that process's PYTHONPATH
 (`tests.faults.env(...)` builds the environment) and arms a fault with an environment variable.
-Python imports this file at start-up (it is `sitecustomize`); when a fault is armed it adds a
-callback to every Composer Trainer the process makes, through Composer's public `callbacks`
-argument. Nothing in trainer/, data_prep/ or launch/ knows about faults.
+Python imports this file at start-up (it is `sitecustomize`), and so does every process the job
+starts (spawned or forked). Nothing in trainer/, data_prep/ or launch/ knows about faults.
+
+Training (a callback added to every Composer Trainer the process makes, through Composer's public
+`callbacks` argument; the checkpoint fault replaces Composer's checkpoint writer):
 
     LATENTVERSE_FAULT_KILL_AT_BATCH=N         SIGKILL right after batch N's optimizer step (before
                                               its checkpoint), as when a node dies
     LATENTVERSE_FAULT_KILL_GROUP=1            ... the whole process group (Python's resource tracker too)
     LATENTVERSE_FAULT_NAN_AT_BATCH=N          batch N's loss becomes NaN
     LATENTVERSE_FAULT_KILL_IN_CHECKPOINT=N    batch N's checkpoint is written half-way, flushed, then SIGKILL
+
+Rank-sliced datasets (the prep job's text shards, the encode job's MDS latent shards: every
+`trainer.data.mds.RankWriter`, whose rank is the job's slot):
+
+    LATENTVERSE_FAULT_KILL_AFTER_RECORDS=N    a slot's writer SIGKILLs its process right after its Nth
+                                              record, its shards unfinished and without a done-marker
+    LATENTVERSE_FAULT_KILL_SLOT=S             ... only slot S's writer (default: any slot's)
+    LATENTVERSE_FAULT_KILL_WAITS_FOR=0,2      ... and only once these slots have their done-markers (in a
+                                              process pool one death takes the siblings down; this is
+                                              a kill after they finished)
 """
 import os
 
@@ -87,5 +99,28 @@ def _install():
         _half_write_checkpoint(at)
 
 
-if any(k.startswith(PREFIX) for k in os.environ):
+def _kill_after_records(n, slot, waits_for):
+    """RankWriter.write followed, once the writer of `slot` (any when None) holds n records, by a
+    wait for the done-markers of the slots `waits_for` and a SIGKILL of this process."""
+    import signal
+    import sys
+
+    from trainer.data import mds
+
+    write = mds.RankWriter.write
+
+    def write_then_die(self, *args, **kwargs):
+        write(self, *args, **kwargs)
+        if (slot is None or self.rank == slot) and sum(self.counts.values()) == n:
+            mds.wait_for([self.ds.marker(s) for s in waits_for], 300, what="the slots that finish first")
+            print(f"fault: slot {self.rank} SIGKILLs its process after {n} records", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    mds.RankWriter.write = write_then_die
+
+
+if any(_int(name) is not None for name in ("KILL_AT_BATCH", "NAN_AT_BATCH", "KILL_IN_CHECKPOINT")):
     _install()
+if _int("KILL_AFTER_RECORDS") is not None:
+    _kill_after_records(_int("KILL_AFTER_RECORDS"), _int("KILL_SLOT"),
+                        [int(s) for s in os.environ.get(PREFIX + "KILL_WAITS_FOR", "").split(",") if s.strip()])
