@@ -181,11 +181,13 @@ def run_commands(plan: backends.Plan, launch_dir: str) -> int:
         for i, cmd in enumerate(plan.commands):
             log.info(f"start {'node ' + str(cmd.node_rank) if cmd.node_rank is not None else plan.backend}: "
                      f"{shlex.join(cmd.argv)}")
-            out = stdin = None
-            if i > 0:  # the first command owns the terminal; the others log to files, read no keys
+            out = None
+            if i > 0:  # the first command owns the terminal; the others log to files
                 out = open(os.path.join(logs, f"node{cmd.node_rank}.txt"), "a", encoding="utf-8")
                 files.append(out)
-                stdin = subprocess.DEVNULL
+            # Only a local first command reads the keyboard: `ssh -tt` would set our terminal raw and take
+            # Ctrl-C from us. So Ctrl-C stops the run here, which ends each ssh and hangs up its remote launcher.
+            stdin = subprocess.DEVNULL if i > 0 or cmd.argv[0] == "ssh" else None
             procs.append(subprocess.Popen(cmd.argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT if out else None,
                                           start_new_session=True))
         while True:
