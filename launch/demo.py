@@ -171,15 +171,20 @@ def write_summary(cfg: DemoConfig, summary: dict) -> None:
     """out_dir/demo_summary.json; a run in the same folder (the latent comparison after the demo, a
     resumed demo) keeps the summaries before it, so the first run's stage times are not lost."""
     path = os.path.join(cfg.out_dir, "demo_summary.json")
-    before = read_json(path) if os.path.isfile(path) else None
+    try:
+        before = read_json(path)
+    except ValueError:   # unreadable: kept beside, not overwritten
+        os.replace(path, f"{path}.unreadable-{int(time.time())}")
+        log.warning(f"{path}: not JSON; kept as {path}.unreadable-*")
+        before = None
     if isinstance(before, dict):
         summary["earlier"] = before.pop("earlier", []) + [before]
     write_json_atomic(path, summary)
 
 
 def run(cfg: DemoConfig) -> dict:
-    check_out_dir(cfg.out_dir)
     cfg.data.prep_overrides()   # a bad data.path is refused before any work
+    check_out_dir(cfg.out_dir)
     log.info("import check: " + ", ".join(f"{k} {v}" for k, v in check().items()))
     stages = [s for s in cfg.stages + (cfg.token_stages if cfg.token_latents else []) if not cfg.only or s.name in cfg.only]
     log.info("the stages, each trained to a budget of batches (the same model on any machine; each stage "

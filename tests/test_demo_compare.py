@@ -66,3 +66,39 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_runs_summary(tmp_path):
         f.write("{not json")
     fourth = demo.run(demo.DemoConfig(out_dir=out, quick=True, only=["prep"]))
     assert "earlier" not in fourth
+    kept = [f for f in os.listdir(out) if f.startswith("demo_summary.json.unreadable-")]
+    assert len(kept) == 1 and open(os.path.join(out, kept[0])).read() == "{not json"   # kept, not lost
+
+
+def test_the_demo_runs_on_your_own_poems(tmp_path):
+    """`latentverse demo data.path=FILE`: the prep stage reads the user's poems instead of the bundled
+    corpus, and a long poem is cut into pieces that fit the demo autoencoder's window, none dropped."""
+    poems = [{"text": f"the {w} of morning\nfalls on the {w} of night", "form": "couplet"}
+             for w in ("moon", "river", "stone", "wind", "ember", "harbor", "lantern", "meadow", "thunder", "crow")]
+    poems.append({"text": "\n\n".join(f"a long stanza {i} of words that go on\nand on until the line is done"
+                                         for i in range(6)), "form": "ode"})
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in poems) + "\n")
+    out = str(tmp_path / "demo")
+    done = demo.run(demo.DemoConfig(out_dir=out, data=demo.DemoData(path=str(path)), only=["prep"]))
+    assert done["data"] == str(path)
+    from trainer.data.mds import LocalMDS
+
+    rows = [r for split in ("train", "val", "test") if os.path.isdir(os.path.join(out, "text_shards", split))
+            for r in (LocalMDS(os.path.join(out, "text_shards", split))[i]
+                      for i in range(len(LocalMDS(os.path.join(out, "text_shards", split)))))]
+    assert {r["source"] for r in rows} == {"jsonl"}                         # no bundled poem
+    ode = sorted((r for r in rows if r["form"] == "ode"), key=lambda r: r["piece"])
+    assert len(ode) > 1 and len({r["poem_id"] for r in ode}) == 1           # split, tied to its poem
+    assert "".join(r["text"] + r["piece_sep"] for r in ode) == poems[-1]["text"]
+    assert len([r for r in rows if r["form"] == "couplet"]) == 10
+
+
+def test_a_bad_data_path_is_refused_before_any_work(tmp_path):
+    import pytest
+
+    from trainer.base.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^data.path: no such file or folder"):
+        demo.run(demo.DemoConfig(out_dir=str(tmp_path / "demo"), data=demo.DemoData(path=str(tmp_path / "nope"))))
+    assert not os.path.exists(tmp_path / "demo")
