@@ -48,7 +48,7 @@ TINY = ["model.d_model=32", "model.encoder_layers=1", "model.decoder_layers=1", 
 
 @pytest.mark.slow
 def test_train_job_exports_a_loadable_autoencoder(tmp_path):
-    from trainer.jobs.evaluate_autoencoder import evaluate_autoencoder
+    from trainer.evaluation.autoencoder import evaluate_autoencoder
     from trainer.models.autoencoder import LatentAutoencoder
 
     data = write_text_shards(tmp_path / "shards", {"train": poems(96), "val": poems(16, 1), "test": poems(16, 2)})
@@ -137,7 +137,7 @@ def test_unknown_task_and_unknown_key_are_one_line(tmp_path):
 
 def test_evaluation_shuffle_check_separates_a_working_autoencoder():
     """Overfit a tiny autoencoder on 6 poems: greedy accuracy is high, and collapses with shuffled latents."""
-    from trainer.jobs.evaluate_autoencoder import evaluate_autoencoder
+    from trainer.evaluation.autoencoder import evaluate_autoencoder
     from trainer.models.autoencoder import AutoencoderConfig, LatentAutoencoder
     from trainer.models.tokenizers import train_bpe
 
@@ -155,7 +155,7 @@ def test_evaluation_shuffle_check_separates_a_working_autoencoder():
 
 
 def test_evaluate_refuses_empty_texts():
-    from trainer.jobs.evaluate_autoencoder import evaluate_autoencoder
+    from trainer.evaluation.autoencoder import evaluate_autoencoder
 
     with pytest.raises(UserError):
         evaluate_autoencoder("/nonexistent", ["  ", ""])

@@ -110,8 +110,13 @@ def test_unknown_task_is_one_line(tmp_path):
 def test_generation_eval_samples_with_its_own_steps_and_churn(setup):
     import torch
 
-    from trainer.jobs.evaluate_generation import EvalGenerationConfig, _generate
+    from trainer.evaluation.samples import Sampling, generate
+    from trainer.jobs.evaluate_generation import EvalGenerationConfig
     from trainer.pipeline.pipeline import Pipeline
+
+    def _generate(pipe, prompts, cfg):
+        s = generate(pipe, prompts, Sampling.of(cfg))
+        return s.x, s.latents, s.poems, s.greedy
 
     pipe = Pipeline.from_pretrained(setup["pipe"])
     x, lat, txt, greedy = _generate(pipe, ["sonnet"], EvalGenerationConfig(samples_per_prompt=2, steps=3, churn=40.0))
