@@ -273,7 +273,10 @@ def export_run_pipeline(cfg: DiffusionTrainConfig, denoiser_dir: str) -> str:
             mode = enc.get("prompt_mode", mode)
             break
     path = os.path.join(cfg.out_dir, "pipeline")
-    export_pipeline(path, cfg.autoencoder, denoiser_dir, pcfg, PipelineConfig(sampler=cfg.sampler, prompt_mode=mode))
+    card = {"name": cfg.run_name, "data": [s.path for s in cfg.data.stream_paths()],
+            "training": {"max_duration": cfg.max_duration, "global_train_batch_size": cfg.global_train_batch_size,
+                         "autoencoder": cfg.autoencoder, "prompt_encoder": pcfg.kind}}
+    export_pipeline(path, cfg.autoencoder, denoiser_dir, pcfg, PipelineConfig(sampler=cfg.sampler, prompt_mode=mode), card)
     log.info(f"exported the pipeline to {path} (latentverse generate {path} --prompt ...)")
     return path
 
