@@ -111,8 +111,9 @@ def test_cli_generate_with_show_steps(pipe_dir, tmp_path):
     assert page.count("<table>") == 2 and "final" in page
 
 
-@pytest.mark.parametrize("victim", ["pipeline.json", "prompt_encoder.json", "denoiser/denoiser.safetensors",
-                                    "denoiser/denoiser_config.json", "autoencoder/autoencoder_config.json"])
+@pytest.mark.parametrize("victim", ["model_index.json", "prompt_encoder/prompt_encoder.json",
+                                    "prompt_encoder/model.safetensors", "denoiser/diffusion_pytorch_model.safetensors",
+                                    "denoiser/config.json", "autoencoder/autoencoder_config.json"])
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_missing_or_corrupt_file_is_one_line_naming_it(pipe_dir, tmp_path, victim, damage):
     import shutil
@@ -164,9 +165,9 @@ def test_meter_readings_keep_the_best_scanning_reading(tmp_path):
     assert all(r["scansion"] == round(scansion(r["poem"], "iambic tetrameter"), 3) for r in out["results"])
     with pytest.raises(UserError, match="^--meter-readings: must be >= 1, got 0"):
         generate(d, prompts, meter_readings=0)
-    cfg = json.loads((tmp_path / "pipeline" / "pipeline.json").read_text())
-    cfg["decode"]["meter_readings"] = 0
-    (tmp_path / "pipeline" / "pipeline.json").write_text(json.dumps(cfg))
+    index = json.loads((tmp_path / "pipeline" / "model_index.json").read_text())
+    index["settings"]["decode"]["meter_readings"] = 0
+    (tmp_path / "pipeline" / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="decode.meter_readings: must be >= 1, got 0") as e:
         Pipeline.from_pretrained(d)
-    assert "pipeline.json" in str(e.value) and "\n" not in str(e.value)
+    assert "model_index.json" in str(e.value) and "\n" not in str(e.value)

@@ -91,7 +91,7 @@ def test_latent_kind_dispatch(tmp_path):
     from .tiny import tiny_denoiser
 
     pipe = export_pipeline(str(tmp_path / "pipe"), hf, tiny_denoiser(str(tmp_path / "den")), PromptEncoderConfig())
-    assert json.load(open(os.path.join(pipe, "pipeline.json")))["latent_kind"] == "token_embeddings"
+    assert json.load(open(os.path.join(pipe, "model_index.json")))["settings"]["latent_kind"] == "token_embeddings"
     inner = TokenEmbeddingLatents.from_pretrained(os.path.join(pipe, "autoencoder"))
     assert torch.equal(inner.encode(TEXTS), wrapped.encode(TEXTS))
     os.makedirs(tmp_path / "empty")
@@ -182,7 +182,7 @@ def test_end_to_end_train_lm_encode_diffuse_generate_with_prefix_evaluate(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     # with the token encoder as `autoencoder`: samples decoded at the end, and the pipeline exported
     assert (tmp_path / "dit" / "samples.txt").read_text().startswith("batch 4 |")
-    assert json.load(open(tmp_path / "dit" / "pipeline" / "pipeline.json"))["latent_kind"] == "token_embeddings"
+    assert json.load(open(tmp_path / "dit" / "pipeline" / "model_index.json"))["settings"]["latent_kind"] == "token_embeddings"
     # 4. export and generate with a prefix, showing the steps
     pipe_dir = export_pipeline(str(tmp_path / "pipe"), enc_dir, str(tmp_path / "dit" / "denoiser"),
                                PromptEncoderConfig(max_length=8), PipelineConfig(sampler=SamplerConfig(num_steps=6)))

@@ -156,7 +156,7 @@ def test_ema_is_exported_differs_from_raw_and_is_what_is_sampled(two_stages):
 
 # ---------------------------------------------------------------- kill and resume
 
-RESUME = ["max_duration=12ba", "save_interval=2ba", "log_sample_indices=true"]   # 8 batches per epoch
+RESUME = ["max_duration=12ba", "save_interval=2ba", "callbacks.sample_index_log={}"]   # 8 batches per epoch
 
 
 @pytest.fixture(scope="module")

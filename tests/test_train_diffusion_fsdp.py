@@ -20,7 +20,7 @@ def test_two_process_fsdp2_run(tmp_path):
     cmd = [composer, "-n", "2", "--master_port", str(free_port()), "--stdout", str(tmp_path / "out{rank}.txt"),
            "--stderr", str(tmp_path / "err{rank}.txt"), "-m", "launch.cli", "train", PRETRAIN,
            f"data.path={shards['train']}", f"data.eval_path={shards['val']}", f"out_dir={out}", *TINY,
-           "max_duration=6ba", "save_interval=3ba", "eval_interval=6ba", "eval_batches=1", "log_sample_indices=true",
+           "max_duration=6ba", "save_interval=3ba", "eval_interval=6ba", "eval_batches=1", "callbacks.sample_index_log={}",
            "parallelism=fsdp2", "prompt_mean.enabled=true"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, LATENTVERSE_LOG_ALL_RANKS="1"))

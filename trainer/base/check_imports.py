@@ -2,7 +2,8 @@
 import importlib
 import sys
 
-REQUIRED = ["torch", "composer", "streaming", "open_clip", "transformers", "diffusers", "deepspeed", "webdataset"]
+REQUIRED = ["torch", "composer", "streaming", "open_clip", "transformers", "diffusers", "deepspeed", "webdataset",
+            "wandb", "mlflow"]
 
 
 def check(modules=REQUIRED) -> dict[str, str]:

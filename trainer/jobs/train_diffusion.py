@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ class DiffusionTrainConfig(TrainingConfig):
     cfg_dropout: float = 0.1            # P(prompt -> learned null prompt), classifier-free guidance
     optim: DiffusionOptimConfig = dataclasses.field(default_factory=DiffusionOptimConfig)
     ema: EMAConfig = dataclasses.field(default_factory=EMAConfig)
-    batch_size: int = 256               # global; split over the ranks
+    default_batch_size: ClassVar[int] = 256   # global_train_batch_size unless set
     max_duration: str = "10000ba"
     eval_interval: str = "1000ba"
     eval_batches: int = 8               # eval batches per rank per evaluation
@@ -132,8 +132,7 @@ class DiffusionTrainConfig(TrainingConfig):
     autoencoder: str = ""               # the autoencoder job's export (decodes samples); empty = no samples
     prompt_encoder: PromptEncoderConfig = dataclasses.field(default_factory=PromptEncoderConfig)
     sampler: SamplerConfig = dataclasses.field(default_factory=lambda: SamplerConfig(num_steps=18, guidance_scale=3.0))
-    log_sample_indices: bool = False    # out_dir/sample_log-rank{r}.jsonl: sample ids of every batch
-    tensorboard: bool = True            # out_dir/tensorboard
+    loggers: dict[str, Optional[dict[str, Any]]] = dataclasses.field(default_factory=lambda: {"tensorboard": {}})
     peak_flops: Optional[float] = None  # per-device FLOP/s for MFU; None = Composer's GPU table (none on CPU)
 
     def __post_init__(self):
@@ -274,13 +273,18 @@ def export_run_pipeline(cfg: DiffusionTrainConfig, denoiser_dir: str) -> str:
             mode = enc.get("prompt_mode", mode)
             break
     path = os.path.join(cfg.out_dir, "pipeline")
-    export_pipeline(path, cfg.autoencoder, denoiser_dir, pcfg, PipelineConfig(sampler=cfg.sampler, prompt_mode=mode))
+    card = {"name": cfg.run_name, "data": [s.path for s in cfg.data.stream_paths()],
+            "training": {"max_duration": cfg.max_duration, "global_train_batch_size": cfg.global_train_batch_size,
+                         "autoencoder": cfg.autoencoder, "prompt_encoder": pcfg.kind}}
+    export_pipeline(path, cfg.autoencoder, denoiser_dir, pcfg, PipelineConfig(sampler=cfg.sampler, prompt_mode=mode), card)
     log.info(f"exported the pipeline to {path} (latentverse generate {path} --prompt ...)")
     return path
 
 
 class DiffusionJob(TrainingJob):
     export_name, export_marker, summary_key = "denoiser", "denoiser_config.json", "denoiser_dir"
+    # callbacks: {sample_index_log: {}}: out_dir/sample_log-rank{r}.jsonl, the sample ids of every batch
+    optional_callbacks = {"sample_index_log": cb.SampleIndexLog}
 
     def check(self) -> None:
         self.stats = check_data(self.cfg)
@@ -307,8 +311,6 @@ class DiffusionJob(TrainingJob):
                  f"parallelism={cfg.parallelism}, {per_rank} samples per rank per batch")
         callbacks = [cb.EMACallback(model, cfg.ema.decay, cfg.ema.start_batch),
                      SpeedMonitor(window_size=max(1, min(cfg.log_interval, 20)), gpu_flops_available=cfg.peak_flops)]
-        if cfg.log_sample_indices:
-            callbacks.append(cb.SampleIndexLog(cfg.out_dir))
         if not cfg.autoencoder:
             log.info("no autoencoder given: poem samples during training are off")
         elif self.fsdp:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from composer.metrics.nlp import LanguageCrossEntropy
@@ -40,7 +40,7 @@ class TokenLMTrainConfig(TrainingConfig):
     model: TokenLatentConfig = dataclasses.field(default_factory=TokenLatentConfig)
     data: TextDataConfig = dataclasses.field(default_factory=TextDataConfig)
     seq_len: int = 64                   # tokens per training text (</s> included); >= model.num_tokens
-    batch_size: int = 32                # global; split over the ranks
+    default_batch_size: ClassVar[int] = 32   # global_train_batch_size unless set
     max_duration: str = "1000ba"
     eval_interval: str = "250ba"
     eval_batches: int = 4

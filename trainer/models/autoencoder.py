@@ -361,7 +361,8 @@ class LatentAutoencoder(nn.Module):
             shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
-    def from_pretrained(cls, path: str, map_location: str = "cpu") -> "LatentAutoencoder":
+    def from_pretrained(cls, path: str, map_location: str = "cpu", torch_dtype=None) -> "LatentAutoencoder":
+        """`torch_dtype`: as diffusers' pipeline loader passes it (None = as saved)."""
         from safetensors.torch import load_model
         cfg_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(cfg_file):
@@ -379,4 +380,4 @@ class LatentAutoencoder(nn.Module):
             model.bart.requires_grad_(False)
         load_model(model, os.path.join(path, WEIGHTS_NAME), device=map_location)
         model.lexicon = Lexicon.load(path)
-        return model.eval()
+        return (model if torch_dtype is None else model.to(torch_dtype)).eval()

@@ -218,7 +218,8 @@ class TokenEmbeddingLatents(nn.Module):
         replace_dir(tmp, path)
 
     @classmethod
-    def from_pretrained(cls, path: str, map_location: str = "cpu") -> "TokenEmbeddingLatents":
+    def from_pretrained(cls, path: str, map_location: str = "cpu", torch_dtype=None) -> "TokenEmbeddingLatents":
+        """`torch_dtype`: as diffusers' pipeline loader passes it (None = as saved)."""
         from safetensors.torch import load_model
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -247,7 +248,7 @@ class TokenEmbeddingLatents(nn.Module):
         except Exception as e:  # safetensors raises its own error types for truncated or garbled files
             raise UserError(f"{os.path.join(path, WEIGHTS_NAME)}: cannot load the weights: "
                             f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
-        return model.eval()
+        return (model if torch_dtype is None else model.to(torch_dtype)).eval()
 
     @classmethod
     def from_causal_lm(cls, path: str, num_tokens: int = 32, decode: str = "cosine") -> "TokenEmbeddingLatents":

@@ -1,11 +1,9 @@
 """An exported pipeline: prompt -> poem, from one directory of safetensors and JSON (no pickles).
 
-    pipeline_dir/
-      pipeline.json         format, version, sampler defaults, decoding options, prompt mode
-      prompt_encoder.json   the prompt encoder's reference (PromptEncoderConfig; "" path = bundled MiniLM)
-      autoencoder/          the latent encoder (safetensors + config + tokenizer files): the BART-Perceiver
-                            autoencoder, or a causal LM's token embeddings (latent_kind token_embeddings)
-      denoiser/             the EMA denoiser (safetensors + config with sigma_data and latent stats)
+The folder is a diffusers pipeline (trainer/pipeline/hf.py: model_index.json, denoiser/ as a diffusers
+ModelMixin, autoencoder/, prompt_encoder/ with its weights inside, README.md the model card). Folders of
+the earlier format (pipeline.json with format latentverse-pipeline, the prompt encoder by reference,
+the denoiser as denoiser_config.json + denoiser.safetensors) are still read.
 
     pipe = Pipeline.from_pretrained("out/demo/pipeline")
     poems = pipe(["sonnet about the sea"], num_samples=4, steps=18, guidance=5.0, seed=0)
@@ -36,6 +34,7 @@ from trainer.models import token_latents
 from trainer.models.autoencoder import CONFIG_NAME, LatentAutoencoder, WEIGHTS_NAME
 from trainer.text.prosody import prompt_meter, scansion
 from trainer.diffusion.ddpm import DDPM, DDPMConfig
+from trainer.pipeline import hf, model_card
 
 FORMAT = "latentverse-pipeline"
 PIPELINE_JSON = "pipeline.json"
@@ -75,8 +74,9 @@ class PipelineConfig:
 
 
 def export_pipeline(path: str, autoencoder_dir: str, denoiser_dir: str, prompt_encoder: PromptEncoderConfig,
-                    cfg: Optional[PipelineConfig] = None) -> str:
-    """Assemble a pipeline directory (written to a temporary name, then renamed into place)."""
+                    cfg: Optional[PipelineConfig] = None, card: Optional[dict] = None) -> str:
+    """Assemble a pipeline directory in diffusers' shape (trainer/pipeline/hf.py; written to a temporary
+    name, then renamed into place); `card`: what the model card says about data and training."""
     cfg = cfg or PipelineConfig()
     for what, d in (("autoencoder", autoencoder_dir), ("denoiser", denoiser_dir)):
         if not os.path.isdir(d):
@@ -91,13 +91,55 @@ def export_pipeline(path: str, autoencoder_dir: str, denoiser_dir: str, prompt_e
         TokenEmbeddingLatents.from_causal_lm(autoencoder_dir).save_pretrained(os.path.join(tmp, "autoencoder"))
     else:
         shutil.copytree(autoencoder_dir, os.path.join(tmp, "autoencoder"))
-    shutil.copytree(denoiser_dir, os.path.join(tmp, "denoiser"))
-    with open(os.path.join(tmp, PROMPT_JSON), "w") as f:
-        json.dump(dataclasses.asdict(prompt_encoder), f, indent=1)
-    with open(os.path.join(tmp, PIPELINE_JSON), "w") as f:
-        json.dump({"format": FORMAT, "version": 1, **dataclasses.asdict(cfg)}, f, indent=1)
+    net, meta = load_denoiser(denoiser_dir)
+    hf.DenoiserModel.from_net(net, meta).save_pretrained(os.path.join(tmp, "denoiser"))
+    hf.PromptEncoderFolder.save_pretrained(os.path.join(tmp, "prompt_encoder"), prompt_encoder)
+    import diffusers
+
+    index = {"_class_name": hf.LatentversePipeline.__name__, "_diffusers_version": diffusers.__version__,
+             "autoencoder": [hf.AutoencoderFolder.__module__, hf.AutoencoderFolder.__name__],
+             "denoiser": [hf.DenoiserModel.__module__, hf.DenoiserModel.__name__],
+             "prompt_encoder": [hf.PromptEncoderFolder.__module__, hf.PromptEncoderFolder.__name__],
+             "settings": dataclasses.asdict(cfg)}
+    with open(os.path.join(tmp, hf.MODEL_INDEX), "w") as f:
+        json.dump(index, f, indent=1)
+    model_card.write(tmp, card or {})
     replace_dir(tmp, path)
     return path
+
+
+_NEW_FILES = ("denoiser/config.json", "prompt_encoder/" + hf.PROMPT_ENCODER_JSON)
+_NEW_WEIGHTS = ("denoiser/diffusion_pytorch_model.safetensors", "prompt_encoder/model.safetensors")
+
+
+def _load_hf_folder(path: str, device: str) -> "Pipeline":
+    """A diffusers-shaped folder through diffusers' own from_pretrained, each damaged file named in one line."""
+    from safetensors import safe_open
+
+    index_file = os.path.join(path, hf.MODEL_INDEX)
+    settings = _read_json(index_file).get("settings", {})
+    C.from_dict(PipelineConfig, settings, source=index_file)
+    ae_config = token_latents.CONFIG_NAME if settings.get("latent_kind") == "token_embeddings" else CONFIG_NAME
+    for rel in (*_NEW_FILES, "autoencoder/" + ae_config):
+        _read_json(os.path.join(path, rel))
+    for rel in (*_NEW_WEIGHTS, "autoencoder/" + WEIGHTS_NAME):
+        f = os.path.join(path, rel)
+        try:
+            with safe_open(f, framework="pt"):
+                pass
+        except Exception as e:  # missing, truncated or garbled
+            raise UserError(f"{f}: cannot read the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        pipe = hf.LatentversePipeline.from_pretrained(path)
+    except UserError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: cannot load the pipeline: {first}") from None
+    out = pipe.as_pipeline()
+    out.autoencoder, out.net, out.prompt_encoder = (m.to(device) for m in (out.autoencoder, out.net, out.prompt_encoder))
+    out.path = path
+    return out
 
 
 def _read_json(path: str) -> dict:
@@ -186,6 +228,8 @@ class Pipeline:
     def from_pretrained(cls, path: str, device: str = "cpu") -> "Pipeline":
         if not os.path.isdir(path):
             raise UserError(f"{path}: pipeline directory does not exist")
+        if not os.path.isfile(os.path.join(path, PIPELINE_JSON)):
+            return _load_hf_folder(path, device)
         meta = _read_json(os.path.join(path, PIPELINE_JSON))
         if meta.pop("format", None) != FORMAT:
             raise UserError(f"{os.path.join(path, PIPELINE_JSON)}: not a {FORMAT} file")

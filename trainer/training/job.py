@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ from trainer.base.config import ConfigError
 from trainer.base.files import write_json_atomic
 from trainer.base.log import get_logger
 from trainer.data.loaders import clean_stale_shared_memory
-from trainer.training import callbacks as cb, composer_fixes
+from trainer.training import callbacks as cb, composer_fixes, reporting
 from trainer.training.checkpoints import repair_checkpoints
 
 log = get_logger("train")
@@ -54,22 +54,59 @@ class TrainingConfig:
     out_dir: str = "out/train"
     run_name: str = "run"
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    batch_size: int = 64                # global; split over the ranks
+    # Samples per optimizer step over all ranks; `batch_size` is its older name (set one of the two).
+    # None = the job's default_batch_size.
+    global_train_batch_size: Optional[int] = None
+    batch_size: Optional[int] = None
+    # Samples per forward/backward pass on one rank; the rank's share of the batch is split into
+    # microbatches of this size and their gradients accumulated (Composer). None = the whole share at once.
+    device_train_microbatch_size: Optional[int] = None
     max_duration: str = "1000ba"        # the budget (batches): the same on any machine
     max_minutes: Optional[float] = None  # a safety net only; a cut is a warning naming batch and budget
     eval_interval: str = "500ba"
     save_interval: str = "500ba"
     save_num_checkpoints_to_keep: int = 2
     autoresume: bool = True
+    save_folder: str = ""               # checkpoints: a local folder or a URI (s3://...); "" = out_dir/checkpoints
     precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"  # auto: bf16 where the GPU has it
     log_interval: int = 20              # batches between lines in out_dir/metrics.jsonl
-    tensorboard: bool = False           # out_dir/tensorboard
+    # Composer loggers by name (tensorboard, wandb, mlflow), each with its class's kwargs
+    # (trainer/training/reporting.py); `tensorboard: true/false` adds or removes loggers.tensorboard.
+    loggers: dict[str, Optional[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    tensorboard: Optional[bool] = None
+    # Optional callbacks by name with kwargs: Composer's (snake_case) or the job's own.
+    callbacks: dict[str, Optional[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    progress_bar: Optional[bool] = None      # None = when stderr is a terminal
+    log_to_console: Optional[bool] = None    # metrics lines on stderr; None = when there is no progress bar
+    console_log_interval: str = ""           # e.g. "10ba"; "" = every log_interval batches
     threads: Optional[int] = None       # torch intra-op threads (CPU)
     seed: int = 17
 
+    default_batch_size: ClassVar[int] = 64
+
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if None not in (self.batch_size, self.global_train_batch_size) and self.batch_size != self.global_train_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) and global_train_batch_size "
+                             f"({self.global_train_batch_size}) are one key under two names: set one")
+        n = next((b for b in (self.global_train_batch_size, self.batch_size) if b is not None), self.default_batch_size)
+        if n < 1:
+            raise ValueError(f"global_train_batch_size must be >= 1, got {n}")
+        self.global_train_batch_size = self.batch_size = n
+        if self.device_train_microbatch_size is not None and self.device_train_microbatch_size < 1:
+            raise ValueError(f"device_train_microbatch_size must be >= 1, got {self.device_train_microbatch_size}")
+        if self.tensorboard is not None:
+            self.loggers = {k: v for k, v in self.loggers.items() if k != "tensorboard" or self.tensorboard}
+            if self.tensorboard:
+                self.loggers.setdefault("tensorboard", {})
+
+    @property
+    def checkpoint_folder(self) -> str:
+        return self.save_folder or os.path.join(self.out_dir, "checkpoints")
+
+    @property
+    def local_checkpoints(self) -> bool:
+        """Whether checkpoints go to a local folder (a URI's are the object store's business)."""
+        return "://" not in self.checkpoint_folder
 
 
 @dataclasses.dataclass
@@ -94,6 +131,7 @@ class TrainingJob:
     `summary_key`, and write `build` and `export`; `check` and `without_training` are optional."""
     export_name = "export"             # out_dir/<export_name> is the job's product
     export_marker = "config.json"      # the file whose presence there means the job is done
+    optional_callbacks: dict[str, Callable] = {}  # the job's own `callbacks:` names -> classes
     summary_key = "export_dir"
     clean_shared_memory = True
 
@@ -160,27 +198,29 @@ def start(cfg: TrainingConfig, clean_shared_memory: bool) -> tuple[Any, int, int
     device = get_device(None)
     dist.initialize_dist(device)
     world = dist.get_world_size()
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by the {world} ranks")
+    n, micro = cfg.global_train_batch_size, cfg.device_train_microbatch_size
+    if n % world:
+        raise ConfigError(f"global_train_batch_size: {n} is not divisible by the {world} ranks")
+    if micro is not None and micro > n // world:
+        raise ConfigError(f"device_train_microbatch_size: {micro} is more than a rank's {n // world} samples per batch")
     reproducibility.seed_all(cfg.seed)
-    return device, world, cfg.batch_size // world
+    return device, world, n // world
 
 
-def build_trainer(job: TrainingJob, parts: Parts, device):
+def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, list] = ([], [])):
+    """The Trainer; `reports`: (loggers, optional callbacks) from `reporting`, built before any work."""
     from composer import Trainer
     from composer.callbacks import LRMonitor
-    from composer.loggers import TensorboardLogger
 
     cfg = job.cfg
-    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+    ckpt_dir = cfg.checkpoint_folder
+    loggers, optional = reports
     params = parts.params if parts.params is not None else [p for p in parts.model.parameters() if p.requires_grad]
     opt, schedule, clip = optimizer_and_schedule(params, cfg.optim)
     restore_rng = cb.RestoreRNGOnResume()
     metrics = cb.MetricsFile(cfg.out_dir, cfg.log_interval, parts.plot, parts.plot_name)
     callbacks = [cb.NonFiniteLossGuard(ckpt_dir), metrics, cb.WallClockLimit(cfg.max_minutes), cb.Progress(),
-                 LRMonitor(), restore_rng, *parts.callbacks]
-    loggers = [TensorboardLogger(log_dir=os.path.join(cfg.out_dir, "tensorboard"), flush_interval=50)] \
-        if cfg.tensorboard else []
+                 LRMonitor(), restore_rng, *parts.callbacks, *optional]
     try:
         trainer = Trainer(
             model=parts.model, train_dataloader=parts.train_dataloader, eval_dataloader=parts.eval_dataloader,
@@ -192,7 +232,8 @@ def build_trainer(job: TrainingJob, parts: Parts, device):
             save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
             autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
             load_path=parts.load_path or None, load_weights_only=parts.load_weights_only,
-            callbacks=callbacks, loggers=loggers, progress_bar=True, log_to_console=False)
+            callbacks=callbacks, loggers=loggers, device_train_microbatch_size=cfg.device_train_microbatch_size,
+            **reporting.console(cfg))
     except RuntimeError as e:
         job.load_failed(e)
         raise
@@ -209,19 +250,20 @@ def run_training(job: TrainingJob) -> dict:
         log.info(f"{job.export_dir} exists: training already finished, skipping (delete it to train again)")
         return {job.summary_key: job.export_dir, "skipped": True}
     check_out_dir(cfg.out_dir)
+    reports = reporting.build_loggers(cfg), reporting.build_callbacks(cfg, job.optional_callbacks)
     job.check()
     made = job.without_training()
     if made is not None:
         return made
     device, world, per_rank = start(cfg, job.clean_shared_memory)
     parts = job.build(world, per_rank)
-    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
-    if dist.get_global_rank() == 0 and cfg.autoresume:
+    ckpt_dir = cfg.checkpoint_folder
+    if dist.get_global_rank() == 0 and cfg.autoresume and cfg.local_checkpoints:
         resumed_from = repair_checkpoints(ckpt_dir)
         if resumed_from:
             log.info(f"autoresume: {ckpt_dir}/{resumed_from}")
     dist.barrier()
-    trainer, metrics = build_trainer(job, parts, device)
+    trainer, metrics = build_trainer(job, parts, device, reports)
     t0 = time.time()
     try:
         trainer.fit()

@@ -1,0 +1,133 @@
+"""The exported pipeline in Hugging Face's shape: a diffusers pipeline folder.
+
+    pipeline_dir/
+      model_index.json          diffusers' index: each component's (module, class), and `settings`
+                                (sampler, decoding, prompt mode, latent kind: PipelineConfig)
+      denoiser/                 DenoiserModel (diffusers ModelMixin + ConfigMixin): config.json +
+                                diffusion_pytorch_model.safetensors (the EMA EDMPrecond, latent statistics)
+      autoencoder/              the latent encoder's own save_pretrained: config + model.safetensors + tokenizer
+      prompt_encoder/           the prompt encoder's weights and tokenizer (transformers' save_pretrained) and
+                                prompt_encoder.json: loads without the package the encoder came from
+      README.md                 the model card (trainer/pipeline/model_card.py)
+
+    from trainer.pipeline.hf import LatentversePipeline
+    pipe = LatentversePipeline.from_pretrained("out/demo/pipeline")    # diffusers' own from_pretrained
+    poems = pipe(["a sonnet about the sea"], num_samples=2, steps=8)
+
+Why diffusers and not transformers' PreTrainedModel: the denoiser is a diffusion model, and a diffusers
+pipeline folder (model_index.json naming each component's class, one sub-folder per component, each
+loaded with its class's from_pretrained) is the shape diffusers users know; ModelMixin/ConfigMixin take
+a plain nn.Module with its constructor's arguments as config.json, which is what our modules are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import torch
+from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+from trainer.base import config as C
+from trainer.base.config import UserError
+from trainer.diffusion.edm import EDMPrecond, PromptMean
+from trainer.models.denoisers import DenoiserConfig, build_denoiser
+# The latent encoders' modules, imported so that diffusers' loader finds the classes model_index.json names.
+from trainer.models import autoencoder as _autoencoder, token_latents as _token_latents  # noqa: F401
+from trainer.models.text_encoders import PromptEncoderConfig, build_prompt_encoder
+
+MODEL_INDEX = "model_index.json"
+PROMPT_ENCODER_JSON = "prompt_encoder.json"
+
+
+class DenoiserModel(ModelMixin, ConfigMixin):
+    """The EMA denoiser (EDMPrecond around a backbone) with what maps its samples back to the
+    autoencoder's latents: sigma_data, the latent statistics and the normalisation mode."""
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, denoiser: dict, sigma_data: float, latent_stats: dict, normalize: str,
+                 prompt_mean: bool = False, info: Optional[dict] = None):
+        super().__init__()
+        dcfg = C.from_dict(DenoiserConfig, denoiser, source="denoiser/config.json")
+        pm = PromptMean(dcfg.prompt_dim, (dcfg.latent_tokens, dcfg.latent_dim)) if prompt_mean else None
+        self.net = EDMPrecond(build_denoiser(dcfg), sigma_data=sigma_data, prompt_mean=pm)
+
+    @classmethod
+    def from_net(cls, net: EDMPrecond, meta: dict) -> "DenoiserModel":
+        """From a denoiser as `trainer.pipeline.export.load_denoiser` returns it."""
+        info = {k: v for k, v in meta.items() if k not in ("denoiser", "sigma_data", "latent_stats", "normalize",
+                                                            "prompt_mean", "denoiser_config")}
+        model = cls(meta["denoiser"], float(net.sigma_data), meta["latent_stats"], meta["normalize"],
+                    bool(meta.get("prompt_mean")), info)
+        model.net.load_state_dict(net.state_dict())
+        return model.eval()
+
+    def meta(self) -> dict:
+        """The dict `Pipeline` reads (as load_denoiser's)."""
+        c = self.config
+        return {**(c.info or {}), "denoiser": dict(c.denoiser), "sigma_data": c.sigma_data,
+                "latent_stats": dict(c.latent_stats), "normalize": c.normalize, "prompt_mean": c.prompt_mean,
+                "denoiser_config": C.from_dict(DenoiserConfig, dict(c.denoiser))}
+
+
+class PromptEncoderFolder(ModelMixin):
+    """The prompt encoder inside the pipeline folder: its Hugging Face weights and tokenizer, and
+    prompt_encoder.json (PromptEncoderConfig, `path` left empty: it is the folder itself). A ModelMixin
+    only so that diffusers' pipeline loader calls its from_pretrained, which returns the PromptEncoder."""
+
+    @staticmethod
+    def save_pretrained(path: str, cfg: PromptEncoderConfig) -> None:
+        if cfg.kind == "open_clip":
+            raise UserError("prompt_encoder.kind: open_clip encoders cannot be exported inside a pipeline folder "
+                            "yet (minilm and causal_lm can)")
+        enc = build_prompt_encoder(cfg)
+        enc.model.save_pretrained(path)
+        enc.tokenizer.save_pretrained(path)
+        with open(os.path.join(path, PROMPT_ENCODER_JSON), "w") as f:
+            json.dump(dataclasses.asdict(dataclasses.replace(cfg, path="")), f, indent=1)
+
+    @classmethod
+    def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, **_):  # noqa: ARG003
+        file = os.path.join(path, PROMPT_ENCODER_JSON)
+        if not os.path.isfile(file):
+            raise UserError(f"{file}: missing (not a prompt encoder folder?)")
+        with open(file) as f:
+            cfg = C.from_dict(PromptEncoderConfig, json.load(f), source=file)
+        return build_prompt_encoder(dataclasses.replace(cfg, path=path))
+
+
+class LatentversePipeline(DiffusionPipeline):
+    """prompt -> poem; `as_pipeline()` is the full `trainer.pipeline.pipeline.Pipeline` (samplers,
+    meter readings, prefixes) over the same components."""
+
+    def __init__(self, denoiser: DenoiserModel, autoencoder: Any, prompt_encoder: Any,
+                 settings: Optional[dict] = None):
+        super().__init__()
+        self.register_modules(denoiser=denoiser, autoencoder=autoencoder, prompt_encoder=prompt_encoder)
+        self.register_to_config(settings=settings or {})
+
+    def as_pipeline(self):
+        from trainer.pipeline.pipeline import Pipeline, PipelineConfig
+
+        cfg = C.from_dict(PipelineConfig, dict(self.config.settings), source=MODEL_INDEX)
+        return Pipeline(self.autoencoder.eval(), self.denoiser.net.eval().requires_grad_(False), self.denoiser.meta(),
+                        self.prompt_encoder, cfg, "")
+
+    def __call__(self, prompts, num_samples: int = 1, steps: Optional[int] = None, guidance: Optional[float] = None,
+                 seed: int = 0, **kwargs) -> list[str]:
+        return self.as_pipeline()(prompts, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed, **kwargs)
+
+
+class AutoencoderFolder(ModelMixin):
+    """The latent encoder folder (its own save_pretrained: config + model.safetensors + tokenizer): a
+    ModelMixin only so that diffusers' pipeline loader calls this from_pretrained, which returns the
+    BART-Perceiver autoencoder or the token-embedding latents, whichever the folder holds."""
+
+    @classmethod
+    def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, **_):
+        kind = _token_latents.latent_kind(path)
+        model = _autoencoder.LatentAutoencoder if kind == "bart_perceiver" else _token_latents.TokenEmbeddingLatents
+        return model.from_pretrained(path, torch_dtype=torch_dtype)

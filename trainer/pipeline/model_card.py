@@ -1,0 +1,91 @@
+"""README.md, the model card of an exported pipeline folder, written at export.
+
+    model_card.write(pipeline_dir, {"data": [...], "training": {...}, "report": "out/eval/report.json"})
+
+It says what the folder holds and how big each part is (parameters counted from the safetensors
+headers), what the denoiser was trained on and for how long (the `card` the training job passes, and
+the denoiser's own record: batches, EMA), and the evaluation's figures when `card["report"]` names a
+report.json that exists (the flat numbers in it). Run it again after an evaluation to add them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+
+_PARTS = (("denoiser", "the EMA denoiser (diffusers ModelMixin)"),
+          ("autoencoder", "the latent encoder / decoder"),
+          ("prompt_encoder", "the prompt encoder (weights and tokenizer inside)"))
+
+
+def parameters(folder: str) -> int:
+    """Parameters in the safetensors files of a folder, from their headers (nothing loaded)."""
+    from safetensors import safe_open
+
+    n = 0
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                for k in f.keys():
+                    shape = f.get_slice(k).get_shape()
+                    n += math.prod(shape)
+    return n
+
+
+def _figures(report: str) -> dict[str, Any]:
+    with open(report) as f:
+        data = json.load(f)
+    out = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{prefix}{k}"] = v
+    walk(data)
+    return out
+
+
+def render(path: str, card: dict) -> str:
+    with open(os.path.join(path, "denoiser", "config.json")) as f:
+        den = json.load(f)
+    info = den.get("info") or {}
+    lines = ["---", "library_name: diffusers", "tags: [latent-diffusion, text-generation, poetry, latentverse]", "---",
+             "", f"# {card.get('name') or info.get('run_name') or 'latentverse poem generator'}", "",
+             "A latent-diffusion poem generator exported by latentverse: a prompt is encoded, the denoiser samples",
+             "a latent, the autoencoder reads it out as a poem.", "",
+             "```python", "from trainer.pipeline.hf import LatentversePipeline",
+             "pipe = LatentversePipeline.from_pretrained(\"<this folder>\")",
+             "print(pipe([\"a sonnet about the sea\"], num_samples=2))", "```", "", "## Parts and sizes", "",
+             "| part | what | parameters |", "| --- | --- | --- |"]
+    for name, what in _PARTS:
+        lines.append(f"| `{name}/` | {what} | {parameters(os.path.join(path, name)):,} |")
+    dcfg = den.get("denoiser", {})
+    lines += ["", f"Denoiser: `{dcfg.get('kind')}`, latents [{dcfg.get('latent_tokens')}, {dcfg.get('latent_dim')}], "
+              f"prompt width {dcfg.get('prompt_dim')}, sigma_data {den.get('sigma_data'):.4f}, "
+              f"normalisation `{den.get('normalize')}`.", "", "## Data", ""]
+    data = card.get("data") or []
+    lines += [f"- {d}" for d in data] or ["- not recorded"]
+    lines += ["", "## Training", ""]
+    training = {"batches": info.get("batches"), "weights": info.get("weights"), "ema_decay": info.get("ema_decay"),
+                "mask_ratio": info.get("mask_ratio"), **(card.get("training") or {})}
+    lines += [f"- {k}: {v}" for k, v in training.items() if v is not None]
+    lines += ["", "## Evaluation", ""]
+    report = card.get("report")
+    if report and os.path.isfile(report):
+        lines += [f"From `{report}`:", "", "| figure | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in _figures(report).items()]
+    else:
+        lines.append("No evaluation report yet (`latentverse evaluate`, then write the card again).")
+    return "\n".join(lines) + "\n"
+
+
+def write(path: str, card: dict) -> str:
+    out = os.path.join(path, "README.md")
+    with open(out + ".tmp", "w") as f:
+        f.write(render(path, card))
+    os.replace(out + ".tmp", out)   # a card written again after an evaluation replaces the old one whole
+    return out
