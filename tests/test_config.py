@@ -3,6 +3,7 @@ import dataclasses
 from typing import Literal, Optional
 
 import pytest
+import yaml
 
 from trainer.base import config as C
 
@@ -124,3 +125,58 @@ def test_optional_path_keeps_the_existence_message(tmp_path):
     assert one_line_error(lambda: C.load(Job, p)).startswith(f"{p}: model.weights: path does not exist")
     p = write(tmp_path, "out_dir: o\nmodel:\n  weights: null\n", "n.yaml")
     assert C.load(Job, p).model.weights is None
+
+
+# ---------------------------------------------------------------- a nested section's default_factory
+
+
+@dataclasses.dataclass
+class Sampler:
+    steps: int = 32
+    guidance: float = 1.0
+    model: Model = dataclasses.field(default_factory=Model)
+
+
+@dataclasses.dataclass
+class Stage:
+    sampler: Sampler = dataclasses.field(default_factory=lambda: Sampler(steps=18, guidance=3.0))
+    plain: Sampler = dataclasses.field(default_factory=Sampler)
+
+
+@dataclasses.dataclass
+class Run:
+    out_dir: str
+    # a factory two levels up that changes a section two levels down
+    stage: Stage = dataclasses.field(default_factory=lambda: Stage(plain=Sampler(model=Model(depth=9, kind="mlp"))))
+    maybe: Optional[Sampler] = dataclasses.field(default_factory=lambda: Sampler(guidance=2.0))
+
+
+def test_nested_default_factory_is_the_base_yaml_keys_merge_over(tmp_path):
+    cfg = C.load(Run, write(tmp_path, "out_dir: o\n"))
+    assert (cfg.stage.sampler.steps, cfg.stage.sampler.guidance) == (18, 3.0)   # the factory's, not Sampler's
+    assert (cfg.stage.plain.model.depth, cfg.stage.plain.model.kind) == (9, "mlp")  # the outer factory wins
+    assert cfg.maybe.guidance == 2.0 and "guidance: 3.0" in C.dump(cfg)
+    p = write(tmp_path, "out_dir: o\nstage:\n  sampler: {steps: 4}\n  plain:\n    model: {width: 2.0}\nmaybe: {steps: 5}\n",
+              "y.yaml")
+    cfg = C.load(Run, p, ["stage.plain.model.heads=2"])
+    assert (cfg.stage.sampler.steps, cfg.stage.sampler.guidance) == (4, 3.0)    # YAML key over the factory
+    assert (cfg.stage.plain.model.depth, cfg.stage.plain.model.width, cfg.stage.plain.model.heads) == (9, 2.0, 2)
+    assert (cfg.maybe.steps, cfg.maybe.guidance) == (5, 2.0)
+    assert C.load(Run, p, ["maybe=null"]).maybe is None
+    # an error inside a factory-made section still names the key
+    msg = one_line_error(lambda: C.load(Run, p, ["stage.sampler.guidance=high"]))
+    assert msg == "command line: stage.sampler.guidance: expected float, got 'high'"
+
+
+def test_diffusion_yaml_prints_the_sampler_factory_guidance(cli):
+    r = cli("train", "yamls/diffusion/pretrain_masked.yaml", "--print-config")
+    assert r.returncode == 0, r.stderr
+    sampler = yaml.safe_load(r.stdout)["sampler"]
+    assert sampler["guidance_scale"] == 3.0
+
+
+def test_help_lists_the_factory_defaults():
+    lines = C.describe(Run)
+    assert "stage.sampler.guidance: float = 3.0" in lines and "stage.sampler.steps: int = 18" in lines
+    assert "stage.plain.model.depth: int = 9" in lines and "stage.plain.guidance: float = 1.0" in lines
+    assert "out_dir: str = (required)" in lines

@@ -131,6 +131,28 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _section_default(f: dataclasses.Field) -> dict | None:
+    """A field's default as the mapping a YAML would spell, when that default is a dataclass instance."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = f.default
+    if not dataclasses.is_dataclass(default) or isinstance(default, type):
+        return None
+    return _as_yaml(default)
+
+
+def _as_yaml(v: Any) -> Any:
+    """A dataclass instance -> nested mappings of its init fields (what the loader takes back)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _as_yaml(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+    if isinstance(v, (list, tuple)):
+        return [_as_yaml(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _as_yaml(x) for k, x in v.items()}
+    return v
+
+
 class _Builder:
     def __init__(self, source: str, cli_keys: set[str]):
         self.source = source
@@ -214,12 +236,16 @@ class _Builder:
         kwargs = {}
         for name, f in fields.items():
             key = f"{prefix}{name}"
+            # A section whose default is a configured instance (default_factory=lambda: X(a=1)) is the
+            # base its YAML keys merge over, at any depth; built here, so its values are checked too.
+            base = _section_default(f)
             if name in data:
-                kwargs[name] = self.value(hints[name], data[name], key)
+                v = data[name]
+                kwargs[name] = self.value(hints[name], merge(base, v) if base and isinstance(v, dict) else v, key)
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 self.fail(key, "required value missing")
-            elif dataclasses.is_dataclass(hints[name]) and f.default_factory is not dataclasses.MISSING:
-                kwargs[name] = self.dataclass(hints[name], {}, key + ".")  # runs nested existence checks
+            elif base is not None:
+                kwargs[name] = self.value(hints[name], base, key)  # runs nested existence checks
         try:
             obj = cls(**kwargs)
         except (TypeError, ValueError) as e:
@@ -247,20 +273,22 @@ def dump(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """Lines 'key: type = default' for --help."""
+def describe(cls: type, prefix: str = "", default: Any = None) -> list[str]:
+    """Lines 'key: type = default' for --help; `default`: the section's instance (its default_factory's)."""
     lines = []
     hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines += describe(tp, f"{prefix}{f.name}.")
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+        if default is not None:
+            given = getattr(default, f.name)
+        elif f.default is not dataclasses.MISSING:
+            given = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            given = f.default_factory()
         else:
-            default = "(required)"
-        lines.append(f"{prefix}{f.name}: {_type_name(tp)} = {default}")
+            given = dataclasses.MISSING
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, f"{prefix}{f.name}.", given if isinstance(given, tp) else None)
+            continue
+        lines.append(f"{prefix}{f.name}: {_type_name(tp)} = {'(required)' if given is dataclasses.MISSING else repr(given)}")
     return lines
