@@ -132,12 +132,26 @@ class LatentStats:
 # one slot
 
 
-def _device(cfg: EncodeConfig) -> str:
+def slot_device(device: str, environ, worker: int = 0, num_workers: int = 1, cuda_count: int | None = None):
+    """The torch.device one slot runs on: CUDA slots of a node spread over its GPUs.
+
+    A slot's index on its node is LOCAL_RANK * num_workers + worker (the launcher's local rank, then the
+    process this rank spawned); it takes GPU (that index mod the GPU count): one rank per GPU under
+    `composer -n 8` puts rank r on cuda:r, and one rank with num_workers=8 puts worker j on cuda:j.
+    "auto" is cuda when a GPU is visible, else cpu. `environ`: the launcher's variables (os.environ).
+    """
     import torch
 
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
+    count = torch.cuda.device_count() if cuda_count is None else cuda_count
+    if device == "cpu" or (device == "auto" and count == 0):
+        return torch.device("cpu")
+    if count == 0:
+        raise UserError("device: cuda, but this machine has no CUDA device (set device: cpu or auto)")
+    try:
+        local_rank = int(environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise UserError(f"LOCAL_RANK must be an integer, got {environ.get('LOCAL_RANK')!r}") from None
+    return torch.device("cuda", (local_rank * num_workers + worker) % count)
 
 
 def load_latent_encoder(path: str, device: str):
@@ -201,15 +215,18 @@ class _PromptCache:
         return (np.stack([g[0] for g in got]), np.stack([g[1] for g in got]), np.array([g[2] for g in got]))
 
 
-def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int) -> dict:
-    """Encode this slot's block of every split; returns its marker (counts and stat sums)."""
+def encode_slot(cfg: EncodeConfig, slot: int, n_slots: int, threads: int, device: str = "cpu") -> dict:
+    """Encode this slot's block of every split on `device` (slot_device's); returns its marker (counts and
+    stat sums)."""
     import torch
     from tqdm import tqdm
 
     from trainer.models.text_encoders import build_prompt_encoder
 
     torch.set_num_threads(threads)
-    device = _device(cfg)
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # what code that says just "cuda" gets
     ae = load_latent_encoder(cfg.autoencoder, device)
     penc = build_prompt_encoder(cfg.prompt_encoder).to(device)
     tokens, dims = ae.latent_shape
@@ -274,11 +291,11 @@ def _columns(cfg: EncodeConfig, latent_shape, penc=None) -> dict:
 
 
 def _slot_entry(args):
-    cfg_dict, slot, n_slots, threads = args
+    cfg_dict, slot, n_slots, threads, device = args
     from trainer.base import config as C
 
     cfg = C.from_dict(EncodeConfig, cfg_dict)
-    return encode_slot(cfg, slot, n_slots, threads)
+    return encode_slot(cfg, slot, n_slots, threads, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +320,9 @@ def run(cfg: EncodeConfig) -> dict:
     rank, world = world_from_env()
     n_slots = world * cfg.num_workers
     _check_inputs(cfg)
+    # This rank's slots, each on its own device; refuses device: cuda without a GPU before any work.
+    devices = {rank * cfg.num_workers + j: str(slot_device(cfg.device, os.environ, j, cfg.num_workers))
+               for j in range(cfg.num_workers)}
     os.makedirs(cfg.out_dir, exist_ok=True)
     fp = fingerprint(cfg, n_slots)
     ds = RankedDataset(cfg.out_dir, {}, splits=cfg.data.splits)
@@ -312,7 +332,7 @@ def run(cfg: EncodeConfig) -> dict:
         log.info(f"{cfg.out_dir}: already encoded ({done['counts']}); nothing to do")
         return done
 
-    my_slots = [rank * cfg.num_workers + j for j in range(cfg.num_workers)]
+    my_slots = list(devices)
     todo = [s for s in my_slots if ds.rank_done(s) is None]
     if len(todo) < len(my_slots):
         log.info(f"resuming: slots {sorted(set(my_slots) - set(todo))} already finished")
@@ -320,13 +340,14 @@ def run(cfg: EncodeConfig) -> dict:
     # Share this machine's cores among the slots running on it (all launcher ranks of this node).
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = cfg.threads_per_slot or max(1, (os.cpu_count() or 1) // (local_world * cfg.num_workers))
+    log.info("slots " + ", ".join(f"{s} on {devices[s]}" for s in todo))
     if len(todo) == 1:
-        encode_slot(cfg, todo[0], n_slots, threads)
+        encode_slot(cfg, todo[0], n_slots, threads, devices[todo[0]])
     elif todo:
         # One process per slot (not a pool): a slot that dies must not take its siblings down, so
         # that their finished work is kept for the re-run.
         ctx = mp.get_context("spawn")
-        procs = {s: ctx.Process(target=_slot_entry, args=((dataclasses.asdict(cfg), s, n_slots, threads),))
+        procs = {s: ctx.Process(target=_slot_entry, args=((dataclasses.asdict(cfg), s, n_slots, threads, devices[s]),))
                  for s in todo}
         for p in procs.values():
             p.start()

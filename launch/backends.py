@@ -3,6 +3,15 @@
 Every backend returns a Plan: the files to write (job YAML, sbatch script, hostfile) and the
 commands to start together on this machine (argv lists; ssh for remote hosts). `--dry-run` prints
 exactly these, each command joined with shlex.join so every value is shell-quoted.
+
+Every process runs `python -m launch.worker JOB JOB.yaml`: the worker joins the process group with
+the run YAML's `compute.dist_timeout` (passed as LATENTVERSE_DIST_TIMEOUT beside `compute.env`, e.g.
+NCCL_* settings) before the job's own code runs.
+
+The master port, unless `compute.master_port` fixes it, is found free on the master itself: by the
+batch step of the sbatch script on the allocation's first node (slurm), by asking the master over ssh
+before anything starts (`port_probe`: composer, torchrun and deepspeed with a remote master), or
+here when the master is this machine.
 """
 from __future__ import annotations
 
@@ -12,6 +21,10 @@ import shlex
 import sys
 
 from launch.compute import LOOPBACK, ComputeConfig
+from launch.worker import DIST_TIMEOUT_ENV
+
+# Prints a port free on the machine it runs on (the master: see port_probe and slurm).
+FREE_PORT = 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
 
 
 @dataclasses.dataclass
@@ -27,7 +40,8 @@ class Plan:
     files: dict[str, str]            # absolute path -> text, written before anything starts
     commands: list[NodeCommand]      # started together; commands[0] owns the terminal
     master: str
-    port: int | str                  # str: found on the master node at run time (slurm)
+    port: int | str                  # str: found on the master node at run time (slurm), or --dry-run's placeholder
+    job_yaml: str = ""               # this launch's job YAML (set by launch.launcher.build)
 
 
 @dataclasses.dataclass
@@ -37,7 +51,8 @@ class Context:
     job_yaml: str             # absolute path of the job part, written by the launcher
     launch_dir: str           # absolute; job.yaml, scripts and logs go here
     cwd: str                  # absolute; every process runs here (relative paths in the job YAML)
-    port: int                 # resolved master port (compute.master_port or a free one)
+    port: int | str           # master port: compute.master_port or one free on the master (str: --dry-run's
+                              # placeholder for the port the master is asked for at launch)
     job_name: str
     node_rank: int | None = None  # start only this node (composer, torchrun)
 
@@ -52,15 +67,42 @@ def tool(cc: ComputeConfig, name: str) -> str:
     return here if os.path.exists(here) else name
 
 
+def python(cc: ComputeConfig) -> str:
+    """The Python the nodes run: the container's, the venv's, else this one (a shared file system)."""
+    return "python3" if cc.container else tool(cc, "python") if cc.venv else sys.executable
+
+
+def process_env(cc: ComputeConfig) -> dict[str, str]:
+    """What every launched process gets in its environment: `compute.env` and the collective timeout."""
+    env = dict(cc.env)
+    if cc.dist_timeout is not None:
+        env[DIST_TIMEOUT_ENV] = f"{cc.dist_timeout:g}"
+    return env
+
+
 def _with_env(cc: ComputeConfig, argv: list[str]) -> list[str]:
-    return ["env", *(f"{k}={v}" for k, v in cc.env.items()), *argv] if cc.env else argv
+    env = process_env(cc)
+    return ["env", *(f"{k}={v}" for k, v in env.items()), *argv] if env else argv
 
 
 def _on_host(host: str | None, cwd: str, argv: list[str]) -> list[str]:
-    """Run argv on host: directly when it is this machine, else via ssh in the same directory."""
+    """Run argv on host: directly when it is this machine, else via ssh in the same directory.
+
+    `-tt` gives the remote command a terminal even though ours is not one: when the local ssh is
+    stopped, the remote terminal hangs up and SIGHUP ends the remote launcher and its processes
+    (without a terminal they would keep running, holding the GPUs and the master port).
+    """
     if host is None or host in LOOPBACK:
         return argv
-    return ["ssh", host, f"cd {shlex.quote(cwd)} && {shlex.join(argv)}"]
+    return ["ssh", "-tt", host, f"cd {shlex.quote(cwd)} && {shlex.join(argv)}"]
+
+
+def port_probe(cc: ComputeConfig) -> list[str] | None:
+    """The command that prints a free port on the master when the master is another machine (run by
+    the launcher before anything starts); None when the port is found here or in the sbatch script."""
+    if cc.backend in ("local", "slurm") or cc.master_port is not None or cc.master() in LOOPBACK:
+        return None
+    return ["ssh", "-o", "BatchMode=yes", cc.master(), shlex.join([python(cc), "-c", FREE_PORT])]
 
 
 def _composer_logs(ctx: Context) -> list[str]:
@@ -70,8 +112,8 @@ def _composer_logs(ctx: Context) -> list[str]:
             "--stderr", os.path.join(logs, "rank{rank}.stderr.txt")]
 
 
-def _program(ctx: Context, module: str = "launch.cli") -> list[str]:
-    return ["-m", module, ctx.job, ctx.job_yaml]
+def _program(ctx: Context) -> list[str]:
+    return ["-m", "launch.worker", ctx.job, ctx.job_yaml]
 
 
 def local(cc: ComputeConfig, ctx: Context) -> Plan:
@@ -103,7 +145,7 @@ def torchrun(cc: ComputeConfig, ctx: Context) -> Plan:
         # c10d rendezvous assigns node ranks itself; launch.worker hands them to Composer.
         argv = [tool(cc, "torchrun"), "--nnodes", str(cc.nodes), "--nproc-per-node", str(cc.nproc),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{master}:{ctx.port}", "--rdzv-id", ctx.job_name,
-                *_program(ctx, "launch.worker")]
+                *_program(ctx)]
         host = cc.hosts[rank] if cc.hosts and ctx.node_rank is None else None
         cmds.append(NodeCommand(rank, _on_host(host, ctx.cwd, _with_env(cc, argv)), host))
     return Plan("torchrun", {}, cmds, master, ctx.port)
@@ -114,22 +156,18 @@ def deepspeed(cc: ComputeConfig, ctx: Context) -> Plan:
     hosts = cc.hosts or ["localhost"]
     hostfile = os.path.join(ctx.launch_dir, "hostfile")
     files = {hostfile: "".join(f"{h} slots={cc.nproc}\n" for h in hosts)}
-    env = cc.env
-    if cc.env:
+    env = process_env(cc)
+    if env:
         # The runner reaches remote nodes through pdsh, which passes on only the variables in this file.
         env_file = os.path.join(ctx.launch_dir, "deepspeed_env")
-        files[env_file] = "".join(f"{k}={v}\n" for k, v in cc.env.items())
-        env = {"DS_ENV_FILE": env_file, **cc.env}
+        files[env_file] = "".join(f"{k}={v}\n" for k, v in env.items())
+        env = {"DS_ENV_FILE": env_file, **env}
     # --no_local_rank: the job's command line takes no --local_rank; LOCAL_RANK is in the environment.
     argv = [tool(cc, "deepspeed"), "--hostfile", hostfile, "--num_nodes", str(cc.nodes),
             "--num_gpus", str(cc.nproc), "--master_addr", master, "--master_port", str(ctx.port),
             "--no_local_rank", "--module", "launch.worker", ctx.job, ctx.job_yaml]
-    argv = _with_env(dataclasses.replace(cc, env=env), argv)
+    argv = _with_env(dataclasses.replace(cc, env=env, dist_timeout=None), argv)
     return Plan("deepspeed", files, [NodeCommand(None, argv)], master, ctx.port)
-
-
-# The batch step runs on the first node of the allocation, which is the master: a port free there.
-_FREE_PORT = 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
 
 
 def slurm(cc: ComputeConfig, ctx: Context) -> Plan:
@@ -147,22 +185,27 @@ def slurm(cc: ComputeConfig, ctx: Context) -> Plan:
     lines += [f"#SBATCH {a}" for a in cc.sbatch_args]
     lines += ["# One task per node; each starts the Composer launcher for its node's processes.",
               "set -euo pipefail"]
-    python = "python3" if cc.container else tool(cc, "python") if cc.venv else sys.executable
     if cc.venv:
         lines.append(f". {q(os.path.join(cc.venv, 'bin', 'activate'))}")
-    lines += [f"export {k}={q(v)}" for k, v in cc.env.items()]
+    lines += [f"export {k}={q(v)}" for k, v in process_env(cc).items()]
     lines.append('export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)')
     if cc.master_port is not None:
         lines.append(f"export MASTER_PORT={cc.master_port}")
     else:
-        lines.append(f"export MASTER_PORT=$({q(python)} -c {q(_FREE_PORT)})")
+        # The batch step runs on the first node of the allocation, the master: a port free there.
+        lines.append(f"export MASTER_PORT=$({q(python(cc))} -c {q(FREE_PORT)})")
     # Node rank and master come from Slurm at run time, so the node command is expanded by bash on
     # each node; every fixed value in it is quoted.
     node = " ".join([
         q(tool(cc, "composer")), "--world_size", str(cc.world_size), "--nproc", str(cc.nproc),
         "--node_rank", '"$SLURM_NODEID"', "--master_addr", '"$MASTER_ADDR"', "--master_port", '"$MASTER_PORT"',
         *map(q, _composer_logs(ctx)), *map(q, _program(ctx))])
-    srun = ["srun", "--nodes", str(cc.nodes), "--ntasks-per-node", "1"]
+    # srun does not inherit sbatch's --cpus-per-task (Slurm 22.05-23.02): without it each node's launcher,
+    # its ranks and their loader workers share one CPU. --kill-on-bad-exit: a node that fails ends the
+    # step at once instead of leaving the others waiting in a collective until the timeout.
+    srun = ["srun", "--nodes", str(cc.nodes), "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
+    if cc.cpus_per_task is not None:
+        srun += ["--cpus-per-task", str(cc.cpus_per_task)]
     if cc.container:
         srun += [f"--container-image={cc.container}", f"--container-workdir={ctx.cwd}"]
         if cc.container_mounts:

@@ -28,8 +28,12 @@ class ComputeConfig:
     # others through ssh. Needed to start several nodes from here (composer, torchrun, deepspeed).
     hosts: list[str] = dataclasses.field(default_factory=list)
     master_addr: Optional[str] = None          # default: hosts[0], or 127.0.0.1 on one node
-    master_port: Optional[int] = None          # default: a free port, found at launch time
-    env: dict[str, str] = dataclasses.field(default_factory=dict)  # exported to every process
+    master_port: Optional[int] = None          # default: a port free on the master, found at launch time
+    # Exported to every process, e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG, TORCH_NCCL_* settings.
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Seconds a collective may wait for the other ranks before the job fails (None: Composer's 300 s);
+    # raise it when rank 0 alone does long work between collectives (e.g. a merge or an export).
+    dist_timeout: Optional[float] = None
     venv: Optional[str] = None                 # virtualenv whose bin/ holds python and the launchers
     container: Optional[str] = None            # container image (slurm: pyxis --container-image)
     container_mounts: list[str] = dataclasses.field(default_factory=list)  # slurm: src:dst
@@ -77,6 +81,8 @@ def check(cc: ComputeConfig, source: str, cli_keys: set[str] = frozenset(), node
         fail("procs_per_node", f"must be at least 1, got {cc.procs_per_node}")
     if cc.master_port is not None and not 0 < cc.master_port < 65536:
         fail("master_port", f"must be a TCP port 1..65535, got {cc.master_port}")
+    if cc.dist_timeout is not None and not cc.dist_timeout > 0:
+        fail("dist_timeout", f"must be a number of seconds > 0, got {cc.dist_timeout}")
     if cc.hosts and len(cc.hosts) != cc.nodes:
         fail("hosts", f"lists {len(cc.hosts)} hosts for {cc.nodes} nodes")
     for k in cc.env:

@@ -2,8 +2,10 @@
 
     latentverse launch RUN.yaml [key=value ...] [--dry-run] [--node-rank R]
 
-The job part of the run YAML (without `compute` and `job`) is written to <launch_dir>/job.yaml
-(default launch_dir: <job out_dir>/launch) and every process runs `latentverse JOB that.yaml`.
+The job part of the run YAML (without `compute` and `job`) is written to its own file per launch,
+<launch_dir>/job-<UTC time>-<random>.yaml (default launch_dir: <job out_dir>/launch), written once and
+read-only, and every process runs `latentverse JOB that.yaml`: a job still waiting in a queue runs
+what was submitted with it, not what a later submission wrote.
 Backends: local (composer -n), composer (one Composer launcher per node), torchrun (c10d
 rendezvous), slurm (sbatch script, srun one launcher per node), deepspeed (hostfile + launcher).
 `key=value` overrides apply to the run YAML: `compute.nodes=2`, or any job key. `--dry-run`
@@ -19,6 +21,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 
 import yaml
 
@@ -47,6 +50,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def master_port(cc, source: str, dry_run: bool) -> int | str:
+    """compute.master_port, else a port free on the master: asked of it over ssh when it is another
+    machine (--dry-run asks nothing and shows a placeholder), else found here."""
+    if cc.master_port is not None:
+        return cc.master_port
+    probe = backends.port_probe(cc)
+    if probe is None:
+        return free_port()
+    if dry_run:
+        return f"<free port on {cc.master()}>"
+    try:
+        r = subprocess.run(probe, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        out, why = r.stdout.strip(), (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        out, why = "", str(e)
+    if not out.isdigit():
+        raise C.ConfigError(f"{source}: compute.master_port: not set, and asking the master {cc.master()} for a "
+                            f"free port failed ({shlex.join(probe[:-1])} ...: {why}); set compute.master_port")
+    return int(out)
+
+
+def submission_name() -> str:
+    """job-<UTC time>-<8 hex>.yaml: unique to one launch, sortable by time."""
+    return f"job-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}.yaml"
+
+
 def job_out_dir(run: Run, dry_run: bool) -> str | None:
     """Check the job part with the job's own typed config (before anything starts); its out_dir."""
     from launch.cli import config_class, load_job_module
@@ -69,13 +98,14 @@ def build(run: Run, dry_run: bool = False, node_rank: int | None = None) -> back
         raise C.ConfigError(f"{run.path}: compute.launch_dir: required, the job config has no out_dir")
     launch_dir = os.path.abspath(launch_dir)
     ctx = backends.Context(
-        job=run.spec.job, job_yaml=os.path.join(launch_dir, "job.yaml"), launch_dir=launch_dir,
-        cwd=os.getcwd(), port=cc.master_port or free_port(), node_rank=node_rank,
+        job=run.spec.job, job_yaml=os.path.join(launch_dir, submission_name()), launch_dir=launch_dir,
+        cwd=os.getcwd(), port=master_port(cc, run.path, dry_run), node_rank=node_rank,
         job_name=cc.job_name or f"latentverse-{run.spec.job}")
     plan = backends.plan(cc, ctx)
     header = f"# written by `latentverse launch {run.path}`: the job part, run as `latentverse {run.spec.job}`\n"
     job_text = header + yaml.safe_dump(run.job_data, sort_keys=False, default_flow_style=None)
     plan.files = {ctx.job_yaml: job_text, **plan.files}
+    plan.job_yaml = ctx.job_yaml
     return plan
 
 
@@ -91,14 +121,20 @@ def describe(plan: backends.Plan, cc) -> str:
     return "\n".join(out)
 
 
-def write_files(files: dict[str, str]) -> None:
+def write_files(files: dict[str, str], keep: str | None = None) -> None:
+    """Write each file whole (a temporary name, then rename); `keep`: a file written once, read-only,
+    never replaced (a launch's job YAML)."""
     for path, text in files.items():
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if path == keep and os.path.exists(path):
+            raise C.UserError(f"{path}: already written by another launch; launch again")
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         if path.endswith(".sh"):
             os.chmod(tmp, 0o755)
+        if path == keep:
+            os.chmod(tmp, 0o444)
         os.replace(tmp, path)
 
 
@@ -131,11 +167,12 @@ def run_commands(plan: backends.Plan, launch_dir: str) -> int:
         for i, cmd in enumerate(plan.commands):
             log.info(f"start {'node ' + str(cmd.node_rank) if cmd.node_rank is not None else plan.backend}: "
                      f"{shlex.join(cmd.argv)}")
-            out = None
-            if i > 0:  # the first command owns the terminal; the others log to files
+            out = stdin = None
+            if i > 0:  # the first command owns the terminal; the others log to files, read no keys
                 out = open(os.path.join(logs, f"node{cmd.node_rank}.txt"), "a", encoding="utf-8")
                 files.append(out)
-            procs.append(subprocess.Popen(cmd.argv, stdout=out, stderr=subprocess.STDOUT if out else None,
+                stdin = subprocess.DEVNULL
+            procs.append(subprocess.Popen(cmd.argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT if out else None,
                                           start_new_session=True))
         while True:
             codes = [p.poll() for p in procs]
@@ -172,9 +209,10 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe(plan, cc))
         return 0
-    write_files(plan.files)
-    launch_dir = os.path.dirname(next(iter(plan.files)))
-    log.info(f"{plan.backend}: {cc.nodes} node(s) x {cc.nproc} process(es); job YAML and logs in {launch_dir}")
+    write_files(plan.files, keep=plan.job_yaml)
+    launch_dir = os.path.dirname(plan.job_yaml)
+    log.info(f"{plan.backend}: {cc.nodes} node(s) x {cc.nproc} process(es); job YAML {plan.job_yaml}, "
+             f"logs in {launch_dir}")
     if plan.backend == "slurm":
         return submit(plan)
     return run_commands(plan, launch_dir)

@@ -205,3 +205,31 @@ def test_merge_with_a_partition_one_rank_never_wrote(tmp_path):
     ds.merge(2)
     assert [LocalMDS(str(tmp_path / "train" / "k=b"))[i]["text"] for i in range(2)] == ["0k=b", "1k=b"]
     assert len(LocalMDS(str(tmp_path / "train" / "k=a"))) == 1 and len(LocalMDS(str(tmp_path / "train"))) == 3
+
+
+def test_each_slot_gets_its_own_gpu():
+    """device cuda: a rank's slot takes GPU LOCAL_RANK * num_workers + worker (mod the GPU count)."""
+    dev = encode_job.slot_device
+    # one rank per GPU (`composer -n 8 ... device=cuda`): rank r on cuda:r, not all on cuda:0
+    assert [dev("cuda", {"LOCAL_RANK": str(r)}, cuda_count=8) for r in range(8)] == \
+        [torch.device("cuda", r) for r in range(8)]
+    assert dev("cuda", {}, cuda_count=8) == torch.device("cuda", 0)  # no launcher
+    # the processes a rank spawns (num_workers) get distinct GPUs too: 4 ranks x 2 slots on 8 GPUs
+    got = [dev("cuda", {"LOCAL_RANK": str(r)}, j, 2, cuda_count=8) for r in range(4) for j in range(2)]
+    assert sorted(d.index for d in got) == list(range(8))
+    # more slots than GPUs share them evenly
+    got = [dev("cuda", {"LOCAL_RANK": "0"}, j, 4, cuda_count=2).index for j in range(4)]
+    assert sorted(got) == [0, 0, 1, 1]
+    assert dev("auto", {"LOCAL_RANK": "3"}, cuda_count=4) == torch.device("cuda", 3)
+    assert dev("auto", {"LOCAL_RANK": "3"}, cuda_count=0) == torch.device("cpu")
+    assert dev("cpu", {"LOCAL_RANK": "3"}, cuda_count=4) == torch.device("cpu")
+    with pytest.raises(C.UserError, match=r"^device: cuda, but this machine has no CUDA device"):
+        dev("cuda", {"LOCAL_RANK": "1"}, cuda_count=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused_before_any_work(assets, tmp_path):
+    cfg = C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "out", "device=cuda", "num_workers=2"))
+    with pytest.raises(C.UserError, match=r"^device: cuda, but this machine has no CUDA device"):
+        encode_job.run(cfg)
+    assert not (tmp_path / "out").exists()

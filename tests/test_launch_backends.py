@@ -13,9 +13,9 @@ import yaml
 
 from launch import backends
 from launch.compute import ComputeConfig, check
-from launch.launcher import build, describe
+from launch.launcher import build, describe, write_files
 from launch.run_yaml import load_run
-from launch.worker import bridge_env
+from launch.worker import DIST_TIMEOUT_ENV, bridge_env
 from trainer.base import config as C
 
 from .conftest import ROOT, run_cli
@@ -68,7 +68,7 @@ def test_local_is_composer_with_n_processes(tmp_path):
     f = flags(argv)
     assert f["-n"] == "2" and f["--master_port"] == "29511"
     assert "{rank}" in f["--stdout"] and f["--stdout"].startswith(str(tmp_path / "launch" / "logs"))
-    assert program(argv) == ["launch.cli", "train", str(tmp_path / "launch" / "job.yaml")]
+    assert program(argv) == ["launch.worker", "train", str(tmp_path / "launch" / "job.yaml")]
 
 
 def test_gpus_set_processes_per_node():
@@ -84,16 +84,17 @@ def test_composer_one_launcher_per_node(tmp_path):
     assert [c.node_rank for c in plan.commands] == [0, 1, 2, 3]
     for rank, cmd in enumerate(plan.commands):
         argv = shlex.split(shlex.join(cmd.argv))
-        # A remote node is reached through ssh, in the same directory.
-        assert argv[:2] == ["ssh", f"n{rank}"]
-        cd, _, inner = argv[2].partition(" && ")
+        # A remote node is reached through ssh, in the same directory, on a terminal (-tt) that hangs
+        # up when the run is stopped here, which ends the remote launcher.
+        assert argv[:3] == ["ssh", "-tt", f"n{rank}"]
+        cd, _, inner = argv[3].partition(" && ")
         assert shlex.split(cd) == ["cd", str(tmp_path)]
         inner = shlex.split(inner)
         assert os.path.basename(inner[0]) == "composer"
         f = flags(inner)
         assert f["--world_size"] == "32" and f["--nproc"] == "8" and f["--node_rank"] == str(rank)
         assert f["--master_addr"] == "n0" and f["--master_port"] == "29511"
-        assert program(inner)[:2] == ["launch.cli", "train"]
+        assert program(inner)[:2] == ["launch.worker", "train"]
 
 
 def test_composer_loopback_nodes_run_here_and_node_rank_picks_one(tmp_path):
@@ -115,7 +116,7 @@ def test_torchrun_rendezvous(tmp_path):
     plan = backends.plan(cc, ctx(tmp_path))
     assert len(plan.commands) == 4
     for cmd in plan.commands:
-        inner = shlex.split(shlex.split(shlex.join(cmd.argv))[2].partition(" && ")[2])
+        inner = shlex.split(shlex.split(shlex.join(cmd.argv))[3].partition(" && ")[2])
         assert os.path.basename(inner[0]) == "torchrun"
         f = flags(inner)
         assert f["--nnodes"] == "4" and f["--nproc-per-node"] == "8"
@@ -174,6 +175,9 @@ def test_slurm_script(tmp_path):
     (srun_line,) = [ln for ln in lines if ln.startswith("srun ")]
     srun = shlex.split(srun_line)
     assert srun[srun.index("--nodes") + 1] == "4" and srun[srun.index("--ntasks-per-node") + 1] == "1"
+    # srun gets sbatch's CPUs per task (Slurm 22.05-23.02 does not pass them on), and a failed node
+    # ends the step.
+    assert srun[srun.index("--cpus-per-task") + 1] == "64" and "--kill-on-bad-exit=1" in srun
     assert "--container-image=nvcr.io/x:1" in srun and "--container-mounts=/data:/data" in srun
     assert srun[-3:-1] == ["bash", "-c"]
     node = shlex.split(srun[-1])
@@ -183,7 +187,7 @@ def test_slurm_script(tmp_path):
     # shlex.split keeps the variables for bash to expand on each node
     assert f["--node_rank"] == "$SLURM_NODEID"
     assert f["--master_addr"] == "$MASTER_ADDR" and f["--master_port"] == "$MASTER_PORT"
-    assert program(node)[:2] == ["launch.cli", "train"]
+    assert program(node)[:2] == ["launch.worker", "train"]
     assert plan.commands[0].argv == ["sbatch", str(tmp_path / "launch" / "sbatch.sh")]
 
 
@@ -194,7 +198,9 @@ def test_slurm_fixed_port_and_venv(tmp_path):
     assert "export MASTER_PORT=6000" in lines
     assert ". /opt/venv/bin/activate" in lines
     assert "--gpus-per-node" not in sbatch_lines(script)
-    node = shlex.split(shlex.split(next(ln for ln in lines if ln.startswith("srun ")))[-1])
+    srun = shlex.split(next(ln for ln in lines if ln.startswith("srun ")))
+    assert "--kill-on-bad-exit=1" in srun and "--cpus-per-task" not in srun  # sbatch got none either
+    node = shlex.split(srun[-1])
     assert node[0] == "/opt/venv/bin/composer"
 
 
@@ -213,6 +219,8 @@ def test_slurm_fixed_port_and_venv(tmp_path):
     ({"backend": "pbs"}, "compute.backend"),
     ({"nodes": "four"}, "compute.nodes"),
     ({"gpu": 8}, "compute.gpu"),
+    ({"dist_timeout": 0}, "compute.dist_timeout"),
+    ({"dist_timeout": "1h"}, "compute.dist_timeout"),
 ])
 def test_bad_compute_is_one_line_naming_the_key(tmp_path, compute, key):
     run = tmp_path / "run.yaml"
@@ -262,7 +270,8 @@ def test_job_part_merges_job_yaml_inline_overrides_and_command_line(tmp_path):
     assert r.job_data == {"out_dir": f"{tmp_path}/o", "batch_size": 16, "max_duration": "30ba", "seed": 3,
                           "optim": {"lr": 0.5}}
     plan = build(r, dry_run=True)
-    job_yaml = str(tmp_path / "o" / "launch" / "job.yaml")
+    job_yaml = plan.job_yaml
+    assert os.path.dirname(job_yaml) == str(tmp_path / "o" / "launch")
     written = yaml.safe_load(plan.files[job_yaml])
     assert written == r.job_data and "compute" not in written and "job" not in written
     assert not os.path.exists(job_yaml)  # building a plan writes nothing
@@ -279,13 +288,13 @@ def test_dry_run_prints_the_files_and_quoted_commands(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0].startswith("# backend composer: 2 node(s) x 1 process(es), world size 2, master 127.0.0.1:")
     port = lines[0].rsplit(":", 1)[1]
-    assert f"# file {out}/launch/job.yaml" in lines
+    (job_yaml,) = [ln[len("# file "):] for ln in lines if ln.startswith(f"# file {out}/launch/job-")]
     cmds = [shlex.split(lines[i + 1]) for i, ln in enumerate(lines) if ln.startswith("# node ")]
     assert len(cmds) == 2
     for rank, argv in enumerate(cmds):
         f = flags(argv)
         assert f["--node_rank"] == str(rank) and f["--master_port"] == port
-        assert program(argv) == ["launch.cli", "train", f"{out}/launch/job.yaml"]
+        assert program(argv) == ["launch.worker", "train", job_yaml]
     assert not out.exists()
 
 
@@ -295,6 +304,100 @@ def test_master_port_is_free_unless_set(tmp_path):
     ports = {build(load_run(str(run)), dry_run=True).port for _ in range(3)}
     assert all(isinstance(p, int) and 1024 <= p < 65536 for p in ports)
     assert build(load_run(str(run), ["compute.master_port=4321"]), dry_run=True).port == 4321
+
+
+# ---------------------------------------------------------------- what reaches the processes
+
+
+def _node_env_and_program(cmd: backends.NodeCommand) -> tuple[dict, list[str]]:
+    argv = shlex.split(shlex.join(cmd.argv))
+    if argv[0] == "ssh":
+        argv = shlex.split(argv[-1].partition(" && ")[2])
+    return strip_env(argv)
+
+
+@pytest.mark.parametrize("backend", ["local", "composer", "torchrun"])
+def test_dist_timeout_and_nccl_env_reach_every_process(tmp_path, backend):
+    hosts = {"local": [], "composer": ["a", "b"], "torchrun": ["a", "b"]}[backend]
+    cc = ComputeConfig(backend=backend, nodes=len(hosts) or 1, hosts=hosts, dist_timeout=1800,
+                       env={"NCCL_SOCKET_IFNAME": "ib0"})
+    for cmd in backends.plan(cc, ctx(tmp_path)).commands:
+        env, argv = _node_env_and_program(cmd)
+        assert env == {"NCCL_SOCKET_IFNAME": "ib0", DIST_TIMEOUT_ENV: "1800"}
+        assert program(argv)[0] == "launch.worker"  # which joins the group with that timeout
+
+
+def test_dist_timeout_and_nccl_env_in_slurm_and_deepspeed(tmp_path):
+    cc = ComputeConfig(backend="slurm", nodes=2, partition="p", dist_timeout=600, env={"NCCL_DEBUG": "WARN"})
+    lines = backends.plan(cc, ctx(tmp_path)).files[str(tmp_path / "launch" / "sbatch.sh")].splitlines()
+    assert "export NCCL_DEBUG=WARN" in lines and f"export {DIST_TIMEOUT_ENV}=600" in lines
+    cc = ComputeConfig(backend="deepspeed", nodes=2, hosts=["a", "b"], dist_timeout=600)
+    plan = backends.plan(cc, ctx(tmp_path))
+    env, _ = strip_env(plan.commands[0].argv)
+    assert plan.files[env["DS_ENV_FILE"]].splitlines() == [f"{DIST_TIMEOUT_ENV}=600"]
+
+
+# ---------------------------------------------------------------- one job YAML per submission
+
+
+def test_each_submission_runs_its_own_job_yaml(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"job": "train", "out_dir": str(tmp_path / "o"),
+                                   "compute": {"backend": "slurm", "nodes": 2, "partition": "p"}}))
+    pointed = []
+    for seed in (1, 2):  # a second submission while the first still waits in the queue
+        plan = build(load_run(str(run), [f"seed={seed}"]), dry_run=True)
+        script = plan.files[str(tmp_path / "o" / "launch" / "sbatch.sh")]
+        srun = shlex.split(next(ln for ln in script.splitlines() if ln.startswith("srun ")))
+        pointed.append(program(shlex.split(srun[-1]))[2])
+        write_files(plan.files, keep=plan.job_yaml)
+    assert pointed[0] != pointed[1]
+    for seed, path in zip((1, 2), pointed):
+        assert os.path.dirname(path) == str(tmp_path / "o" / "launch")
+        assert yaml.safe_load(open(path))["seed"] == seed  # the first is not rewritten by the second
+        assert not os.stat(path).st_mode & 0o222  # read-only
+
+
+# ---------------------------------------------------------------- the master port, found on the master
+
+# Stands in for the ssh client: runs the remote command here, as sshd on the host would, and notes
+# which host was asked (the launcher's own code runs unchanged).
+SSH_SHIM = """#!/bin/sh
+while [ "${1#-}" != "$1" ]; do [ "$1" = "-o" ] && shift; shift; done
+echo "$1" >> "$SSH_LOG"
+shift
+[ -n "$SSH_FAIL" ] && { echo "ssh: connect to host: Connection refused" >&2; exit 255; }
+exec sh -c "$*"
+"""
+
+
+def test_master_port_is_asked_of_the_remote_master(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(SSH_SHIM)
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SSH_LOG", str(tmp_path / "ssh.log"))
+    run = tmp_path / "run.yaml"
+    for backend in ("composer", "torchrun", "deepspeed"):
+        run.write_text(yaml.safe_dump({"job": "train", "out_dir": str(tmp_path / "o"),
+                                       "compute": {"backend": backend, "nodes": 2, "hosts": ["gpu-a", "gpu-b"]}}))
+        (tmp_path / "ssh.log").write_text("")
+        plan = build(load_run(str(run)))
+        # asked of the master (hosts[0]), once, before anything starts; every node uses that port
+        assert (tmp_path / "ssh.log").read_text().split() == ["gpu-a"]
+        assert isinstance(plan.port, int) and 1024 <= plan.port < 65536
+        assert f"{plan.master}:{plan.port}" in describe(plan, load_run(str(run)).spec.compute)
+        (tmp_path / "ssh.log").write_text("")
+        assert build(load_run(str(run)), dry_run=True).port == "<free port on gpu-a>"  # --dry-run asks nothing
+        assert (tmp_path / "ssh.log").read_text() == ""
+    monkeypatch.setenv("SSH_FAIL", "1")
+    with pytest.raises(C.ConfigError) as e:
+        build(load_run(str(run)))
+    msg = str(e.value)
+    assert msg.startswith(f"{run}: compute.master_port: not set, and asking the master gpu-a") and "\n" not in msg
+    assert "Connection refused" in msg
+    assert build(load_run(str(run), ["compute.master_port=4000"])).port == 4000  # a set port: no ssh
 
 
 # ---------------------------------------------------------------- the example run YAMLs

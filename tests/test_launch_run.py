@@ -6,12 +6,15 @@
   - composer backend on loopback: two launchers (nodes 0 and 1, 1 process each, world size 2,
     master 127.0.0.1, a free port), as two machines would run them.
 
-Each trains a few batches and writes one checkpoint whose saved RNG states come from both ranks.
+Each trains a few batches and writes one checkpoint whose saved RNG states come from both ranks,
+and every process says (in its log) that it joined the process group with the run YAML's
+`compute.dist_timeout` and got its `compute.env` (an NCCL_* setting).
 """
 import glob
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -32,6 +35,7 @@ pytestmark = [
 ]
 
 BATCHES = 3
+DIST_TIMEOUT = 77  # seconds; not Composer's 300
 
 
 def _texts(n: int) -> list[str]:
@@ -73,14 +77,16 @@ def _run_yaml(tmp_path, shards, compute: dict) -> str:
         "save_interval": f"{BATCHES}ba",
         "precision": "fp32",
         "threads": 1,
-        "compute": {"env": {"OMP_NUM_THREADS": "1"}, **compute},
+        # LATENTVERSE_LOG_ALL_RANKS: rank 1 logs too, so its log shows what reached it.
+        "compute": {"env": {"OMP_NUM_THREADS": "1", "NCCL_DEBUG": "WARN", "LATENTVERSE_LOG_ALL_RANKS": "1"},
+                    "dist_timeout": DIST_TIMEOUT, **compute},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run))
     return str(path)
 
 
-def _check_trained_on_two_ranks(tmp_path):
+def _check_trained_on_two_ranks(tmp_path, launches=1):
     import torch
 
     out = tmp_path / "ae"
@@ -95,9 +101,19 @@ def _check_trained_on_two_ranks(tmp_path):
     assert (ts["batch"], ts["sample"]) == (BATCHES, 4 * BATCHES)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["batches"] == BATCHES
-    # The launcher wrote the job part (no compute/job keys) and ran the job from it.
-    job = yaml.safe_load((out / "launch" / "job.yaml").read_text())
-    assert "compute" not in job and "job" not in job and job["run_name"] == "launch-test"
+    # Each launch wrote the job part (no compute/job keys) to its own file and ran the job from it.
+    jobs = glob.glob(str(out / "launch" / "job-*.yaml"))
+    assert len(jobs) == launches
+    for path in jobs:
+        job = yaml.safe_load(open(path).read())
+        assert "compute" not in job and "job" not in job and job["run_name"] == "launch-test"
+
+
+def _check_group_settings(log: str):
+    """Both ranks joined the group with the YAML's timeout (read back from the group) and its NCCL env."""
+    ranks = re.findall(rf"rank (\d): process group gloo, world size 2, timeout {DIST_TIMEOUT} s; NCCL_DEBUG=WARN$",
+                       log, re.M)
+    assert sorted(ranks) == ["0", "1"], log[-3000:]
 
 
 def test_local_two_processes(tmp_path, shards):
@@ -106,7 +122,8 @@ def test_local_two_processes(tmp_path, shards):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _check_trained_on_two_ranks(tmp_path)
     # rank 1 ran under the same launcher; its output is kept beside the job YAML
-    assert os.path.exists(tmp_path / "ae" / "launch" / "logs" / "rank1.stderr.txt")
+    rank1 = (tmp_path / "ae" / "launch" / "logs" / "rank1.stderr.txt").read_text()
+    _check_group_settings(r.stderr + rank1)
 
 
 # Two "nodes" on one machine would share /dev/shm, where streaming's node leaders register their
@@ -136,7 +153,8 @@ def test_two_nodes_on_loopback(tmp_path, shards):
     for rank in (0, 1):
         (cmd,) = build(load_run(run), dry_run=True, node_rank=rank).commands
         argv = shlex.split(shlex.join(cmd.argv))
-        f = dict(zip(argv[1::2], argv[2::2]))
+        argv = argv[next(i for i, a in enumerate(argv) if a.startswith("--")):]  # past `env K=V ... composer`
+        f = dict(zip(argv[0::2], argv[1::2]))
         assert (f["--world_size"], f["--nproc"], f["--node_rank"]) == ("2", "1", str(rank))
         assert (f["--master_addr"], f["--master_port"]) == ("127.0.0.1", str(port))
     # Both nodes for real, each started the way a user starts it on its machine.
@@ -156,7 +174,8 @@ def test_two_nodes_on_loopback(tmp_path, shards):
             f.close()
     out = {r: (tmp_path / f"launch_node{r}.txt").read_text() for r in (0, 1)}
     assert codes == [0, 0], out[0][-3000:] + out[1][-3000:]
-    _check_trained_on_two_ranks(tmp_path)
+    _check_trained_on_two_ranks(tmp_path, launches=2)  # one per node
+    _check_group_settings(out[0] + out[1])
 
 
 def test_torchrun_two_processes(tmp_path, shards):
@@ -166,3 +185,4 @@ def test_torchrun_two_processes(tmp_path, shards):
     r = run_cli("launch", run, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _check_trained_on_two_ranks(tmp_path)
+    _check_group_settings(r.stderr)
