@@ -212,6 +212,7 @@ def slurm(cc: ComputeConfig, ctx: Context) -> Plan:
         srun += [f"--container-image={cc.container}", f"--container-workdir={ctx.cwd}"]
         if cc.container_mounts:
             srun.append(f"--container-mounts={','.join(cc.container_mounts)}")
+    lines.append(f"mkdir -p {q(os.path.join(ctx.launch_dir, 'logs'))}")   # the launchers' --stdout/--stderr
     lines += _run_requeueable(f"{shlex.join(srun)} bash -c {q(node)}", ctx.launch_dir)
     files = {script: "\n".join(lines) + "\n"}
     return Plan("slurm", files, [NodeCommand(None, ["sbatch", script])], "$MASTER_ADDR", "$MASTER_PORT")
