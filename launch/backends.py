@@ -22,6 +22,7 @@ import sys
 
 from launch.compute import LOOPBACK, ComputeConfig
 from launch.worker import DIST_TIMEOUT_ENV
+from trainer.base.schema import REQUEUE_EXIT, STOP_FILE_ENV
 
 # Prints a port free on the machine it runs on (the master: see port_probe and slurm).
 FREE_PORT = 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
@@ -182,6 +183,7 @@ def slurm(cc: ComputeConfig, ctx: Context) -> Plan:
             sb.append((key, value))
     sb += [("chdir", ctx.cwd), ("output", os.path.join(ctx.launch_dir, "slurm-%j.out"))]
     lines = ["#!/bin/bash", *(f"#SBATCH --{k}={q(str(v))}" for k, v in sb)]
+    lines += _requeue_flags(cc)
     lines += [f"#SBATCH {a}" for a in cc.sbatch_args]
     lines += ["# One task per node; each starts the Composer launcher for its node's processes.",
               "set -euo pipefail"]
@@ -210,9 +212,46 @@ def slurm(cc: ComputeConfig, ctx: Context) -> Plan:
         srun += [f"--container-image={cc.container}", f"--container-workdir={ctx.cwd}"]
         if cc.container_mounts:
             srun.append(f"--container-mounts={','.join(cc.container_mounts)}")
-    lines.append(f"{shlex.join(srun)} bash -c {q(node)}")
+    lines.append(f"mkdir -p {q(os.path.join(ctx.launch_dir, 'logs'))}")   # the launchers' --stdout/--stderr
+    lines += _run_requeueable(f"{shlex.join(srun)} bash -c {q(node)}", ctx.launch_dir)
     files = {script: "\n".join(lines) + "\n"}
     return Plan("slurm", files, [NodeCommand(None, ["sbatch", script])], "$MASTER_ADDR", "$MASTER_PORT")
+
+
+def _requeue_flags(cc: ComputeConfig) -> list[str]:
+    flags = []
+    if cc.requeue:   # --open-mode=append: a requeued run adds to the log instead of truncating it
+        flags += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
+    if cc.signal_before_s:
+        flags.append(f"#SBATCH --signal=B:USR1@{cc.signal_before_s}")
+    return flags
+
+
+def _run_requeueable(step: str, launch_dir: str) -> list[str]:
+    """The job step in the background, so that the batch shell can take USR1 (--signal=B:USR1@N, or
+    `scancel --signal=USR1 --batch`): it writes the stop file, every training rank sees it at the next
+    batch (rank 0 looks, all agree), checkpoints, and exits with REQUEUE_EXIT; the script then requeues
+    the job (same id: afterok dependents keep waiting), which resumes from that checkpoint."""
+    stop = os.path.join(launch_dir, "stop-$SLURM_JOB_ID")
+    return [
+        f'export {STOP_FILE_ENV}="{stop}"',
+        'rm -f "$LATENTVERSE_STOP_FILE"',
+        "trap 'echo \"latentverse: USR1: checkpoint at the next batch, then requeue\"; "
+        "touch \"$LATENTVERSE_STOP_FILE\"' USR1",
+        f"{step} &",
+        "step=$!",
+        "while true; do   # wait returns early when the trap runs: wait again until the step has ended",
+        '  set +e; wait "$step"; rc=$?; set -e',
+        '  kill -0 "$step" 2>/dev/null || break',
+        "done",
+        f'if [ "$rc" -eq {REQUEUE_EXIT} ] || {{ [ "$rc" -ne 0 ] && [ -e "$LATENTVERSE_STOP_FILE" ]; }}; then',
+        '  echo "latentverse: requeue job $SLURM_JOB_ID (step exited $rc)"',
+        '  rm -f "$LATENTVERSE_STOP_FILE"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "  exit 0",
+        "fi",
+        'exit "$rc"',
+    ]
 
 
 BACKENDS = {"local": local, "composer": composer, "torchrun": torchrun, "slurm": slurm, "deepspeed": deepspeed}

@@ -45,6 +45,12 @@ class ComputeConfig:
     cpus_per_task: Optional[int] = None
     mem: Optional[str] = None                  # per node, e.g. "0" (all) or "500G"
     sbatch_args: list[str] = dataclasses.field(default_factory=list)  # more #SBATCH flags, verbatim
+    # Preemption and failure (slurm): USR1 to the batch script this many seconds before the time limit
+    # (0: none); the training job then checkpoints at the next batch and the script requeues the job.
+    # requeue: a job whose node fails is requeued by Slurm (and the script may requeue itself); either
+    # way it resumes from its last complete checkpoint (autoresume), and dependent jobs keep waiting.
+    signal_before_s: int = 300
+    requeue: bool = True
     launch_dir: Optional[str] = None           # default: <job out_dir>/launch (job.yaml, scripts, logs)
 
     @property

@@ -37,7 +37,8 @@ STOP_GRACE_S = 30.0  # how long launchers get to stop their processes before SIG
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run YAML: a job YAML plus `job:` and a `compute:` block")
+    p.add_argument("run", help="run YAML: a job YAML plus `job:` and a `compute:` block; or a chain YAML "
+                               "(`stages:`, launch/chain.py)")
     p.add_argument("overrides", nargs="*", help="dotted key=value over the run YAML, e.g. compute.nodes=2 out_dir=x")
     p.add_argument("--dry-run", action="store_true", help="print the files and commands; start nothing")
     p.add_argument("--node-rank", type=int, default=None,
@@ -205,6 +206,10 @@ def submit(plan: backends.Plan) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    from launch import chain
+
+    if chain.is_chain(args.run):   # a chain run YAML (`stages:`): launch/chain.py
+        return chain.main(args)
     run = load_run(args.run, args.overrides)
     plan = build(run, dry_run=args.dry_run, node_rank=args.node_rank)
     cc = run.spec.compute

@@ -8,6 +8,7 @@ not -- is refused before any work starts, with one line naming the file and the 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import types
@@ -42,6 +43,19 @@ class _MustExist:
 MUST_EXIST = _MustExist()
 # A string path that must exist on disk when the config is loaded.
 ExistingPath = Annotated[str, MUST_EXIST]
+
+# Predicates for paths that do not exist yet but will, made by an earlier job (a chain's preflight).
+_MADE_LATER: list = []
+
+
+@contextlib.contextmanager
+def paths_made_earlier(made):
+    """Within it, an ExistingPath passes when `made(path)` holds: an earlier stage of a chain makes it."""
+    _MADE_LATER.append(made)
+    try:
+        yield
+    finally:
+        _MADE_LATER.remove(made)
 
 _CLI = "command line"
 
@@ -169,7 +183,8 @@ class _Builder:
         if origin is Annotated:
             base, *marks = typing.get_args(tp)
             out = self.value(base, v, key)
-            if MUST_EXIST in marks and out is not None and not os.path.exists(out):
+            if MUST_EXIST in marks and out is not None and not os.path.exists(out) \
+                    and not any(made(out) for made in _MADE_LATER):
                 self.fail(key, f"path does not exist: {out!r}")
             return out
         if origin in (Union, types.UnionType):

@@ -14,6 +14,11 @@ LATENT_STATS = "latent_stats.json"        # per-channel and overall mean/std and
 ENCODE_RECORD = "_encode_config.json"     # the encode job's config (prompt encoder, prompt mode), beside its shards
 TRAIN_SUMMARY = "train_summary.json"      # every training job's final figures, in its out_dir
 METRICS_FILE = "metrics.jsonl"            # train loss and eval rows of a training run, in its out_dir
+# Between the sbatch script (launch/backends.py) and a training job: the script writes the file named by
+# STOP_FILE_ENV on the warning signal; the job checkpoints and exits REQUEUE_EXIT, which the script
+# turns into `scontrol requeue` (EX_TEMPFAIL).
+STOP_FILE_ENV = "LATENTVERSE_STOP_FILE"
+REQUEUE_EXIT = 75
 
 LABELS = ("title", "author", "form", "topic", "meter")
 

@@ -16,6 +16,7 @@ from composer.utils import dist
 from trainer.base.log import get_logger
 from trainer.base.plots import Panel, plot_metrics
 from trainer.base.config import UserError
+from trainer.base.schema import REQUEUE_EXIT, STOP_FILE_ENV
 from trainer.models.denoisers.interface import Prompt
 from trainer.models.text_encoders import build_prompt_encoder
 from trainer.models.token_latents import latent_kind, load_latent_encoder
@@ -297,3 +298,38 @@ class Progress(Callback):
 def _clock(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------- preemption: checkpoint, exit, requeue
+
+class Preempted(Exception):
+    """Every rank checkpointed the batch at which a stop was asked for; the process exits REQUEUE_EXIT."""
+
+
+class StopOnRequest(Callback):
+    """When the stop file appears (the sbatch script writes it on the warning signal USR1 before the time
+    limit or a preemption), every rank checkpoints at the next batch boundary, together (rank 0 looks,
+    all follow), and the run ends with Preempted; the requeued job resumes from that checkpoint."""
+
+    def __init__(self, path: str):
+        self.path, self.trainer = path, None
+
+    def take(self, trainer) -> None:
+        self.trainer = trainer
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        asked = [dist.get_global_rank() == 0 and os.path.exists(self.path)]
+        dist.broadcast_object_list(asked, src=0)
+        if not asked[0]:
+            return
+        b = int(state.timestamp.batch)
+        if self.trainer._checkpoint_saver.last_checkpoint_batch != state.timestamp.batch:
+            self.trainer.save_checkpoint_to_save_folder()   # unless this batch's regular save just ran
+        raise Preempted(f"stop requested ({self.path}): checkpointed batch {b} of {state.max_duration}; "
+                        f"exiting {REQUEUE_EXIT} for a requeue that resumes there")
+
+
+def stop_on_request() -> Optional[StopOnRequest]:
+    """The callback when the job runs under a launcher that asks for stops (the sbatch script), else None."""
+    path = os.environ.get(STOP_FILE_ENV)
+    return StopOnRequest(path) if path else None

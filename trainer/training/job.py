@@ -221,6 +221,8 @@ def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, l
     metrics = cb.MetricsFile(cfg.out_dir, cfg.log_interval, parts.plot, parts.plot_name)
     callbacks = [cb.NonFiniteLossGuard(ckpt_dir), metrics, cb.WallClockLimit(cfg.max_minutes), cb.Progress(),
                  LRMonitor(), restore_rng, *parts.callbacks, *optional]
+    stop = cb.stop_on_request()   # preemption: under the sbatch script of launch/backends.py
+    callbacks += [stop] if stop else []
     try:
         trainer = Trainer(
             model=parts.model, train_dataloader=parts.train_dataloader, eval_dataloader=parts.eval_dataloader,
@@ -238,6 +240,8 @@ def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, l
         job.load_failed(e)
         raise
     restore_rng.take(trainer)
+    if stop:
+        stop.take(trainer)
     return trainer, metrics
 
 
@@ -270,6 +274,10 @@ def run_training(job: TrainingJob) -> dict:
     except cb.NonFiniteLoss:
         trainer.close()  # progress bars closed first, so the one-line message is the last thing printed
         raise
+    except cb.Preempted as e:   # checkpointed on every rank: exit for the requeue that resumes there
+        log.warning(str(e))
+        trainer.close()
+        raise SystemExit(cb.REQUEUE_EXIT)
     seconds = time.time() - t0
     batches = int(trainer.state.timestamp.batch)
     if parts.final_eval and parts.eval_dataloader is not None and metrics.last_eval_batch != batches:
