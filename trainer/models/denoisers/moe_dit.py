@@ -80,6 +80,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in its input's dtype: the affine weights follow the input, so an fp32 residual
+    stream is normalised in fp32 also when the weights arrive in bf16 (FSDP2's mixed precision), as
+    autocast does on GPUs; with fp32 weights it is nn.LayerNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cast = (lambda t: None if t is None else t.to(x.dtype))
+        return F.layer_norm(x, self.normalized_shape, cast(self.weight), cast(self.bias), self.eps)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, qkv_dim: int, head_dim: int, bias: bool):
         super().__init__()
@@ -199,7 +209,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
         self.attn = SelfAttention(dim, qkv_dim, head_dim, bias)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = LayerNorm(dim, eps=eps)
         self.cross_attn = CrossAttention(dim, qkv_dim, head_dim, bias, cond_dim)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
         if moe:
@@ -274,7 +284,7 @@ class MoEDiT(Backbone):
         self.t_embed = NoiseEmbedding(d, cfg.c_noise_scale)
         # An unconditional model (prompt_dim = 0) cross-attends to one learned token instead.
         p_in = prompt_dim if prompt_dim > 0 else d
-        self.y_embed = nn.Sequential(nn.Linear(p_in, d), nn.GELU(approximate="tanh"), nn.Linear(d, d), nn.LayerNorm(d))
+        self.y_embed = nn.Sequential(nn.Linear(p_in, d), nn.GELU(approximate="tanh"), nn.Linear(d, d), LayerNorm(d))
         if prompt_dim > 0:
             self.pooled_embed = nn.Sequential(nn.Linear(prompt_dim, d), nn.SiLU(), nn.Linear(d, d))
         else:
@@ -289,8 +299,8 @@ class MoEDiT(Backbone):
         self.patch_mixer = nn.ModuleList([block(1.0, cfg.patch_mixer_mlp_ratio, False, dm)
                                           for _ in range(cfg.patch_mixer_depth)])
         if cfg.patch_mixer_depth and dm != d:
-            self.mixer_in = nn.Sequential(nn.LayerNorm(d, eps=cfg.norm_eps), nn.Linear(d, dm))
-            self.mixer_out = nn.Sequential(nn.LayerNorm(dm, eps=cfg.norm_eps), nn.Linear(dm, d))
+            self.mixer_in = nn.Sequential(LayerNorm(d, eps=cfg.norm_eps), nn.Linear(d, dm))
+            self.mixer_out = nn.Sequential(LayerNorm(dm, eps=cfg.norm_eps), nn.Linear(dm, d))
         else:
             self.mixer_in = self.mixer_out = None
         qkv, mlp = cfg.per_block(cfg.qkv_ratio), cfg.per_block(cfg.mlp_ratio)
@@ -309,7 +319,9 @@ class MoEDiT(Backbone):
             x = torch.cat([x, torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype)], dim=-1)
         elif self_cond is not None:
             raise ValueError("self_cond given to a MoE DiT built without model.moe_dit.self_condition")
-        h = self.x_embed(x) + self.pos_embed                              # [B, T, dim]
+        # The residual stream stays in the input's dtype (fp32) whatever dtype the weights come in (bf16
+        # when FSDP2 gathers them so): under autocast only the matmuls run in bf16, as under DDP.
+        h = self.x_embed(x).to(x.dtype) + self.pos_embed                  # [B, T, dim]
         c = self.t_embed(c_noise.reshape(-1).expand(B))                   # [B, dim]
         if self.prompt_dim > 0:
             p = self.resolve_prompt(B, prompt_emb, prompt_mask, prompt_pooled)
