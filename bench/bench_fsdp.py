@@ -93,11 +93,11 @@ def _rank(rank: int, port: int, mode: str, out: str) -> None:
     units = fsdp_units(model.net)
     params = sum(p.numel() for p in model.net.parameters())
     resharded = sum(p.numel() for u in units[:-1] for p in u.parameters())   # the last block keeps its weights
-    g = torch.Generator().manual_seed(rank)
-    n = PER_RANK * (STEPS + WARMUP)
+    g = torch.Generator().manual_seed(0)
+    n = RANKS * PER_RANK * (STEPS + WARMUP)
     data = [{"latent": torch.randn(32, 64, generator=g), "prompt_emb": torch.randn(16, 384, generator=g),
              "prompt_mask": torch.arange(16) < 10, "prompt_pooled": torch.randn(384, generator=g)} for _ in range(n)]
-    loader = DataLoader(data, batch_size=PER_RANK)
+    loader = DataLoader(data, batch_size=PER_RANK, sampler=dist.get_sampler(data, shuffle=False))
     callbacks = [cb.EMACallback(model, 0.999, 0)]
     parallelism = None
     if mode != "ddp":
