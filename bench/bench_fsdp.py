@@ -10,7 +10,9 @@ from the collectives actually issued during the measured steps:
     tensor, ÷ the ideal for this model: every parameter gathered once for the forward, once more for the
     backward where its unit reshards after forward, and its gradient reduce-scattered once, unpadded
     collectives per step (all kinds, including the gradient-norm all-reduce of clipping)
-    peak RSS per rank above the RSS before the model was built (VmHWM after clearing it), FSDP2 ÷ DDP
+    peak RSS per rank during the measured steps (VmHWM, cleared when they start, after freed heap memory
+    is returned to the OS: the full model every rank builds before sharding does not count) above the
+    RSS before the model was built, FSDP2 ÷ DDP
     step time (median of the measured steps), FSDP2 ÷ DDP
 
 and the same for hybrid sharding (2 shard groups of 2 ranks, as 2 nodes of 2 GPUs would be).
@@ -85,8 +87,6 @@ def _rank(rank: int, port: int, mode: str, out: str) -> None:
     device = get_device(None)
     dist.initialize_dist(device)
     base_kb = _rss_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:   # resets VmHWM to the current RSS
-        f.write("5")
     torch.manual_seed(0)
     net = EDMPrecond(build_denoiser(DenoiserConfig(prompt_dim=384, moe_dit=MoEDiTConfig(**MODEL))), sigma_data=0.5)
     model = DiffusionComposerModel(net, EDMLoss(EDMConfig(seed=1)), mask_ratio=0.75, cfg_dropout=0.1, ema_decay=0.999)
@@ -108,6 +108,12 @@ def _rank(rank: int, port: int, mode: str, out: str) -> None:
     class Steps(Callback):
         def run_event(self, event, state, logger):
             step = int(state.timestamp.batch)
+            if event == Event.BATCH_START and step == WARMUP:
+                import ctypes
+
+                ctypes.CDLL("libc.so.6").malloc_trim(0)          # freed heap back to the OS
+                with open("/proc/self/clear_refs", "w") as f:    # VmHWM := the current RSS
+                    f.write("5")
             if event == Event.BATCH_START and step >= WARMUP:
                 counter["on"], counter["t0"] = True, time.perf_counter()
             elif event == Event.BATCH_END and counter.get("on"):
