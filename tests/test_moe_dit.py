@@ -48,10 +48,11 @@ def test_moe_forward_equals_per_expert_loop():
     x = torch.randn(3, 12, 16)
     gates, idx = ffn.route(x)
     ref = torch.zeros_like(x)
+    w1, b1, w2, b2 = ffn.experts()
     for b in range(3):
         for e in range(4):
             for j, t in enumerate(idx[b, e].tolist()):
-                h = torch.nn.functional.gelu(x[b, t] @ ffn.w1[e] + ffn.b1[e, 0]) @ ffn.w2[e] + ffn.b2[e, 0]
+                h = torch.nn.functional.gelu(x[b, t] @ w1[e] + b1[e, 0]) @ w2[e] + b2[e, 0]
                 ref[b, t] += gates[b, e, j] * h
     assert torch.allclose(ffn(x), ref, atol=1e-5)
 
@@ -61,10 +62,8 @@ def test_one_expert_full_capacity_is_the_dense_ffn():
     dense = randomize(FeedForward(16, 40, bias=True))
     moe = ExpertChoiceFFN(16, 40, num_experts=1, capacity=1.0, bias=True)
     with torch.no_grad():
-        moe.w1.copy_(dense.fc1.weight.T.unsqueeze(0))
-        moe.b1.copy_(dense.fc1.bias.view(1, 1, -1))
-        moe.w2.copy_(dense.fc2.weight.T.unsqueeze(0))
-        moe.b2.copy_(dense.fc2.bias.view(1, 1, -1))
+        for dst, src in zip(moe.experts(), (dense.fc1.weight.T, dense.fc1.bias, dense.fc2.weight.T, dense.fc2.bias)):
+            dst.copy_(src.reshape(dst.shape))
     x = torch.randn(4, 32, 16)
     assert torch.allclose(moe(x), dense(x), atol=1e-5)
     # Below full capacity some tokens are skipped: then it is not the dense FFN.
@@ -274,3 +273,14 @@ def test_denoiser_saved_before_mixer_ratio_existed_still_loads(tmp_path):
     net, meta = load_denoiser(str(d))
     assert net.backbone.patch_mixer[0].mlp.fc1.out_features == 128
     assert meta["denoiser_config"].moe_dit.patch_mixer_mlp_ratio == 4.0
+
+
+def test_experts_are_stored_flat_and_old_layout_loads():
+    """FSDP2 splits dim 0: E*dim rows divide over 32 ranks where E = 8 experts would pad 24 of them."""
+    ffn = ExpertChoiceFFN(16, 24, 8, 2.0, bias=True)
+    assert ffn.w1.shape == (8 * 16, 24) and ffn.w2.shape == (8 * 24, 16) and ffn.b1.shape == (8 * 24,)
+    old = {k: v.clone() for k, v in randomize(ExpertChoiceFFN(16, 24, 8, 2.0, bias=True)).state_dict().items()}
+    old_layout = {"gate.weight": old["gate.weight"], "w1": old["w1"].view(8, 16, 24), "w2": old["w2"].view(8, 24, 16),
+                  "b1": old["b1"].view(8, 1, 24), "b2": old["b2"].view(8, 1, 16)}
+    ffn.load_state_dict(old_layout)
+    assert all(torch.equal(ffn.state_dict()[k], v) for k, v in old.items())

@@ -46,6 +46,10 @@ class LatentDataConfig:
     eval_path: str = ""                 # held-out latent shards; empty = no evaluation
     normalize: Literal["center", "standardize", "none"] = "center"
     num_workers: int = 0
+    # Loader workers kept alive across epochs (with num_workers > 0: no restart each epoch), and batches in
+    # pinned memory on a GPU machine (the copy to the device is then asynchronous).
+    persistent_workers: bool = True
+    pin_memory: bool = True
     shuffle: bool = True
     shuffle_seed: int = 9176
     drop_last: bool = True
@@ -182,7 +186,9 @@ def build_latent_dataloader(cfg: LatentDataConfig, batch_size: int, *, eval: boo
         epoch_size=None if eval else epoch_size,
     )
     loader = StreamingDataLoader(ds, batch_size=batch_size, num_workers=cfg.num_workers,
-                                 drop_last=cfg.drop_last and not eval, persistent_workers=False)
+                                 drop_last=cfg.drop_last and not eval,
+                                 persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
+                                 pin_memory=cfg.pin_memory and torch.cuda.is_available())
     return loader, normalizer
 
 

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from composer.callbacks import SpeedMonitor
 from composer.utils import dist
-from composer.utils.parallelism import FSDP2Config
 
 from trainer.base import config as C
 from trainer.base.config import ConfigError
@@ -43,6 +42,7 @@ from trainer.pipeline.pipeline import PipelineConfig, export_pipeline
 from trainer.training import callbacks as cb
 from trainer.training.diffusion_model import DiffusionComposerModel, measure_flops_per_sample
 from trainer.training.job import OptimConfig, Parts, TrainingConfig, TrainingJob, run_training
+from trainer.training.parallelize import FSDPConfig, autocast_dtype, parallelize_diffusion
 
 log = get_logger("train.diffusion")
 
@@ -125,6 +125,11 @@ class DiffusionTrainConfig(TrainingConfig):
     load_weights_only: bool = True      # weights (and EMA) only: fresh optimizer, schedule, data order
     parallelism: Literal["none", "ddp", "fsdp2"] = "ddp"  # none: one process only; ddp: DDP when >1 rank
     fsdp_state_dict: Literal["sharded", "full"] = "sharded"  # FSDP2 checkpoint layout
+    fsdp: FSDPConfig = dataclasses.field(default_factory=FSDPConfig)  # units, prefetch, hybrid (training/parallelize.py)
+    # CPU only (tests, rehearsals): bf16 autocast as `precision: amp_bf16` gives on GPUs, and under FSDP2
+    # bf16 parameters with fp32 gradient reductions (Composer allows only fp32 precision on CPU).
+    bf16_on_cpu: bool = False
+    compile: bool = False               # torch.compile the model through Composer's compile_config
     # Poems for fixed prompts every `sample_every` batches (0 = only at the end); off without an autoencoder.
     sample_every: int = 0
     sample_prompts: list[str] = dataclasses.field(default_factory=lambda: ["a sonnet about the sea",
@@ -319,10 +324,14 @@ class DiffusionJob(TrainingJob):
         else:
             callbacks.append(cb.PoemSampler(model, normalizer, cfg.out_dir, cfg.sample_every, cfg.sample_prompts,
                                             cfg.autoencoder, cfg.prompt_encoder, cfg.sampler, seed=cfg.seed))
-        parallelism = {"fsdp": FSDP2Config(state_dict_type=cfg.fsdp_state_dict)} if self.fsdp else None
+        model.autocast_dtype = autocast_dtype(cfg.bf16_on_cpu)
+        parallelism = None
+        if self.fsdp:
+            parallelism, after = parallelize_diffusion(model, cfg.fsdp, world, cfg.fsdp_state_dict, cfg.bf16_on_cpu)
+            callbacks += after
         return Parts(model, train_dl, eval_dl, cfg.eval_batches, params=model.net.parameters(), callbacks=callbacks,
                      load_path=cfg.load_path or None, load_weights_only=cfg.load_weights_only,
-                     parallelism_config=parallelism, final_eval=False)
+                     parallelism_config=parallelism, compile_config={} if cfg.compile else None, final_eval=False)
 
     def load_failed(self, error: RuntimeError) -> None:
         if "prompt_mean." in str(error):   # a stage hand-over between runs with and without the prompt's mean latent

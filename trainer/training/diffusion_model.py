@@ -89,13 +89,20 @@ class DiffusionComposerModel(ComposerModel):
         # and copies eval metrics itself).
         self.val_metrics = {k: MeanLoss(k) for k in ("EMALoss", "Loss")}
         self.flops_per_sample: Optional[float] = None   # set by the job (measured), read by SpeedMonitor
+        # bf16 autocast done here where Composer does not do it (on CPU, where it allows only fp32); None = off.
+        self.autocast_dtype: Optional[torch.dtype] = None
+
+    def _autocast(self, batch: dict):
+        dev = batch["latent"].device.type
+        return torch.autocast(dev, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None)
 
     @property
     def net(self) -> EDMPrecond:
         return self.train_step.net
 
     def forward(self, batch: dict) -> EDMLossOutput:
-        return self.train_step(batch)
+        with self._autocast(batch):
+            return self.train_step(batch)
 
     def loss(self, outputs: EDMLossOutput, batch: dict) -> torch.Tensor:
         return outputs.loss
@@ -104,9 +111,10 @@ class DiffusionComposerModel(ComposerModel):
         seed = int(batch["sample_index"].sum()) if "sample_index" in batch else 0
         dev = batch["latent"].device
         # The raw net is called through train_step (in eval mode: no CFG dropout), the module FSDP2 gathers.
-        raw = self.train_step(batch, generator=torch.Generator(device=dev).manual_seed(seed), mask_ratio=0.0)
-        ema = self.train_step.loss_fn(self.ema, batch["latent"], batch_prompt(batch),
-                                      generator=torch.Generator(device=dev).manual_seed(seed))
+        with self._autocast(batch):
+            raw = self.train_step(batch, generator=torch.Generator(device=dev).manual_seed(seed), mask_ratio=0.0)
+            ema = self.train_step.loss_fn(self.ema, batch["latent"], batch_prompt(batch),
+                                          generator=torch.Generator(device=dev).manual_seed(seed))
         return {"EMALoss": ema.per_sample, "Loss": raw.per_sample}
 
     def get_metrics(self, is_train: bool = False) -> dict:
@@ -121,12 +129,13 @@ class DiffusionComposerModel(ComposerModel):
 
     @torch.no_grad()
     def update_ema(self, decay: Optional[float] = None) -> None:
-        """ema <- d ema + (1 - d) net, parameter by parameter (also on FSDP2 shards: same placements)."""
+        """ema <- d ema + (1 - d) net: one foreach kernel over all parameters, no host sync (also on FSDP2
+        shards: the EMA is sharded like the net, so each rank updates its own shard)."""
         d = self.ema_decay if decay is None else decay
-        for e, p in zip(self.ema.parameters(), self.net.parameters()):
-            e.lerp_(p.detach(), 1.0 - d)
-        for e, b in zip(self.ema.buffers(), self.net.buffers()):
-            e.copy_(b)
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.net.parameters()], 1.0 - d)
+        ema_buffers, net_buffers = list(self.ema.buffers()), list(self.net.buffers())
+        if ema_buffers:
+            torch._foreach_copy_(ema_buffers, net_buffers)
 
 
 def measure_flops_per_sample(net: EDMPrecond, latent_shape: tuple[int, int], prompt_shape: Optional[tuple[int, int]],

@@ -40,6 +40,9 @@ class OptimConfig:
     warmup: str = "100ba"
     alpha_f: float = 0.1                # cosine decays to alpha_f * lr
     grad_clip_norm: float = 1.0         # clip the global gradient norm (0 = off)
+    # AdamW's implementation: foreach (one kernel per op over all tensors, no per-parameter Python loop),
+    # fused (one kernel in all; GPUs), or for_loop (per parameter). The numbers are the same.
+    impl: Literal["foreach", "fused", "for_loop"] = "foreach"
 
     def __post_init__(self):
         if len(self.betas) != 2:
@@ -121,6 +124,7 @@ class Parts:
     load_path: Optional[str] = None               # a checkpoint to start from (stage hand-over)
     load_weights_only: bool = False
     parallelism_config: Any = None
+    compile_config: Optional[dict] = None         # torch.compile through Composer (None = eager)
     final_eval: bool = True                       # evaluate once more when the last batch had none
     plot: Optional[Callable[[str, str], str]] = None  # metrics.jsonl -> PNG at the end of training
     plot_name: str = "loss_curve.png"
@@ -178,7 +182,8 @@ def optimizer_and_schedule(params, o: OptimConfig):
     from composer.algorithms import GradientClipping
     from composer.optim import CosineAnnealingWithWarmupScheduler
 
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for_loop": {"foreach": False}}[o.impl]
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, **impl)
     schedule = CosineAnnealingWithWarmupScheduler(t_warmup=o.warmup, alpha_f=o.alpha_f)
     clip = [GradientClipping(clipping_type="norm", clipping_threshold=o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
     return opt, schedule, clip
@@ -229,7 +234,7 @@ def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, l
             max_duration=cfg.max_duration, optimizers=opt, schedulers=schedule, algorithms=clip,
             eval_interval=cfg.eval_interval if parts.eval_dataloader is not None else 0,
             eval_subset_num_batches=parts.eval_batches, precision=resolve_precision(cfg.precision), device=device,
-            seed=cfg.seed, parallelism_config=parts.parallelism_config,
+            seed=cfg.seed, parallelism_config=parts.parallelism_config, compile_config=parts.compile_config,
             save_folder=ckpt_dir, save_interval=cfg.save_interval,
             save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
             autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,

@@ -80,6 +80,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in its input's dtype: the affine weights follow the input, so an fp32 residual
+    stream is normalised in fp32 also when the weights arrive in bf16 (FSDP2's mixed precision), as
+    autocast does on GPUs; with fp32 weights it is nn.LayerNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cast = (lambda t: None if t is None else t.to(x.dtype))
+        return F.layer_norm(x, self.normalized_shape, cast(self.weight), cast(self.bias), self.eps)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, qkv_dim: int, head_dim: int, bias: bool):
         super().__init__()
@@ -124,19 +134,40 @@ class FeedForward(nn.Module):
 class ExpertChoiceFFN(nn.Module):
     """E GELU FFN experts; expert e processes the k tokens of each sample with the highest
     router probability for e, and their outputs are added back weighted by that probability.
-    A token may be chosen by several experts or by none (then the residual carries it)."""
+    A token may be chosen by several experts or by none (then the residual carries it).
+
+    The expert weights are stored flat, expert-major: w1 [E*dim, hidden] is the E matrices [dim, hidden]
+    stacked (w2 [E*hidden, dim], b1 [E*hidden], b2 [E*dim]). A sharder that splits dim 0 over the ranks
+    (FSDP2) then splits E*dim rows, which divides evenly by 8, 16, 32... ranks for usual widths; a dim 0 of
+    E = 8 experts would pad every rank beyond the 8th to a whole expert (4x the traffic on 32 ranks).
+    Checkpoints with the older [E, dim, hidden] layout load into this one."""
 
     def __init__(self, dim: int, hidden: int, num_experts: int, capacity: float, bias: bool):
         super().__init__()
         self.num_experts, self.capacity = num_experts, capacity
+        self.dim, self.hidden = dim, hidden
         E = num_experts
         self.gate = nn.Linear(dim, E, bias=False)
-        self.w1 = nn.Parameter(torch.empty(E, dim, hidden))
-        self.w2 = nn.Parameter(torch.empty(E, hidden, dim))
-        self.b1 = nn.Parameter(torch.zeros(E, 1, hidden)) if bias else None
-        self.b2 = nn.Parameter(torch.zeros(E, 1, dim)) if bias else None
+        self.w1 = nn.Parameter(torch.empty(E * dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(E * hidden, dim))
+        self.b1 = nn.Parameter(torch.zeros(E * hidden)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(E * dim)) if bias else None
         for w in (self.w1, self.w2):
             nn.init.normal_(w, std=0.02)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("w1", "w2", "b1", "b2"):    # the older per-expert layout [E, ...] -> flat
+            t = state_dict.get(prefix + name)
+            p = getattr(self, name)
+            if t is not None and p is not None and t.dim() != p.dim() and t.numel() == p.numel():
+                state_dict[prefix + name] = t.reshape(p.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def experts(self):
+        """Per-expert views: w1 [E, dim, hidden], b1 [E, 1, hidden] or None, w2 [E, hidden, dim], b2 [E, 1, dim] or None."""
+        E, D, H = self.num_experts, self.dim, self.hidden
+        view = (lambda t, *shape: None if t is None else t.view(*shape))
+        return view(self.w1, E, D, H), view(self.b1, E, 1, H), view(self.w2, E, H, D), view(self.b2, E, 1, D)
 
     def tokens_per_expert(self, tokens: int) -> int:
         return max(1, min(tokens, int(self.capacity * tokens / self.num_experts)))
@@ -156,9 +187,10 @@ class ExpertChoiceFFN(nn.Module):
         # Flat token ids in expert-major order, so each expert's tokens are one contiguous matrix.
         flat = (idx + torch.arange(B, device=x.device).view(B, 1, 1) * T).transpose(0, 1).reshape(-1)  # [E*B*k]
         xe = x.reshape(B * T, D).index_select(0, flat).view(E, B * k, D)  # [E, B*k, D]
-        h = torch.bmm(xe, self.w1) if self.b1 is None else torch.baddbmm(self.b1, xe, self.w1)  # [E, B*k, H]
+        w1, b1, w2, b2 = self.experts()
+        h = torch.bmm(xe, w1) if b1 is None else torch.baddbmm(b1, xe, w1)  # [E, B*k, H]
         h = F.gelu(h)
-        h = torch.bmm(h, self.w2) if self.b2 is None else torch.baddbmm(self.b2, h, self.w2)    # [E, B*k, D]
+        h = torch.bmm(h, w2) if b2 is None else torch.baddbmm(b2, h, w2)    # [E, B*k, D]
         h = h * gates.transpose(0, 1).reshape(E, B * k, 1).to(h.dtype)
         out = torch.zeros(B * T, D, dtype=h.dtype, device=x.device).index_add_(0, flat, h.reshape(-1, D))
         return out.view(B, T, D)
@@ -177,7 +209,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
         self.attn = SelfAttention(dim, qkv_dim, head_dim, bias)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = LayerNorm(dim, eps=eps)
         self.cross_attn = CrossAttention(dim, qkv_dim, head_dim, bias, cond_dim)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
         if moe:
@@ -252,7 +284,7 @@ class MoEDiT(Backbone):
         self.t_embed = NoiseEmbedding(d, cfg.c_noise_scale)
         # An unconditional model (prompt_dim = 0) cross-attends to one learned token instead.
         p_in = prompt_dim if prompt_dim > 0 else d
-        self.y_embed = nn.Sequential(nn.Linear(p_in, d), nn.GELU(approximate="tanh"), nn.Linear(d, d), nn.LayerNorm(d))
+        self.y_embed = nn.Sequential(nn.Linear(p_in, d), nn.GELU(approximate="tanh"), nn.Linear(d, d), LayerNorm(d))
         if prompt_dim > 0:
             self.pooled_embed = nn.Sequential(nn.Linear(prompt_dim, d), nn.SiLU(), nn.Linear(d, d))
         else:
@@ -267,8 +299,8 @@ class MoEDiT(Backbone):
         self.patch_mixer = nn.ModuleList([block(1.0, cfg.patch_mixer_mlp_ratio, False, dm)
                                           for _ in range(cfg.patch_mixer_depth)])
         if cfg.patch_mixer_depth and dm != d:
-            self.mixer_in = nn.Sequential(nn.LayerNorm(d, eps=cfg.norm_eps), nn.Linear(d, dm))
-            self.mixer_out = nn.Sequential(nn.LayerNorm(dm, eps=cfg.norm_eps), nn.Linear(dm, d))
+            self.mixer_in = nn.Sequential(LayerNorm(d, eps=cfg.norm_eps), nn.Linear(d, dm))
+            self.mixer_out = nn.Sequential(LayerNorm(dm, eps=cfg.norm_eps), nn.Linear(dm, d))
         else:
             self.mixer_in = self.mixer_out = None
         qkv, mlp = cfg.per_block(cfg.qkv_ratio), cfg.per_block(cfg.mlp_ratio)
@@ -287,7 +319,9 @@ class MoEDiT(Backbone):
             x = torch.cat([x, torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype)], dim=-1)
         elif self_cond is not None:
             raise ValueError("self_cond given to a MoE DiT built without model.moe_dit.self_condition")
-        h = self.x_embed(x) + self.pos_embed                              # [B, T, dim]
+        # The residual stream stays in the input's dtype (fp32) whatever dtype the weights come in (bf16
+        # when FSDP2 gathers them so): under autocast only the matmuls run in bf16, as under DDP.
+        h = self.x_embed(x).to(x.dtype) + self.pos_embed                  # [B, T, dim]
         c = self.t_embed(c_noise.reshape(-1).expand(B))                   # [B, dim]
         if self.prompt_dim > 0:
             p = self.resolve_prompt(B, prompt_emb, prompt_mask, prompt_pooled)

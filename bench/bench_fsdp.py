@@ -1,0 +1,190 @@
+"""FSDP2 per block vs DDP on 4 CPU ranks (gloo), all figures from one run of this file.
+
+Each configuration trains the same MoE DiT with the job's own parts (DiffusionComposerModel, the job's
+AdamW + schedule + clipping, the EMA callback, Composer's Trainer; FSDP2 through
+trainer/training/parallelize.py) in 4 processes, fp32 (CPU). In every process the benchmark wraps
+torch.distributed's all-gather / reduce-scatter / all-reduce functions, so bytes and calls are counted
+from the collectives actually issued during the measured steps:
+
+    bytes all-gathered + reduce-scattered per step per rank, counted as each collective's full (unsharded)
+    tensor, ÷ the ideal for this model: every parameter gathered once for the forward, once more for the
+    backward where its unit reshards after forward, and its gradient reduce-scattered once, unpadded
+    collectives per step (all kinds, including the gradient-norm all-reduce of clipping)
+    peak RSS per rank during the measured steps (VmHWM, cleared when they start, after freed heap memory
+    is returned to the OS: the full model every rank builds before sharding does not count) above the
+    RSS before the model was built, FSDP2 ÷ DDP
+    step time (median of the measured steps), FSDP2 ÷ DDP
+
+and the same for hybrid sharding (2 shard groups of 2 ranks, as 2 nodes of 2 GPUs would be).
+Sized to run in a few minutes on 2 cores: the figures are ratios taken side by side, not absolute speeds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RANKS, STEPS, WARMUP, PER_RANK = 4, 8, 3, 4
+MODEL = dict(dim=256, depth=6, head_dim=64, patch_mixer_depth=2, num_experts=8, expert_capacity=2.0)
+KINDS = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor", "all_reduce")
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _count_collectives(counter: dict):
+    """Wrap torch.distributed's collectives in this process: counter[kind] = [calls, bytes] while counting."""
+    import torch.distributed as dist
+
+    def wrap(kind):
+        fn = getattr(dist, kind)
+
+        def counted(*args, **kwargs):
+            if counter.get("on"):
+                names = {"all_gather_single": "output_tensor", "all_gather_into_tensor": "output_tensor",
+                         "reduce_scatter_single": "input", "reduce_scatter_tensor": "input", "all_reduce": "tensor"}
+                full = kwargs.get(names[kind])
+                if full is None:   # output/input is the full tensor: positional 0 for gathers, 1 for scatters
+                    full = args[1] if kind.startswith("reduce_scatter") else args[0]
+                c = counter.setdefault(kind, [0, 0])
+                c[0] += 1
+                c[1] += full.numel() * full.element_size()
+            return fn(*args, **kwargs)
+        setattr(dist, kind, counted)
+
+    for kind in KINDS:
+        if hasattr(dist, kind):
+            wrap(kind)
+
+
+def _rank(rank: int, port: int, mode: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS), LOCAL_WORLD_SIZE=str(RANKS),
+                      NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    sys.path.insert(0, ROOT)
+    import torch
+    from composer import Trainer
+    from composer.core import Callback, Event
+    from composer.utils import dist, get_device
+    from torch.utils.data import DataLoader
+
+    from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond
+    from trainer.models.denoisers import DenoiserConfig, build_denoiser
+    from trainer.models.denoisers.moe_dit import MoEDiTConfig
+    from trainer.training import callbacks as cb
+    from trainer.training.diffusion_model import DiffusionComposerModel
+    from trainer.training.job import OptimConfig, optimizer_and_schedule
+    from trainer.training.parallelize import FSDPConfig, fsdp_units, parallelize_diffusion
+
+    torch.set_num_threads(1)
+    counter: dict = {}
+    _count_collectives(counter)
+    device = get_device(None)
+    dist.initialize_dist(device)
+    base_kb = _rss_kb("VmRSS")
+    torch.manual_seed(0)
+    net = EDMPrecond(build_denoiser(DenoiserConfig(prompt_dim=384, moe_dit=MoEDiTConfig(**MODEL))), sigma_data=0.5)
+    model = DiffusionComposerModel(net, EDMLoss(EDMConfig(seed=1)), mask_ratio=0.75, cfg_dropout=0.1, ema_decay=0.999)
+    units = fsdp_units(model.net)
+    params = sum(p.numel() for p in model.net.parameters())
+    resharded = sum(p.numel() for u in units[:-1] for p in u.parameters())   # the last block keeps its weights
+    g = torch.Generator().manual_seed(0)
+    n = RANKS * PER_RANK * (STEPS + WARMUP)
+    data = [{"latent": torch.randn(32, 64, generator=g), "prompt_emb": torch.randn(16, 384, generator=g),
+             "prompt_mask": torch.arange(16) < 10, "prompt_pooled": torch.randn(384, generator=g)} for _ in range(n)]
+    loader = DataLoader(data, batch_size=PER_RANK, sampler=dist.get_sampler(data, shuffle=False))
+    callbacks = [cb.EMACallback(model, 0.999, 0)]
+    parallelism = None
+    if mode != "ddp":
+        parallelism, after = parallelize_diffusion(model, FSDPConfig(hybrid=mode == "hybrid", shard_size=2), RANKS)
+        callbacks += after
+    times: list[float] = []
+
+    class Steps(Callback):
+        def run_event(self, event, state, logger):
+            step = int(state.timestamp.batch)
+            if event == Event.BATCH_START and step == WARMUP:
+                import ctypes
+
+                ctypes.CDLL("libc.so.6").malloc_trim(0)          # freed heap back to the OS
+                with open("/proc/self/clear_refs", "w") as f:    # VmHWM := the current RSS
+                    f.write("5")
+            if event == Event.BATCH_START and step >= WARMUP:
+                counter["on"], counter["t0"] = True, time.perf_counter()
+            elif event == Event.BATCH_END and counter.get("on"):
+                counter["on"] = False
+                times.append(time.perf_counter() - counter["t0"])
+
+    opt, schedule, clip = optimizer_and_schedule(model.net.parameters(), OptimConfig(lr=1e-4, warmup="0ba"))
+    trainer = Trainer(model=model, train_dataloader=loader, max_duration=f"{STEPS + WARMUP}ba", optimizers=opt,
+                      schedulers=schedule, algorithms=clip, device=device, precision="fp32",
+                      parallelism_config=parallelism, callbacks=[*callbacks, Steps()], progress_bar=False,
+                      log_to_console=False, seed=17)
+    trainer.fit()
+    peak_kb = _rss_kb("VmHWM")
+    measured = len(times)
+    res = {"mode": mode, "rank": rank, "params": params, "resharded": resharded,
+           "step_s": statistics.median(times), "peak_rss_mb": (peak_kb - base_kb) / 1024,
+           **{k: [v[0] / measured, v[1] / measured] for k, v in counter.items() if k in KINDS}}
+    with open(os.path.join(out, f"{mode}-{rank}.json"), "w") as f:
+        json.dump(res, f)
+    trainer.close()
+
+
+def _run(mode: str, out: str) -> list[dict]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.time()
+    mp.start_processes(_rank, args=(port, mode, out), nprocs=RANKS, join=True, start_method="spawn")
+    rows = [json.load(open(os.path.join(out, f"{mode}-{r}.json"))) for r in range(RANKS)]
+    print(f"  {mode}: {time.time() - t:.0f} s; rank 0: {rows[0]}", flush=True)
+    return rows
+
+
+def _figures(rows: list[dict], shard: int) -> dict:
+    r0 = rows[0]
+    ag = sum(r0.get(k, [0, 0])[1] for k in ("all_gather_single", "all_gather_into_tensor"))
+    rs = sum(r0.get(k, [0, 0])[1] for k in ("reduce_scatter_single", "reduce_scatter_tensor"))
+    ideal = 4 * (2 * r0["params"] + r0["resharded"])     # fp32: forward AG + backward AG (resharded) + RS
+    calls = sum(r0.get(k, [0, 0])[0] for k in KINDS)
+    return {"bytes_ratio": (ag + rs) / ideal, "calls": calls, "ag_rs_mb": (ag + rs) / 2 ** 20,
+            "peak_mb": max(r["peak_rss_mb"] for r in rows), "step_s": statistics.median(r["step_s"] for r in rows),
+            "all_reduce_mb": r0.get("all_reduce", [0, 0])[1] / 2 ** 20}
+
+
+def main() -> list[dict]:
+    with tempfile.TemporaryDirectory() as out:
+        ddp, fsdp, hybrid = (_run(m, out) for m in ("ddp", "fsdp2", "hybrid"))
+    d, f, h = _figures(ddp, RANKS), _figures(fsdp, RANKS), _figures(hybrid, 2)
+    print(f"  params {fsdp[0]['params'] / 1e6:.2f}M; per step per rank: FSDP2 {f['ag_rs_mb']:.1f} MB all-gathered + "
+          f"reduce-scattered in {f['calls']:.0f} collectives; hybrid {h['ag_rs_mb']:.1f} MB + {h['all_reduce_mb']:.1f} MB "
+          f"all-reduced in {h['calls']:.0f}; DDP {d['all_reduce_mb']:.1f} MB all-reduced in {d['calls']:.0f}; peak RSS "
+          f"above start DDP {d['peak_mb']:.0f} MB, FSDP2 {f['peak_mb']:.0f} MB, hybrid {h['peak_mb']:.0f} MB; step "
+          f"DDP {d['step_s'] * 1e3:.0f} ms, FSDP2 {f['step_s'] * 1e3:.0f} ms, hybrid {h['step_s'] * 1e3:.0f} ms")
+    rows = [
+        {"benchmark": "FSDP2 per block, 4 ranks: bytes all-gathered + reduce-scattered per step per rank / ideal",
+         "ratio": f["bytes_ratio"], "goal": "<= 1.1"},
+        {"benchmark": "FSDP2 per block, 4 ranks: collectives per step", "ratio": f["calls"], "goal": "reported"},
+        {"benchmark": "peak RSS per rank, FSDP2 / DDP (4 ranks)", "ratio": f["peak_mb"] / d["peak_mb"], "goal": "<= 0.6"},
+        {"benchmark": "step time, FSDP2 / DDP (4 CPU ranks, gloo)", "ratio": f["step_s"] / d["step_s"], "goal": "reported"},
+        {"benchmark": "hybrid (2 shard groups of 2): step time / DDP", "ratio": h["step_s"] / d["step_s"],
+         "goal": "reported"},
+    ]
+    for r in rows:
+        r["command"] = "python -m bench fsdp"
+        print(f"{r['benchmark']}: {r['ratio']:.3f} (goal {r['goal']})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
