@@ -123,33 +123,29 @@ def local(cc: ComputeConfig, ctx: Context) -> Plan:
     return Plan("local", {}, [NodeCommand(0, _with_env(cc, argv))], "127.0.0.1", ctx.port)
 
 
-def composer(cc: ComputeConfig, ctx: Context) -> Plan:
+def _per_node(name: str, cc: ComputeConfig, ctx: Context, argv_of) -> Plan:
+    """One launcher per node (every node, or the one `--node-rank` names); remote hosts through ssh."""
     master = cc.master()
     cmds = []
     for rank in range(cc.nodes):
         if ctx.node_rank is not None and rank != ctx.node_rank:
             continue
-        argv = [tool(cc, "composer"), "--world_size", str(cc.world_size), "--nproc", str(cc.nproc),
-                "--node_rank", str(rank), "--master_addr", master, "--master_port", str(ctx.port),
-                *_composer_logs(ctx), *_program(ctx)]
         host = cc.hosts[rank] if cc.hosts and ctx.node_rank is None else None
-        cmds.append(NodeCommand(rank, _on_host(host, ctx.cwd, _with_env(cc, argv)), host))
-    return Plan("composer", {}, cmds, master, ctx.port)
+        cmds.append(NodeCommand(rank, _on_host(host, ctx.cwd, _with_env(cc, argv_of(rank, master))), host))
+    return Plan(name, {}, cmds, master, ctx.port)
+
+
+def composer(cc: ComputeConfig, ctx: Context) -> Plan:
+    return _per_node("composer", cc, ctx, lambda rank, master: [
+        tool(cc, "composer"), "--world_size", str(cc.world_size), "--nproc", str(cc.nproc), "--node_rank", str(rank),
+        "--master_addr", master, "--master_port", str(ctx.port), *_composer_logs(ctx), *_program(ctx)])
 
 
 def torchrun(cc: ComputeConfig, ctx: Context) -> Plan:
-    master = cc.master()
-    cmds = []
-    for rank in range(cc.nodes):
-        if ctx.node_rank is not None and rank != ctx.node_rank:
-            continue
-        # c10d rendezvous assigns node ranks itself; launch.worker hands them to Composer.
-        argv = [tool(cc, "torchrun"), "--nnodes", str(cc.nodes), "--nproc-per-node", str(cc.nproc),
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{master}:{ctx.port}", "--rdzv-id", ctx.job_name,
-                *_program(ctx)]
-        host = cc.hosts[rank] if cc.hosts and ctx.node_rank is None else None
-        cmds.append(NodeCommand(rank, _on_host(host, ctx.cwd, _with_env(cc, argv)), host))
-    return Plan("torchrun", {}, cmds, master, ctx.port)
+    # c10d rendezvous assigns node ranks itself; launch.worker hands them to Composer.
+    return _per_node("torchrun", cc, ctx, lambda rank, master: [
+        tool(cc, "torchrun"), "--nnodes", str(cc.nodes), "--nproc-per-node", str(cc.nproc), "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"{master}:{ctx.port}", "--rdzv-id", ctx.job_name, *_program(ctx)])
 
 
 def deepspeed(cc: ComputeConfig, ctx: Context) -> Plan:
