@@ -15,10 +15,12 @@ HEADER = ["| benchmark | ratio | goal | command | measured |", "|---|---|---|---
 
 
 def _rows_of(path: str) -> list[str]:
+    """The table rows of an earlier results.md (rows of the older four-column table kept, marked so)."""
     if not os.path.isfile(path):
         return []
-    return [line.rstrip("\n") for line in open(path) if line.startswith("| ") and line.count("|") == 6
-            and not line.startswith(HEADER[0][:12])]
+    rows = [line.rstrip("\n") for line in open(path)
+            if line.startswith("| ") and line.count("|") in (5, 6) and not line.startswith("| benchmark |")]
+    return [row if row.count("|") == 6 else row + " an earlier run (date not recorded) |" for row in rows]
 
 
 def main(names: list[str]) -> int:
