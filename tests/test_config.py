@@ -168,11 +168,15 @@ def test_nested_default_factory_is_the_base_yaml_keys_merge_over(tmp_path):
     assert msg == "command line: stage.sampler.guidance: expected float, got 'high'"
 
 
-def test_diffusion_yaml_prints_the_sampler_factory_guidance(cli):
-    r = cli("train", "yamls/diffusion/pretrain_masked.yaml", "--print-config")
+def test_diffusion_yaml_prints_the_sampler_factory_guidance(cli, tmp_path):
+    # A diffusion YAML that sets only the sampler's steps: the guidance is the factory's 3.0, not
+    # SamplerConfig's own 1.0 (pipelines exported from such a YAML sampled without guidance).
+    path = tmp_path / "d.yaml"
+    path.write_text("task: diffusion\nsampler: {num_steps: 24}\n")
+    r = cli("train", str(path), "--print-config")
     assert r.returncode == 0, r.stderr
     sampler = yaml.safe_load(r.stdout)["sampler"]
-    assert sampler["guidance_scale"] == 3.0
+    assert (sampler["guidance_scale"], sampler["num_steps"]) == (3.0, 24)
 
 
 def test_help_lists_the_factory_defaults():
