@@ -23,11 +23,11 @@ from tests.slurm_cluster import wait_until
 
 from .conftest import ROOT, run_cli
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.cluster, pytest.mark.rehearsal, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 CHAIN = f"{ROOT}/yamls/runs/chain_tiny_cpu_slurm.yaml"
 STAGES = ("prep", "autoencoder", "encode", "pretrain_masked", "finetune_unmasked", "evaluate")
-EXPORTS = ("pretrain_masked/denoiser", "finetune_unmasked/pipeline/denoiser")
+EXPORTS = ("pretrain_masked/denoiser", "finetune_unmasked/denoiser")   # each stage's EMA export
 
 
 def launch_chain(cluster, out) -> dict:

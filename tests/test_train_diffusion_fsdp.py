@@ -38,8 +38,8 @@ def test_two_process_fsdp2_run(tmp_path):
     for b in (3, 6):                                      # sharded: one DCP folder per checkpoint, both ranks' shards
         files = os.listdir(ck / f"ep0-ba{b}")
         assert ".metadata" in files and sum(f.endswith(".distcp") for f in files) == 2
-    logs = [read_jsonl(out / f"sample_log-rank{r}.jsonl") for r in (0, 1)]
-    ids = [[i for row in log for i in row["sample_index"]] for log in logs]
+    sample_logs = [read_jsonl(out / f"sample_log-rank{r}.jsonl") for r in (0, 1)]
+    ids = [[i for row in log for i in row["sample_index"]] for log in sample_logs]
     assert [len(x) for x in ids] == [24, 24] and not set(ids[0]) & set(ids[1])   # 4 per rank per batch, disjoint
     assert len(set(ids[0]) | set(ids[1])) == 48
     summary = json.load(open(out / "train_summary.json"))
@@ -53,7 +53,7 @@ def test_two_process_fsdp2_run(tmp_path):
     fits = [[line.split("prompt_mean: ", 1)[1].split(" in ")[0] + line.split(" s: ", 1)[1]
              for line in logs.splitlines() if f"[rank {rank}]" in line and "prompt_mean: ridge" in line] for rank in (0, 1)]
     assert len(fits[0]) == 1 and fits[0] == fits[1], fits
-    assert "2 rank(s), parallelism=fsdp2" in r.stdout + r.stderr
+    assert "2 rank(s), parallelism=fsdp2" in logs
 
 
 def last_weights(out) -> tuple[dict, dict]:
