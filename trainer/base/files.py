@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 
+from trainer.base.config import ConfigError
+
 
 def write_json_atomic(path: str, obj) -> None:
     """Write to a temporary name, fsync, rename: a reader sees the old file or the whole new one."""
@@ -34,3 +36,13 @@ def replace_dir(tmp: str, path: str) -> None:
     os.rename(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_dir(out_dir: str, key: str = "out_dir") -> None:
+    """Create the output folder, or refuse in one line (before any work) a path that is a file or lies
+    under one."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{key}: {out_dir!r} is a file or lies under one, not a folder; "
+                          f"give another {key} (nothing was written)") from None
