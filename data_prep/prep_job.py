@@ -327,7 +327,7 @@ def run(cfg: PrepConfig) -> dict:
                        size_limit=cfg.shard_size_limit)
     work = os.path.join(out, "_work")
     fp = fingerprint(cfg, n_slots)
-    check_out_dir(out)
+    check_out_dir(out, create=False)
     data = data_units(cfg)  # one-line errors before out_dir is claimed for this config
     done = ds.claim(fp, {"slots": n_slots, "config": C.to_dict(cfg)}, cfg.overwrite, rank, "_job.json",
                     "text shards", also_remove=("stats.json", "token_hist.png", "_work"),

@@ -38,11 +38,14 @@ def replace_dir(tmp: str, path: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_out_dir(out_dir: str, key: str = "out_dir") -> None:
-    """Create the output folder, or refuse in one line (before any work) a path that is a file or lies
-    under one."""
-    try:
+def check_out_dir(out_dir: str, key: str = "out_dir", create: bool = True) -> None:
+    """Refuse in one line, before any work, an output folder that is a file or lies under one; then
+    create it (`create`), or leave that to the job once it has something to write."""
+    p = os.path.abspath(out_dir)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ConfigError(f"{key}: {out_dir!r} is a file or lies under one, not a folder; give another folder "
+                          f"(nothing was written)")
+    if create:
         os.makedirs(out_dir, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"{key}: {out_dir!r} is a file or lies under one, not a folder; "
-                          f"give another {key} (nothing was written)") from None

@@ -37,9 +37,10 @@ def run(cfg: EvalAutoencoderConfig) -> dict:
     local = os.path.join(cfg.data_path, cfg.split)
     if not os.path.isfile(os.path.join(local, "index.json")):
         raise UserError(f"data_path: {local}/index.json not found")
-    check_out_dir(cfg.out_dir)
+    check_out_dir(cfg.out_dir, create=False)
     texts = read_texts(local, cfg.text_column, cfg.n_samples)
     report = evaluate_autoencoder(cfg.autoencoder_dir, texts, cfg.batch_size, cfg.num_beams)
+    os.makedirs(cfg.out_dir, exist_ok=True)
     metrics = os.path.join(os.path.dirname(os.path.abspath(cfg.autoencoder_dir)), "metrics.jsonl")
     if os.path.isfile(metrics):
         report["training_curve"] = plot_training_curve(metrics, os.path.join(cfg.out_dir, "training_curve.png"))

@@ -68,7 +68,7 @@ CONFIG = EvalGenerationConfig
 def run(cfg: EvalGenerationConfig) -> dict:
     import torch
 
-    check_out_dir(cfg.out_dir)
+    check_out_dir(cfg.out_dir, create=False)
     torch.manual_seed(cfg.seed)
     pipe = Pipeline.from_pretrained(cfg.pipeline)
     train = read_latent_split(cfg.latent_data, cfg.train_split, cfg.max_train)
@@ -119,6 +119,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
         report.update(G.mauve(held_txt[:max(n_gen, 2)], samples.poems, gauss_poems, free.poems if free else None,
                               None if samples.greedy is samples.poems else samples.greedy, seed=cfg.seed))
 
+    os.makedirs(cfg.out_dir, exist_ok=True)
     report["panel_png"] = plot_panel(report, os.path.join(cfg.out_dir, "generation_panel.png"))
     write_report(cfg.out_dir, report)
     log.info(generation_summary(report))

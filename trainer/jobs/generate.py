@@ -94,7 +94,7 @@ def main(args) -> int:
     if args.out:   # its folder checked before any work: a folder that is a file is refused in one line
         if os.path.isdir(args.out):
             raise UserError(f"--out: {args.out!r} is a folder; give a file name (e.g. {args.out}/poems.json)")
-        check_out_dir(os.path.dirname(args.out) or ".", "--out's folder")
+        check_out_dir(os.path.dirname(args.out) or ".", "--out", create=False)
     out = generate(args.pipeline, prompts, args.num_samples, args.steps, args.guidance, args.seed, args.sampler,
                    args.show_steps, args.device, args.prefix, {"auto": None, "on": True, "off": False}[args.lexicon],
                    args.churn, args.meter_readings)
