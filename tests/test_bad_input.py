@@ -70,7 +70,8 @@ def corrupted_latent_shard(tmp, text_shards):
 def out_dir_is_a_file(job):
     def make(tmp, text_shards):
         open(f"{tmp}/file", "w").write("a file of the user's")
-        args = {"prep": ["prep", "yamls/prep/jsonl.yaml", f"data.path={tmp}", f"out_dir={tmp}/file"],
+        args = {"prep": ["prep", "yamls/prep/jsonl.yaml", f"data.path={os.path.dirname(text_shards)}/poems",
+                         f"out_dir={tmp}/file"],
                 "encode": ["encode", "yamls/encode/bundled.yaml", f"data.path={text_shards}", f"autoencoder={tmp}",
                            f"out_dir={tmp}/file"],
                 "train": ["train", "yamls/autoencoder/tiny_cpu.yaml", f"data.path={text_shards}", f"out_dir={tmp}/file"],
