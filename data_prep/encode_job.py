@@ -35,7 +35,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from trainer.data.mds import LocalMDS, RankedDataset, partition_name, wait_for, world_from_env
-from trainer.base.files import read_json, write_json_atomic
+from trainer.base.files import check_out_dir, read_json, write_json_atomic
 from trainer.base.schema import ENCODE_RECORD, LABELS, LATENT_STATS, SPLITS, latent_columns
 from trainer.base.config import ExistingPath, UserError
 from trainer.base.log import get_logger
@@ -307,10 +307,10 @@ def run(cfg: EncodeConfig) -> dict:
     rank, world = world_from_env()
     n_slots = world * cfg.num_workers
     _check_inputs(cfg)
+    check_out_dir(cfg.out_dir)
     # This rank's slots, each on its own device; refuses device: cuda without a GPU before any work.
     devices = {rank * cfg.num_workers + j: str(slot_device(cfg.device, os.environ, j, cfg.num_workers))
                for j in range(cfg.num_workers)}
-    os.makedirs(cfg.out_dir, exist_ok=True)
     fp = fingerprint(cfg, n_slots)
     ds = RankedDataset(cfg.out_dir, {}, splits=cfg.data.splits)
     done = ds.claim(fp, {"config": dataclasses.asdict(cfg)}, cfg.overwrite, rank, ENCODE_RECORD, "latents",

@@ -37,7 +37,7 @@ from data_prep.sources import SourcesConfig
 from data_prep.cleaning import (bucket_of, count_tokens, digest, near_key, normalize_label, normalize_text,
                                 split_long, split_of)
 from trainer.data.mds import RankedDataset, wait_for, world_from_env
-from trainer.base.files import read_json, write_json_atomic
+from trainer.base.files import check_out_dir, read_json, write_json_atomic
 from data_prep.prompts import PromptConfig, build_prompt
 from data_prep.report import Report
 from trainer.base.schema import LABELS, PREP_COLUMNS, SPLITS
@@ -327,6 +327,7 @@ def run(cfg: PrepConfig) -> dict:
                        size_limit=cfg.shard_size_limit)
     work = os.path.join(out, "_work")
     fp = fingerprint(cfg, n_slots)
+    check_out_dir(out, create=False)
     data = data_units(cfg)  # one-line errors before out_dir is claimed for this config
     done = ds.claim(fp, {"slots": n_slots, "config": C.to_dict(cfg)}, cfg.overwrite, rank, "_job.json",
                     "text shards", also_remove=("stats.json", "token_hist.png", "_work"),

@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 
+from trainer.base.config import ConfigError
+
 
 def write_json_atomic(path: str, obj) -> None:
     """Write to a temporary name, fsync, rename: a reader sees the old file or the whole new one."""
@@ -34,3 +36,16 @@ def replace_dir(tmp: str, path: str) -> None:
     os.rename(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_dir(out_dir: str, key: str = "out_dir", create: bool = True) -> None:
+    """Refuse in one line, before any work, an output folder that is a file or lies under one; then
+    create it (`create`), or leave that to the job once it has something to write."""
+    p = os.path.abspath(out_dir)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ConfigError(f"{key}: {out_dir!r} is a file or lies under one, not a folder; give another folder "
+                          f"(nothing was written)")
+    if create:
+        os.makedirs(out_dir, exist_ok=True)

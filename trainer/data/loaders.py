@@ -24,6 +24,7 @@ import torch
 
 from trainer.base.schema import LATENT_STATS
 from trainer.base.config import ConfigError
+from trainer.data.mds import check_shards
 
 
 @dataclasses.dataclass
@@ -67,6 +68,7 @@ class LatentDataConfig:
             if not os.path.isfile(os.path.join(s.path, "index.json")):
                 key = "data.path" if not self.streams else f"data.streams[{i}].path"
                 raise ConfigError(f"{key}: no latent shards (index.json) in {s.path!r}")
+            check_shards(s.path)
         given = [s.proportion is not None for s in streams]
         if any(given) and not all(given):
             raise ConfigError("data.streams: give a proportion for every stream or for none")
@@ -174,6 +176,7 @@ def build_latent_dataloader(cfg: LatentDataConfig, batch_size: int, *, eval: boo
     if eval:
         if not os.path.isfile(os.path.join(cfg.eval_path, "index.json")):
             raise ConfigError(f"data.eval_path: no latent shards (index.json) in {cfg.eval_path!r}")
+        check_shards(cfg.eval_path)
         streams = [Stream(local=cfg.eval_path)]
     else:
         streams = [Stream(local=s.path, proportion=s.proportion) for s in cfg.stream_paths()]

@@ -35,11 +35,15 @@ from typing import Iterable, Optional
 from trainer.base.config import UserError
 from trainer.base.files import read_json, write_json_atomic
 from trainer.base.log import get_logger
+from trainer.base.schema import ENCODE_RECORD
 
 log = get_logger("mds")
 
 MARKERS = "_ranks"
 DONE = "_done.json"
+HASHES = ["xxh64"]   # per-shard hashes in index.json (streaming's MDSWriter), checked by `check_shards`
+# The job records beside a dataset (the encode job's, the prep job's claim record): which command rebuilds it.
+REBUILDERS = ((ENCODE_RECORD, "latentverse encode"), ("_job.json", "latentverse prep"))
 
 
 def world_from_env() -> tuple[int, int]:
@@ -71,7 +75,7 @@ def wait_for(paths: Iterable[str], timeout: float, poll: float = 0.5, what: str 
 
 def _mds_writer(out: str, columns: dict, compression, size_limit: int):
     from streaming import MDSWriter  # imported late: streaming pulls in torch, slow for --help
-    return MDSWriter(out=out, columns=columns, compression=compression, size_limit=size_limit)
+    return MDSWriter(out=out, columns=columns, compression=compression, size_limit=size_limit, hashes=HASHES)
 
 
 def partition_name(key: str, value) -> str:
@@ -79,6 +83,48 @@ def partition_name(key: str, value) -> str:
     digits, `-` and `_` replaced by `_` (an empty value is `none`)."""
     v = re.sub(r"[^a-z0-9_-]+", "_", str(value or "").strip().lower()).strip("_") or "none"
     return f"{key}={v}"
+
+
+def _rebuild_hint(local: str) -> str:
+    """How to rebuild the dataset that holds `local`: the job whose record lies in it or a folder above."""
+    d = os.path.abspath(local)
+    for _ in range(4):
+        for record, command in REBUILDERS:
+            if os.path.isfile(os.path.join(d, record)):
+                return f"remove {d} and run the `{command}` that wrote it again (its config: {d}/{record})"
+        d = os.path.dirname(d)
+    return "rebuild it with the job that wrote it"
+
+
+_checked: set = set()
+
+
+def check_shards(local: str) -> None:
+    """Compare every shard file of the dataset at `local` with the hash its index.json recorded; a
+    changed file is refused in one line naming it and the command that rebuilds it. Shards written
+    without hashes are not checked. Each index is checked once per process."""
+    from streaming.base.hashing import get_hash
+
+    index_file = os.path.join(local, "index.json")
+    index = read_json(index_file)
+    if index is None:
+        return
+    key = (os.path.abspath(index_file), os.path.getmtime(index_file))
+    if key in _checked:
+        return
+    for shard in index["shards"]:
+        for part in ("zip_data", "raw_data"):
+            info = shard.get(part) or {}
+            path = os.path.join(local, info.get("basename", ""))
+            if not info.get("hashes") or not os.path.isfile(path):
+                continue   # the raw file of a compressed shard exists only once a reader unpacked it
+            with open(path, "rb") as f:
+                data = f.read()
+            for algo, want in info["hashes"].items():
+                if get_hash(algo, data) != want:
+                    raise UserError(f"{path}: corrupted shard (its {algo} hash is not the one in {index_file}); "
+                                    f"{_rebuild_hint(local)}")
+    _checked.add(key)
 
 
 class RankWriter:
@@ -269,6 +315,7 @@ class LocalMDS:
         index = read_json(os.path.join(local, "index.json"))
         if index is None:
             raise UserError(f"{local}: no MDS dataset (index.json missing)")
+        check_shards(local)
         self.local = local
         self.readers = [reader_from_json(local, None, shard) for shard in index["shards"]]
         self.starts = []

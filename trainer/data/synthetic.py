@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from trainer.base.schema import LABELS, LATENT_STATS, latent_columns
+from trainer.data.mds import HASHES
 
 
 def write_latent_shards(root, n_train=64, n_val=16, tokens=32, dim=64, prompt_len=8, prompt_dim=16, seed=0,
@@ -24,7 +25,7 @@ def write_latent_shards(root, n_train=64, n_val=16, tokens=32, dim=64, prompt_le
         path = os.path.join(str(root), split)
         lat = []
         # small shards so that several shards and the shuffle are exercised
-        with MDSWriter(out=path, columns=cols, size_limit=1 << 15) as w:
+        with MDSWriter(out=path, columns=cols, size_limit=1 << 15, hashes=HASHES) as w:
             for i in range(n):
                 z = rng.normal(size=(tokens, dim)).astype(np.float16) * np.float16(0.5) + np.float16(0.1)
                 k = int(rng.integers(1, prompt_len + 1))

@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 from trainer.base.config import UserError
+from trainer.data.mds import check_shards
 
 
 @dataclasses.dataclass
@@ -24,6 +25,7 @@ def text_split_dir(data: TextDataConfig, split: str) -> str:
     d = os.path.join(data.path, split)
     if not os.path.isfile(os.path.join(d, "index.json")):
         raise UserError(f"data.path: {d}/index.json not found (text shards from `latentverse prep` expected)")
+    check_shards(d)
     return d
 
 

@@ -9,6 +9,7 @@ import os
 from typing import Literal
 
 from trainer.base.config import ExistingPath, UserError
+from trainer.base.files import check_out_dir
 from trainer.data.mds import read_texts
 from trainer.evaluation.autoencoder import evaluate_autoencoder
 from trainer.evaluation.report import autoencoder_summary, write_report
@@ -36,6 +37,7 @@ def run(cfg: EvalAutoencoderConfig) -> dict:
     local = os.path.join(cfg.data_path, cfg.split)
     if not os.path.isfile(os.path.join(local, "index.json")):
         raise UserError(f"data_path: {local}/index.json not found")
+    check_out_dir(cfg.out_dir, create=False)
     texts = read_texts(local, cfg.text_column, cfg.n_samples)
     report = evaluate_autoencoder(cfg.autoencoder_dir, texts, cfg.batch_size, cfg.num_beams)
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -12,6 +12,7 @@ import os
 from typing import Literal, Optional
 
 from trainer.base.config import ExistingPath
+from trainer.base.files import check_out_dir
 from trainer.base.log import get_logger
 from trainer.evaluation import generation as G
 from trainer.evaluation.adherence import label_adherence
@@ -67,6 +68,7 @@ CONFIG = EvalGenerationConfig
 def run(cfg: EvalGenerationConfig) -> dict:
     import torch
 
+    check_out_dir(cfg.out_dir, create=False)
     torch.manual_seed(cfg.seed)
     pipe = Pipeline.from_pretrained(cfg.pipeline)
     train = read_latent_split(cfg.latent_data, cfg.train_split, cfg.max_train)

@@ -32,6 +32,7 @@ import os
 import sys
 from trainer.base.log import get_logger
 from trainer.base.config import UserError
+from trainer.base.files import check_out_dir
 from trainer.text.prosody import prompt_meter, scansion
 from trainer.pipeline.pipeline import Pipeline, show_steps_html
 
@@ -90,6 +91,10 @@ def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=
 
 def main(args) -> int:
     prompts = args.prompt or [""]
+    if args.out:   # its folder checked before any work: a folder that is a file is refused in one line
+        if os.path.isdir(args.out):
+            raise UserError(f"--out: {args.out!r} is a folder; give a file name (e.g. {args.out}/poems.json)")
+        check_out_dir(os.path.dirname(args.out) or ".", "--out", create=False)
     out = generate(args.pipeline, prompts, args.num_samples, args.steps, args.guidance, args.seed, args.sampler,
                    args.show_steps, args.device, args.prefix, {"auto": None, "on": True, "off": False}[args.lexicon],
                    args.churn, args.meter_readings)

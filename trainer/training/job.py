@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional
 import torch
 
 from trainer.base.config import ConfigError
-from trainer.base.files import write_json_atomic
+from trainer.base.files import check_out_dir, write_json_atomic  # noqa: F401 (launch.demo imports it here)
 from trainer.base.log import get_logger
 from trainer.data.loaders import clean_stale_shared_memory
 from trainer.training import callbacks as cb, composer_fixes, reporting
@@ -162,12 +162,6 @@ class TrainingJob:
     def export(self, trainer, parts: Parts, summary: dict) -> dict:
         """Write the export (every rank calls this; collectives allowed); return summary additions."""
         raise NotImplementedError
-
-
-def check_out_dir(out_dir: str) -> None:
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"out_dir: {out_dir!r} is a file, not a folder")
-    os.makedirs(out_dir, exist_ok=True)
 
 
 def resolve_precision(name: str) -> str:
