@@ -33,13 +33,11 @@ stage skips its work.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shlex
 import subprocess
 from typing import Any, Optional
 
-from launch import backends
 from launch import launcher as L
 from launch.compute import ComputeConfig
 from launch.run_yaml import Run, RunSpec, nest
@@ -242,7 +240,7 @@ def run_all(stages: list[Stage]) -> int:
     return 0
 
 
-def main(args) -> int:
+def launch_chain(args) -> int:
     stages = load_stages(args.run, args.overrides)
     if args.node_rank is not None:
         raise C.ConfigError("command line: --node-rank: not for a chain")
@@ -265,3 +263,11 @@ def main(args) -> int:
         return run_all(stages)
     finally:
         write_json_atomic(os.path.join(root, "chain.json"), record)
+
+
+# `latentverse launch`: a chain YAML (`stages:`) here, a run YAML (one job) through launch/launcher.py.
+add_arguments = L.add_arguments
+
+
+def main(args) -> int:
+    return launch_chain(args) if is_chain(args.run) else L.main(args)

@@ -29,7 +29,7 @@ JOBS: dict[str, Job] = {
     "encode": Job("data_prep.encode_job", "text shards -> latent shards with prompt embeddings"),
     "generate": Job("trainer.jobs.generate", "generate poems from a prompt with an exported pipeline"),
     "evaluate": Job("trainer.jobs.evaluate", "evaluate an autoencoder or a pipeline; writes report.json and a PNG"),
-    "launch": Job("launch.launcher", "start or submit a multi-process / multi-node job from a run YAML"),
+    "launch": Job("launch.chain", "start or submit a multi-process / multi-node job (run YAML) or a chain of them"),
     "demo": Job("launch.demo", "the end-to-end demo: every stage, on the bundled corpus or your poems"),
 }
 

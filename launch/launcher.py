@@ -206,10 +206,7 @@ def submit(plan: backends.Plan) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from launch import chain
-
-    if chain.is_chain(args.run):   # a chain run YAML (`stages:`): launch/chain.py
-        return chain.main(args)
+    """One run YAML (a chain YAML goes through launch/chain.py, the `latentverse launch` entry)."""
     run = load_run(args.run, args.overrides)
     plan = build(run, dry_run=args.dry_run, node_rank=args.node_rank)
     cc = run.spec.compute

@@ -20,7 +20,8 @@ class NoEncoderPackage(importlib.abc.MetaPathFinder):   # a machine without the 
             raise ModuleNotFoundError(name)
 
 sys.meta_path.insert(0, NoEncoderPackage())
-from trainer.pipeline.hf import DenoiserModel, LatentversePipeline
+from trainer.pipeline.hf import DenoiserModel
+from trainer.pipeline.pipeline import LatentversePipeline
 pipe = LatentversePipeline.from_pretrained(sys.argv[1])
 den = DenoiserModel.from_pretrained(sys.argv[1] + "/denoiser")
 poems = pipe(["a sonnet about the sea"], num_samples=2, steps=3, seed=1)

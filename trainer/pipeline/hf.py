@@ -10,7 +10,7 @@
                                 prompt_encoder.json: loads without the package the encoder came from
       README.md                 the model card (trainer/pipeline/model_card.py)
 
-    from trainer.pipeline.hf import LatentversePipeline
+    from trainer.pipeline.pipeline import LatentversePipeline
     pipe = LatentversePipeline.from_pretrained("out/demo/pipeline")    # diffusers' own from_pretrained
     poems = pipe(["a sonnet about the sea"], num_samples=2, steps=8)
 
@@ -24,10 +24,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin
+from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from trainer.base import config as C
@@ -97,28 +97,6 @@ class PromptEncoderFolder(ModelMixin):
         with open(file) as f:
             cfg = C.from_dict(PromptEncoderConfig, json.load(f), source=file)
         return build_prompt_encoder(dataclasses.replace(cfg, path=path))
-
-
-class LatentversePipeline(DiffusionPipeline):
-    """prompt -> poem; `as_pipeline()` is the full `trainer.pipeline.pipeline.Pipeline` (samplers,
-    meter readings, prefixes) over the same components."""
-
-    def __init__(self, denoiser: DenoiserModel, autoencoder: Any, prompt_encoder: Any,
-                 settings: Optional[dict] = None):
-        super().__init__()
-        self.register_modules(denoiser=denoiser, autoencoder=autoencoder, prompt_encoder=prompt_encoder)
-        self.register_to_config(settings=settings or {})
-
-    def as_pipeline(self):
-        from trainer.pipeline.pipeline import Pipeline, PipelineConfig
-
-        cfg = C.from_dict(PipelineConfig, dict(self.config.settings), source=MODEL_INDEX)
-        return Pipeline(self.autoencoder.eval(), self.denoiser.net.eval().requires_grad_(False), self.denoiser.meta(),
-                        self.prompt_encoder, cfg, "")
-
-    def __call__(self, prompts, num_samples: int = 1, steps: Optional[int] = None, guidance: Optional[float] = None,
-                 seed: int = 0, **kwargs) -> list[str]:
-        return self.as_pipeline()(prompts, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed, **kwargs)
 
 
 class AutoencoderFolder(ModelMixin):

@@ -57,7 +57,7 @@ def render(path: str, card: dict) -> str:
              "", f"# {card.get('name') or info.get('run_name') or 'latentverse poem generator'}", "",
              "A latent-diffusion poem generator exported by latentverse: a prompt is encoded, the denoiser samples",
              "a latent, the autoencoder reads it out as a poem.", "",
-             "```python", "from trainer.pipeline.hf import LatentversePipeline",
+             "```python", "from trainer.pipeline.pipeline import LatentversePipeline",
              "pipe = LatentversePipeline.from_pretrained(\"<this folder>\")",
              "print(pipe([\"a sonnet about the sea\"], num_samples=2))", "```", "", "## Parts and sizes", "",
              "| part | what | parameters |", "| --- | --- | --- |"]

@@ -19,8 +19,10 @@ import shutil
 import tempfile
 from typing import Literal, Optional
 
+import diffusers
 import torch
 from torch import nn
+
 from trainer.base.config import UserError
 from trainer.data.loaders import LatentNormalizer, to_encoder_latents
 from trainer.diffusion.sampler import SamplerConfig, edm_sampler, sigma_steps
@@ -94,9 +96,8 @@ def export_pipeline(path: str, autoencoder_dir: str, denoiser_dir: str, prompt_e
     net, meta = load_denoiser(denoiser_dir)
     hf.DenoiserModel.from_net(net, meta).save_pretrained(os.path.join(tmp, "denoiser"))
     hf.PromptEncoderFolder.save_pretrained(os.path.join(tmp, "prompt_encoder"), prompt_encoder)
-    import diffusers
 
-    index = {"_class_name": hf.LatentversePipeline.__name__, "_diffusers_version": diffusers.__version__,
+    index = {"_class_name": LatentversePipeline.__name__, "_diffusers_version": diffusers.__version__,
              "autoencoder": [hf.AutoencoderFolder.__module__, hf.AutoencoderFolder.__name__],
              "denoiser": [hf.DenoiserModel.__module__, hf.DenoiserModel.__name__],
              "prompt_encoder": [hf.PromptEncoderFolder.__module__, hf.PromptEncoderFolder.__name__],
@@ -130,7 +131,7 @@ def _load_hf_folder(path: str, device: str) -> "Pipeline":
         except Exception as e:  # missing, truncated or garbled
             raise UserError(f"{f}: cannot read the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     try:
-        pipe = hf.LatentversePipeline.from_pretrained(path)
+        pipe = LatentversePipeline.from_pretrained(path)
     except UserError:
         raise
     except Exception as e:
@@ -369,3 +370,23 @@ def show_steps_html(prompts: list[str], num_samples: int, trace: list[dict], fin
             out.append(f"<tr><td>{t['step']}</td><td>{t['sigma']:.3f}</td><td><pre>{html.escape(t['texts'][b])}</pre></td></tr>")
         out.append(f"<tr><td>final</td><td>0</td><td><pre>{html.escape(final)}</pre></td></tr></table>")
     return "\n".join(out)
+
+
+class LatentversePipeline(diffusers.DiffusionPipeline):
+    """prompt -> poem; `as_pipeline()` is the full `trainer.pipeline.pipeline.Pipeline` (samplers,
+    meter readings, prefixes) over the same components."""
+
+    def __init__(self, denoiser: hf.DenoiserModel, autoencoder: nn.Module, prompt_encoder: nn.Module,
+                 settings: Optional[dict] = None):
+        super().__init__()
+        self.register_modules(denoiser=denoiser, autoencoder=autoencoder, prompt_encoder=prompt_encoder)
+        self.register_to_config(settings=settings or {})
+
+    def as_pipeline(self):
+        cfg = C.from_dict(PipelineConfig, dict(self.config.settings), source=hf.MODEL_INDEX)
+        return Pipeline(self.autoencoder.eval(), self.denoiser.net.eval().requires_grad_(False), self.denoiser.meta(),
+                        self.prompt_encoder, cfg, "")
+
+    def __call__(self, prompts, num_samples: int = 1, steps: Optional[int] = None, guidance: Optional[float] = None,
+                 seed: int = 0, **kwargs) -> list[str]:
+        return self.as_pipeline()(prompts, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed, **kwargs)
