@@ -307,7 +307,7 @@ def run(cfg: EncodeConfig) -> dict:
     rank, world = world_from_env()
     n_slots = world * cfg.num_workers
     _check_inputs(cfg)
-    check_out_dir(cfg.out_dir)
+    check_out_dir(cfg.out_dir, create=False)   # RankedDataset makes it once the devices are known
     # This rank's slots, each on its own device; refuses device: cuda without a GPU before any work.
     devices = {rank * cfg.num_workers + j: str(slot_device(cfg.device, os.environ, j, cfg.num_workers))
                for j in range(cfg.num_workers)}
