@@ -89,7 +89,7 @@ def _rank(rank: int, port: int, mode: str, out: str) -> None:
     base_kb = _rss_kb("VmRSS")
     torch.manual_seed(0)
     net = EDMPrecond(build_denoiser(DenoiserConfig(prompt_dim=384, moe_dit=MoEDiTConfig(**MODEL))), sigma_data=0.5)
-    model = DiffusionComposerModel(net, EDMLoss(EDMConfig(seed=1)), mask_ratio=0.75, cfg_dropout=0.1, ema_decay=0.999)
+    model = DiffusionComposerModel(net, EDMLoss(EDMConfig(seed=1)), mask_ratio=0.75, cfg_dropout=0.1)
     units = fsdp_units(model.net)
     params = sum(p.numel() for p in model.net.parameters())
     resharded = sum(p.numel() for u in units[:-1] for p in u.parameters())   # the last block keeps its weights

@@ -22,9 +22,8 @@ from typing import Literal, Optional
 from launch.cli import load_config, load_job_module
 from trainer.base.check_imports import check
 from trainer.base.config import ConfigError
-from trainer.base.files import read_json, write_json_atomic
+from trainer.base.files import check_out_dir, read_json, write_json_atomic
 from trainer.base.log import get_logger
-from trainer.training.job import check_out_dir
 
 log = get_logger("demo")
 

@@ -28,7 +28,7 @@ def test_ema_follows_the_hand_computed_update_over_a_few_steps():
     decay, start, steps = 0.6, 2, 5
     net = EDMPrecond(build_denoiser(DenoiserConfig(kind="mlp", latent_tokens=4, latent_dim=3, prompt_dim=0,
                                                    mlp=MLPUNetConfig(widths=[16, 8], emb_dim=8))), sigma_data=0.5)
-    model = DiffusionComposerModel(net, EDMLoss(EDMConfig(sigma_data=0.5)), ema_decay=decay)
+    model = DiffusionComposerModel(net, EDMLoss(EDMConfig(sigma_data=0.5)))
     first = [e.detach().clone() for e in model.ema.parameters()]
     batches = [{"latent": torch.randn(4, 4, 3)} for _ in range(steps)]
     record = NetWeights(model)

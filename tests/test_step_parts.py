@@ -23,12 +23,12 @@ def tiny_model(**kw):
 
 def test_foreach_ema_is_the_per_parameter_formula():
     torch.manual_seed(0)
-    model = tiny_model(ema_decay=0.9)
+    model = tiny_model()
     with torch.no_grad():
         for p in model.net.parameters():
             p.add_(torch.randn_like(p))
     want = [0.9 * e + 0.1 * p for e, p in zip(model.ema.parameters(), model.net.parameters())]
-    model.update_ema()
+    model.update_ema(0.9)
     assert all(torch.allclose(e, w, atol=1e-6) for e, w in zip(model.ema.parameters(), want))
 
 

@@ -306,7 +306,7 @@ class DiffusionJob(TrainingJob):
         self.prompt_mean = fitted_prompt_mean(cfg, normalizer) if cfg.prompt_mean.enabled else None
         self.sigma_data = edm.sigma_data
         net = EDMPrecond(build_denoiser(cfg.model), sigma_data=edm.sigma_data, prompt_mean=self.prompt_mean)
-        model = DiffusionComposerModel(net, EDMLoss(edm), cfg.mask_ratio, cfg.cfg_dropout, cfg.ema.decay)
+        model = DiffusionComposerModel(net, EDMLoss(edm), cfg.mask_ratio, cfg.cfg_dropout)
         model.flops_per_sample = measure_flops_per_sample(net, (cfg.model.latent_tokens, cfg.model.latent_dim),
                                                           prompt_shape(cfg), cfg.mask_ratio,
                                                           self_cond_prob=cfg.loss.self_cond_prob)

@@ -77,14 +77,10 @@ class DiffusionComposerModel(ComposerModel):
     batch's sample indices so every evaluation sees the same draws and the training RNG is untouched):
     EMALoss (the exported weights) and Loss (the raw weights)."""
 
-    def __init__(self, net: EDMPrecond, loss: EDMLoss, mask_ratio: float = 0.0, cfg_dropout: float = 0.1,
-                 ema_decay: float = 0.9999):
+    def __init__(self, net: EDMPrecond, loss: EDMLoss, mask_ratio: float = 0.0, cfg_dropout: float = 0.1):
         super().__init__()
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema decay must be in [0, 1), got {ema_decay}")
         self.train_step = DiffusionTrainStep(net, loss, mask_ratio, cfg_dropout)
         self.ema = copy.deepcopy(net).requires_grad_(False).eval()
-        self.ema_decay = float(ema_decay)
         # A plain dict, not a child module: FSDP2 would try to shard a ModuleDict child (Composer moves
         # and copies eval metrics itself).
         self.val_metrics = {k: MeanLoss(k) for k in ("EMALoss", "Loss")}
@@ -128,11 +124,10 @@ class DiffusionComposerModel(ComposerModel):
         return float(self.flops_per_sample or 0.0) * batch["latent"].shape[0]
 
     @torch.no_grad()
-    def update_ema(self, decay: Optional[float] = None) -> None:
+    def update_ema(self, decay: float) -> None:
         """ema <- d ema + (1 - d) net: one foreach kernel over all parameters, no host sync (also on FSDP2
         shards: the EMA is sharded like the net, so each rank updates its own shard)."""
-        d = self.ema_decay if decay is None else decay
-        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.net.parameters()], 1.0 - d)
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.net.parameters()], 1.0 - decay)
         ema_buffers, net_buffers = list(self.ema.buffers()), list(self.net.buffers())
         if ema_buffers:
             torch._foreach_copy_(ema_buffers, net_buffers)

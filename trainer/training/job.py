@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional
 import torch
 
 from trainer.base.config import ConfigError
-from trainer.base.files import check_out_dir, write_json_atomic  # noqa: F401 (launch.demo imports it here)
+from trainer.base.files import check_out_dir, write_json_atomic
 from trainer.base.log import get_logger
 from trainer.data.loaders import clean_stale_shared_memory
 from trainer.training import callbacks as cb, composer_fixes, reporting
