@@ -207,7 +207,7 @@ def _read_prompt_latent_pairs(paths: list[str], limits: list[int], normalizer):
 
 def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
     """(PromptMean, info) fitted on the training streams; the ridge chosen on data.eval_path (else on every
-    10th training sample). Every rank reads the same samples, so every rank gets the same module."""
+    10th training sample). Called on rank 0 only (fitted_prompt_mean hands the module to the others)."""
     streams = cfg.data.stream_paths()
     props = [s.proportion for s in streams]
     if any(p is None for p in props):
@@ -230,11 +230,28 @@ def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
 
 
 def fitted_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
+    """Rank 0 reads the samples and fits; every other rank receives rank 0's module (one read of the shared
+    disk, not one per rank). An error on rank 0 is raised on every rank, so none waits in the broadcast."""
     t = time.time()
-    prompt_mean, fit = fit_prompt_mean(cfg, normalizer)
-    log.info(f"prompt_mean: ridge regression of {fit['n_train']} training latents on their pooled prompts "
-             f"in {time.time() - t:.1f} s: ridge {fit['ridge']:g}, R^2 {fit['r2_train']:.4f} (train)"
-             + (f", {fit['r2_val']:.4f} ({fit['n_val']} held out)" if "r2_val" in fit else ""))
+    got: list = [None]
+    if dist.get_global_rank() == 0:
+        try:
+            prompt_mean, fit = fit_prompt_mean(cfg, normalizer)
+            got = [(prompt_mean.state_dict(), prompt_mean.latent_shape)]
+            log.info(f"prompt_mean: ridge regression of {fit['n_train']} training latents on their pooled prompts "
+                     f"in {time.time() - t:.1f} s: ridge {fit['ridge']:g}, R^2 {fit['r2_train']:.4f} (train)"
+                     + (f", {fit['r2_val']:.4f} ({fit['n_val']} held out)" if "r2_val" in fit else ""))
+        except ConfigError as e:
+            got = [e]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(got, src=0)
+    if isinstance(got[0], ConfigError):
+        raise got[0]
+    state, shape = got[0]
+    prompt_mean = PromptMean(state["weight"].shape[0], shape)
+    prompt_mean.load_state_dict(state)
+    log.info(f"prompt_mean: rank {dist.get_global_rank()} of {dist.get_world_size()} holds rank 0's fit "
+             f"(sum |weight| {float(prompt_mean.weight.abs().sum()):.6f})")
     return prompt_mean
 
 
