@@ -35,7 +35,7 @@ Nothing reads a system-wide configuration: every daemon gets `-f <folder>/slurm.
 SLURM_CONF (in `cluster.env`, and in os.environ while the fixture lives; the task prolog exports it
 again), munge runs with its own key and socket (AuthInfo=socket=...), PlugStackConfig names an empty
 file. There is no slurmdbd, so `sacct` does not work: a finished job stays in `scontrol show job`
-(`cluster.job(id)`) for MinJobAge (300 s) and in jobcomp.txt; `sbatch --wait` exits with the job's
+(`cluster.job(id)`) for MinJobAge (3600 s here: the rehearsal waits on jobs that ended long before) and in jobcomp.txt; `sbatch --wait` exits with the job's
 exit code, but polls at 2 s then 8 s: `cluster.wait(id)` polls every 0.2 s. A node that stops
 answering is marked down after SlurmdTimeout (10 s here; about 25 s from a kill to the job's requeue),
 or at once by `scontrol update nodename=n2 state=down`.
@@ -137,7 +137,7 @@ JobCompLoc={root}/jobcomp.txt
 ReturnToService=2
 SlurmdTimeout={slurmd_timeout}
 KillWait=5
-MinJobAge=300
+MinJobAge=3600
 InactiveLimit=0
 MessageTimeout=30
 {nodes}
