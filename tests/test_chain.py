@@ -1,6 +1,8 @@
 """The chain run YAML (launch/chain.py): stage inputs by reference, the preflight's one-line refusals
 before anything is written, every stage's sbatch script requeueable with a warning signal."""
+import json
 import os
+import re
 
 import pytest
 import yaml
@@ -8,9 +10,10 @@ import yaml
 from launch import chain
 from trainer.base.config import ConfigError
 
-from .conftest import ROOT
+from .conftest import ROOT, run_cli
 
 TINY = os.path.join(ROOT, "yamls/runs/chain_tiny_cpu_slurm.yaml")
+STAGES = ("prep", "autoencoder", "encode", "pretrain_masked", "finetune_unmasked", "evaluate")
 
 
 def variant(tmp_path, edit):
@@ -78,3 +81,25 @@ def test_full_size_chain_passes_the_preflight(tmp_path, monkeypatch):
     assert [s.run.spec.compute.world_size for s in stages] == [1, 32, 8, 32, 32, 1]
     by = {s.spec.name: s for s in stages}
     assert by["pretrain_masked"].run.job_data["autoencoder"] == by["encode"].run.job_data["autoencoder"]
+
+
+@pytest.mark.slow
+def test_the_tiny_chain_runs_here_with_backend_local(tmp_path):
+    """The rehearsal's chain YAML with `compute.backend=local` (one process a stage): the six stages run in
+    order on this machine, each reading what the one before made (the evaluation scores the finetuned
+    pipeline on the encoded latents; finetuning starts from masked pretraining's checkpoint)."""
+    out = tmp_path / "chain"
+    r = run_cli("launch", TINY, f"out_dir={out}", "compute.backend=local", "compute.nodes=1",
+                "compute.procs_per_node=1", timeout=2400)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-4000:]
+    order = re.findall(r"latentverse\.chain: stage (\w+) \((\d)/6\)", text)
+    assert order == [(s, str(k)) for k, s in enumerate(STAGES, 1)], order
+    assert (out / "prep" / "_done.json").is_file() and (out / "encode" / "_done.json").is_file()
+    assert (out / "autoencoder" / "autoencoder").is_dir() and (out / "pretrain_masked" / "denoiser").is_dir()
+    assert f"started from {out}/pretrain_masked/checkpoints/latest-rank0.pt (weights only)" in text
+    report = json.load(open(out / "evaluate" / "report.json"))
+    assert report["pipeline"] == str(out / "finetune_unmasked" / "pipeline")
+    assert report["config"]["latent_data"] == str(out / "encode") and report["samples"]
+    record = json.load(open(out / "chain.json"))["stages"]
+    assert sorted(record) == sorted(STAGES) and all(v["out_dir"] == str(out / k) for k, v in record.items())

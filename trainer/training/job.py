@@ -239,6 +239,8 @@ def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, l
         job.load_failed(e)
         raise
     restore_rng.take(trainer)
+    if parts.load_path and int(trainer.state.timestamp.batch) == 0:   # a stage hand-over, not a resume
+        log.info(f"started from {parts.load_path}{' (weights only)' if parts.load_weights_only else ''}")
     if stop:
         stop.take(trainer)
     return trainer, metrics
