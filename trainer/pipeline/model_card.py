@@ -62,7 +62,7 @@ def evaluation_section(report: str | None) -> list[str]:
         lines += [f"From `{report}`:", "", "| figure | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" for k, v in _figures(report).items()]
     else:
-        lines.append("No evaluation report yet (`latentverse evaluate`, then write the card again).")
+        lines.append("No evaluation report yet (`latentverse evaluate task=generation` on this folder writes its figures here).")
     return lines
 
 
