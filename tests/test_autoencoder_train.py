@@ -58,8 +58,8 @@ def test_train_job_exports_a_loadable_autoencoder(tmp_path):
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     ae = out / "autoencoder"
-    assert sorted(os.listdir(ae)) == ["autoencoder_config.json", "lexicon.txt", "model.safetensors", "tokenizer.json",
-                                      "tokenizer_config.json"]
+    assert sorted(os.listdir(ae)) == ["autoencoder_config.json", "diffusion_pytorch_model.safetensors", "lexicon.txt",
+                                      "tokenizer.json", "tokenizer_config.json"]
     m = LatentAutoencoder.from_pretrained(str(ae))
     # The lexicon: the training split's words seen at least twice (lexicon.min_count), not the held-out's.
     from collections import Counter

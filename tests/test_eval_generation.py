@@ -40,6 +40,10 @@ def test_generation_report(setup, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     assert len(rep["samples"]) == 6
+    # the pipeline's model card now carries the figures; the sections the export wrote stay
+    card = open(os.path.join(setup["pipe"], "README.md")).read()
+    assert f"| frechet.generated_vs_real | {rep['frechet']['generated_vs_real']:.4g} |" in card
+    assert "No evaluation report yet" not in card and card.count("## Evaluation") == 1 and "## Parts and sizes" in card
     assert rep["frechet"]["generated_vs_real"] >= 0 and rep["frechet"]["real_vs_real"] >= 0
     for n in (1, 2, 3, 4):
         d = rep["distinct"][f"distinct_{n}"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainer.base.config import UserError
-from trainer.models.token_latents import (CONFIG_NAME, TokenEmbeddingLatents, TokenLatentConfig, build_causal_lm,
+from trainer.models.token_latents import (CONFIG_NAME, WEIGHTS_NAME, TokenEmbeddingLatents, TokenLatentConfig, build_causal_lm,
                                           latent_kind, load_latent_encoder)
 
 from .conftest import run_cli
@@ -42,7 +42,7 @@ def test_clean_embeddings_round_trip_to_the_same_tokens_and_texts(tmp_path):
     assert float((enc.table / enc.scale).std()) == pytest.approx(1.0, rel=1e-4)
     # save -> load through the kind dispatch: same latents, same decoding, config names its kind
     enc.save_pretrained(str(tmp_path / "tl"))
-    assert json.load(open(tmp_path / "tl" / CONFIG_NAME))["latent_kind"] == "token_embeddings"
+    assert json.load(open(tmp_path / "tl" / CONFIG_NAME))["_class_name"] == "TokenEmbeddingLatents"
     again = load_latent_encoder(str(tmp_path / "tl"), "cpu")
     assert isinstance(again, TokenEmbeddingLatents)
     assert torch.equal(again.encode(TEXTS), z) and again.decode(z) == TEXTS
@@ -98,8 +98,8 @@ def test_latent_kind_dispatch(tmp_path):
     with pytest.raises(UserError, match="not a latent encoder directory"):
         load_latent_encoder(str(tmp_path / "empty"))
     enc.save_pretrained(str(tmp_path / "bad"))
-    open(tmp_path / "bad" / "model.safetensors", "wb").write(b"garbage")
-    with pytest.raises(UserError, match=r"model.safetensors: cannot load the weights"):
+    open(tmp_path / "bad" / WEIGHTS_NAME, "wb").write(b"garbage")
+    with pytest.raises(UserError, match=rf"{WEIGHTS_NAME}: cannot read the weights"):
         load_latent_encoder(str(tmp_path / "bad"))
 
 

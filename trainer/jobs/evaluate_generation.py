@@ -3,7 +3,8 @@
 Samples: `samples_per_prompt` poems for each of the `n_prompts` most common held-out prompts. Their
 fidelity (Fréchet distance), diversity (distinct-n), memorisation, word validity and MAUVE, and the
 denoiser-vs-linear check, are defined in trainer/evaluation/generation.py; prompt adherence (form,
-meter; scansion) in trainer/evaluation/adherence.py. Writes report.json and generation_panel.png.
+meter; scansion) in trainer/evaluation/adherence.py. Writes report.json and generation_panel.png, and
+the figures into the pipeline folder's model card (README.md, its Evaluation section).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from trainer.evaluation.metrics import GaussianLatents, most_common, vocabulary
 from trainer.evaluation.plots import plot_panel
 from trainer.evaluation.report import generation_summary, write_report
 from trainer.evaluation.samples import Sampling, check_enough, generate, read_latent_split, spelt_freely
+from trainer.pipeline import model_card
+from trainer.pipeline.hf import MODEL_INDEX
 from trainer.pipeline.pipeline import Pipeline
 
 log = get_logger("evaluate")
@@ -121,7 +124,9 @@ def run(cfg: EvalGenerationConfig) -> dict:
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     report["panel_png"] = plot_panel(report, os.path.join(cfg.out_dir, "generation_panel.png"))
-    write_report(cfg.out_dir, report)
+    report_file = write_report(cfg.out_dir, report)
+    if os.path.isfile(os.path.join(cfg.pipeline, MODEL_INDEX)):   # a Hugging Face-shaped folder: its card gets the figures
+        model_card.add_evaluation(cfg.pipeline, report_file)
     log.info(generation_summary(report))
     print(generation_summary(report))
     return report

@@ -5,7 +5,8 @@
 
 Lovelace et al., "Latent Diffusion for Language Generation" (2023): the pretrained BART is frozen and
 only the Perceiver parts learn. Without a pretrained path a small BART is built from its config and the
-whole thing trains end to end. Plain PyTorch + transformers; Composer lives in trainer/training/autoencoder_model.py.
+whole thing trains end to end. PyTorch + transformers, a diffusers ModelMixin for saving and loading
+(trainer/models/hf_model.py); Composer lives in trainer/training/autoencoder_model.py.
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import torch
@@ -22,11 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 from trainer.models.perceiver import PerceiverResampler, ReconstructionNetwork
 from trainer.base.config import UserError
+from trainer.models.hf_model import TextLatentModel
+# diffusers' pipeline loader finds a component's base class by name in the component's own module
+from diffusers import ModelMixin  # noqa: F401
 from trainer.models.lexicon import Lexicon, LexiconLogitsProcessor
 from trainer.models.tokenizers import load_tokenizer
 
 CONFIG_NAME = "autoencoder_config.json"
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"   # diffusers' file name
+LEGACY_WEIGHTS_NAME = "model.safetensors"              # folders saved before the diffusers format
 
 
 @dataclasses.dataclass
@@ -104,6 +107,8 @@ def _build_bart(cfg: AutoencoderConfig, tokenizer, bart_config: Optional[dict] =
 
     if bart_config is not None:  # from_pretrained of our own dir: exact config, weights come from safetensors
         return BartForConditionalGeneration(BartConfig(**bart_config))
+    if tokenizer is None:
+        raise ValueError("LatentAutoencoder: a tokenizer is needed to build BART without a saved bart_config")
     if cfg.pretrained_path:
         try:
             return BartForConditionalGeneration.from_pretrained(cfg.pretrained_path)
@@ -135,19 +140,29 @@ class _GumbelMax:
         return scores / self.temperature - g.to(scores.device, scores.dtype)
 
 
-class LatentAutoencoder(nn.Module):
-    def __init__(self, cfg: AutoencoderConfig, tokenizer, bart_config: Optional[dict] = None):
+class LatentAutoencoder(TextLatentModel):
+    """A diffusers model (trainer/models/hf_model.py): `save_pretrained` writes autoencoder_config.json
+    (the constructor's arguments: cfg, bart_config, frozen), diffusion_pytorch_model.safetensors, the
+    tokenizer and the lexicon; `LatentAutoencoder.from_pretrained(dir)` is diffusers' own loader."""
+
+    config_name = CONFIG_NAME
+
+    def __init__(self, cfg: AutoencoderConfig | dict, tokenizer=None, bart_config: Optional[dict] = None,
+                 frozen: Optional[bool] = None):
+        """`tokenizer`: None only when diffusers builds the model from its config (from_pretrained
+        attaches the saved one). `bart_config`, `frozen`: as saved (the BART then comes from its config
+        and the weights file, not from cfg.pretrained_path)."""
         super().__init__()
-        self.cfg, self.tokenizer = cfg, tokenizer
+        if isinstance(cfg, dict):
+            cfg = _config_from_dict(cfg)
+        self.cfg, self.tokenizer = cfg, None
         # The training corpus's words (trainer.models.lexicon), saved with the export; decode(lexicon=True)
         # spells only these.
         self.lexicon = None
         self.bart = _build_bart(cfg, tokenizer, bart_config)
         bc = self.bart.config
-        if bc.vocab_size < len(tokenizer):
-            raise UserError(f"tokenizer has {len(tokenizer)} tokens but the BART checkpoint only {bc.vocab_size}")
         d_model = bc.d_model
-        self.frozen = bool(cfg.pretrained_path) and cfg.freeze_bart
+        self.frozen = bool(cfg.pretrained_path) and cfg.freeze_bart if frozen is None else bool(frozen)
         if self.frozen:
             self.bart.requires_grad_(False)
         self.perceiver = PerceiverResampler(d_model, cfg.dim_latent, cfg.num_latents, cfg.perceiver_depth,
@@ -159,8 +174,21 @@ class LatentAutoencoder(nn.Module):
         # Optimizer step the token-dropout schedule reads; set by the trainer each batch (not a weight).
         self.train_step = 0
         # BART convention: the decoder starts from </s> and first predicts <s>.
-        self.decoder_start_id = bc.decoder_start_token_id if bc.decoder_start_token_id is not None \
-            else tokenizer.eos_token_id
+        self.decoder_start_id = bc.decoder_start_token_id
+        # The config diffusers writes: the weights file holds every BART weight, so a load needs no
+        # pretrained_path (which may not exist on the loading machine).
+        self.register_to_config(cfg=dataclasses.asdict(dataclasses.replace(cfg, pretrained_path=None)),
+                                bart_config=_plain_bart_config(bc), frozen=self.frozen)
+        if tokenizer is not None:
+            self.attach_tokenizer(tokenizer)
+
+    def attach_tokenizer(self, tokenizer) -> None:
+        if self.bart.config.vocab_size < len(tokenizer):
+            raise UserError(f"tokenizer has {len(tokenizer)} tokens but the BART checkpoint only "
+                            f"{self.bart.config.vocab_size}")
+        self.tokenizer = tokenizer
+        if self.decoder_start_id is None:
+            self.decoder_start_id = tokenizer.eos_token_id
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -334,50 +362,41 @@ class LatentAutoencoder(nn.Module):
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [self.lexicon.close(t) for t in texts] if lexicon else texts
 
-    # ---- save / load ----
+    # ---- save / load (save_pretrained, from_pretrained: trainer/models/hf_model.py) ----
 
-    def save_pretrained(self, path: str) -> None:
-        """safetensors weights + JSON config + tokenizer files; written to a temp dir, then renamed."""
-        from safetensors.torch import save_model
-
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".ae-", dir=parent)
-        cfg = dataclasses.asdict(self.cfg)
-        meta = {"autoencoder": cfg, "bart": self.bart.config.to_dict(), "latent_shape": list(self.latent_shape)}
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(meta, f, indent=2)
-        save_model(self, os.path.join(tmp, WEIGHTS_NAME))  # handles BART's tied embeddings
-        self.tokenizer.save_pretrained(tmp)
+    def _save_extra(self, path: str) -> None:
         if self.lexicon is not None:
-            self.lexicon.save(tmp)
-        old = None
-        if os.path.exists(path):
-            old = path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+            self.lexicon.save(path)
+
+    def _load_extra(self, path: str) -> None:
+        self.lexicon = Lexicon.load(path)
 
     @classmethod
-    def from_pretrained(cls, path: str, map_location: str = "cpu", torch_dtype=None) -> "LatentAutoencoder":
-        """`torch_dtype`: as diffusers' pipeline loader passes it (None = as saved)."""
+    def _from_legacy(cls, path: str, map_location: str = "cpu", torch_dtype=None) -> "LatentAutoencoder":
+        """A folder of the format before diffusers': autoencoder_config.json {autoencoder, bart,
+        latent_shape} + model.safetensors (safetensors' save_model)."""
         from safetensors.torch import load_model
         cfg_file = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfg_file):
-            raise UserError(f"{path}: not an autoencoder directory (no {CONFIG_NAME})")
-        with open(cfg_file) as f:
-            meta = json.load(f)
-        fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
-        # pretrained_path=None: the weights are all in the safetensors file (the original path may be gone).
-        cfg = AutoencoderConfig(**{k: v for k, v in meta["autoencoder"].items() if k in fields and k != "pretrained_path"})
-        tok = load_tokenizer(path)
-        bart_cfg = {k: v for k, v in meta["bart"].items() if k not in ("transformers_version", "architectures")}
-        model = cls(cfg, tok, bart_config=bart_cfg)
-        model.frozen = bool(meta["autoencoder"].get("pretrained_path")) and cfg.freeze_bart
-        if model.frozen:
-            model.bart.requires_grad_(False)
-        load_model(model, os.path.join(path, WEIGHTS_NAME), device=map_location)
+        try:
+            with open(cfg_file) as f:
+                meta = json.load(f)
+            model = cls(meta["autoencoder"], load_tokenizer(path), bart_config=_plain_bart_config(meta["bart"]),
+                        frozen=bool(meta["autoencoder"].get("pretrained_path")) and meta["autoencoder"].get("freeze_bart", True))
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{cfg_file}: corrupt autoencoder config ({type(e).__name__}: {e})") from None
+        load_model(model, os.path.join(path, LEGACY_WEIGHTS_NAME), device=map_location)
         model.lexicon = Lexicon.load(path)
         return (model if torch_dtype is None else model.to(torch_dtype)).eval()
+
+
+def _config_from_dict(d: dict) -> AutoencoderConfig:
+    """An AutoencoderConfig from a saved dict: keys this version does not know are left out, and
+    pretrained_path is None (the weights file holds every weight; the original path may be gone)."""
+    fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
+    return AutoencoderConfig(**{k: v for k, v in d.items() if k in fields and k != "pretrained_path"})
+
+
+def _plain_bart_config(bc) -> dict:
+    """BART's config as plain JSON to rebuild it from (no version or architecture entries)."""
+    d = bc if isinstance(bc, dict) else bc.to_dict()
+    return {k: v for k, v in d.items() if k not in ("transformers_version", "architectures")}

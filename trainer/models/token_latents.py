@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Literal, Optional
 
 import torch
@@ -28,12 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 from trainer.models.tokenizers import TokenizerConfig
 from trainer.base.config import UserError
-from trainer.base.files import replace_dir
+from trainer.models.hf_model import TextLatentModel
+# diffusers' pipeline loader finds a component's base class by name in the component's own module
+from diffusers import ModelMixin  # noqa: F401
 from trainer.models.autoencoder import CONFIG_NAME as AE_CONFIG, LatentAutoencoder
 
 LATENT_KIND = "token_embeddings"
 CONFIG_NAME = "token_latents_config.json"
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"   # diffusers' file name
+LEGACY_WEIGHTS_NAME = "model.safetensors"              # folders saved before the diffusers format
 
 
 @dataclasses.dataclass
@@ -86,23 +87,56 @@ def load_causal_lm(path: str):
     return lm, tok
 
 
-class TokenEmbeddingLatents(nn.Module):
-    """encode(texts) -> [B, L, d]; decode(latents) -> texts; same API as LatentAutoencoder."""
+class TokenEmbeddingLatents(TextLatentModel):
+    """encode(texts) -> [B, L, d]; decode(latents) -> texts; same API as LatentAutoencoder. A diffusers
+    model (trainer/models/hf_model.py): token_latents_config.json holds cfg and lm_config, the weights
+    file the LM and `scale`; `TokenEmbeddingLatents.from_pretrained(dir)` is diffusers' own loader."""
 
     latent_kind = LATENT_KIND
+    config_name = CONFIG_NAME
+    ignore_for_config = ["tokenizer", "lm", "scale"]
 
-    def __init__(self, cfg: TokenLatentConfig, tokenizer, lm, scale: Optional[float] = None):
+    def __init__(self, cfg: TokenLatentConfig | dict, tokenizer=None, lm=None, scale: Optional[float] = None,
+                 lm_config: Optional[dict] = None):
+        """`lm`: the causal LM; None builds it from `lm_config` (as diffusers does from the saved config,
+        the weights file then filling it). `tokenizer`: None only then (from_pretrained attaches it)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         super().__init__()
-        self.cfg, self.tokenizer, self.lm = cfg, tokenizer, lm.eval().requires_grad_(False)
+        if isinstance(cfg, dict):
+            cfg = _config_from_dict(cfg)
+        if lm is None:
+            if lm_config is None:
+                raise ValueError("TokenEmbeddingLatents: give the LM or its lm_config")
+            lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**lm_config), dtype=torch.float32)
+        self.cfg, self.tokenizer, self.lm = cfg, None, lm.eval().requires_grad_(False)
+        self.pad_id = None
+        self.register_buffer("scale", torch.tensor(float(scale) if scale is not None else self.table_std()))
+        self.register_to_config(cfg=dataclasses.asdict(dataclasses.replace(cfg, pretrained_path=None)),
+                                lm_config=_plain_lm_config(lm.config))
+        if tokenizer is not None:
+            self.attach_tokenizer(tokenizer)
+
+    def attach_tokenizer(self, tokenizer) -> None:
         if tokenizer.eos_token_id is None:
             raise UserError("the tokenizer has no end-of-text token (eos), needed to mark where a poem ends")
         if len(tokenizer) > self.table.shape[0]:
             raise UserError(f"tokenizer has {len(tokenizer)} tokens but the LM's embedding table only "
                             f"{self.table.shape[0]}")
+        self.tokenizer = tokenizer
         # Pad with </s>, not the pad token: an LM's pad row is often all zeros (nn.Embedding padding_idx),
         # which has no direction to decode by cosine; and many LMs (Qwen, SmolLM2) have no pad token.
         self.pad_id = tokenizer.eos_token_id
-        self.register_buffer("scale", torch.tensor(float(scale) if scale is not None else self.table_std()))
+
+    @classmethod
+    def read_tokenizer(cls, path: str):
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            raise UserError(f"{path}: cannot load the tokenizer: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        tok.clean_up_tokenization_spaces = False
+        return tok
 
     @property
     def table(self) -> torch.Tensor:
@@ -196,57 +230,26 @@ class TokenEmbeddingLatents(nn.Module):
         ids = self.nearest_ids(latents, mode)
         return self.ids_to_texts(ids[:, :max_length] if max_length else ids)
 
-    # ---- save / load
-
-    def save_pretrained(self, path: str) -> None:
-        """safetensors (LM + scale) + JSON config (latent_kind, LM config) + tokenizer files; temp dir, then rename."""
-        from safetensors.torch import save_model
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".token-latents-", dir=parent)
-        try:
-            meta = {"latent_kind": LATENT_KIND, "token_latents": dataclasses.asdict(self.cfg),
-                    "lm": self.lm.config.to_dict(), "scale": float(self.scale),
-                    "latent_shape": list(self.latent_shape), "pad_id": self.pad_id}
-            with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-                json.dump(meta, f, indent=2)
-            save_model(self, os.path.join(tmp, WEIGHTS_NAME))  # handles tied input/output embeddings
-            self.tokenizer.save_pretrained(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        replace_dir(tmp, path)
+    # ---- save / load (save_pretrained, from_pretrained: trainer/models/hf_model.py)
 
     @classmethod
-    def from_pretrained(cls, path: str, map_location: str = "cpu", torch_dtype=None) -> "TokenEmbeddingLatents":
-        """`torch_dtype`: as diffusers' pipeline loader passes it (None = as saved)."""
+    def _from_legacy(cls, path: str, map_location: str = "cpu", torch_dtype=None) -> "TokenEmbeddingLatents":
+        """A folder of the format before diffusers': token_latents_config.json {latent_kind,
+        token_latents, lm, scale} + model.safetensors (safetensors' save_model)."""
         from safetensors.torch import load_model
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         cfg_file = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfg_file):
-            raise UserError(f"{path}: not a token-embedding latent directory (no {CONFIG_NAME})")
         try:
             with open(cfg_file) as f:
                 meta = json.load(f)
-            tcfg = dict(meta["token_latents"])
-            tcfg["tokenizer"] = TokenizerConfig(**tcfg.get("tokenizer", {}))
-            tcfg["pretrained_path"] = None  # every weight is in our safetensors; the original dir may be gone
-            cfg = TokenLatentConfig(**tcfg)
-            lm_cfg = {k: v for k, v in meta["lm"].items() if k not in ("transformers_version",)}
-            lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**lm_cfg), dtype=torch.float32)
+            model = cls(meta["token_latents"], cls.read_tokenizer(path), scale=meta["scale"],
+                        lm_config=_plain_lm_config(meta["lm"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"{cfg_file}: corrupt token-latent config ({type(e).__name__}: {e})") from None
         try:
-            tok = AutoTokenizer.from_pretrained(path)
-        except Exception as e:
-            raise UserError(f"{path}: cannot load the tokenizer: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
-        tok.clean_up_tokenization_spaces = False
-        model = cls(cfg, tok, lm, scale=meta["scale"])
-        try:
-            load_model(model, os.path.join(path, WEIGHTS_NAME), device=map_location)
+            load_model(model, os.path.join(path, LEGACY_WEIGHTS_NAME), device=map_location)
         except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-            raise UserError(f"{os.path.join(path, WEIGHTS_NAME)}: cannot load the weights: "
+            raise UserError(f"{os.path.join(path, LEGACY_WEIGHTS_NAME)}: cannot load the weights: "
                             f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
         return (model if torch_dtype is None else model.to(torch_dtype)).eval()
 
@@ -255,6 +258,20 @@ class TokenEmbeddingLatents(nn.Module):
         """Wrap a local Hugging Face causal LM directory (Qwen, SmolLM2) as it is."""
         lm, tok = load_causal_lm(path)
         return cls(TokenLatentConfig(pretrained_path=path, num_tokens=num_tokens, decode=decode), tok, lm)
+
+
+def _config_from_dict(d: dict) -> TokenLatentConfig:
+    """A TokenLatentConfig from a saved dict; pretrained_path None (every weight is in the weights file;
+    the original folder may be gone)."""
+    d = dict(d)
+    d["tokenizer"] = TokenizerConfig(**d.get("tokenizer", {}))
+    d["pretrained_path"] = None
+    return TokenLatentConfig(**d)
+
+
+def _plain_lm_config(c) -> dict:
+    d = c if isinstance(c, dict) else c.to_dict()
+    return {k: v for k, v in d.items() if k != "transformers_version"}
 
 
 def latent_kind(path: str) -> str:

@@ -5,13 +5,17 @@
                                 (sampler, decoding, prompt mode, latent kind: PipelineConfig)
       denoiser/                 DenoiserModel (diffusers ModelMixin + ConfigMixin): config.json +
                                 diffusion_pytorch_model.safetensors (the EMA EDMPrecond, latent statistics)
-      autoencoder/              the latent encoder's own save_pretrained: config + model.safetensors + tokenizer
-      prompt_encoder/           the prompt encoder's weights and tokenizer (transformers' save_pretrained) and
-                                prompt_encoder.json: loads without the package the encoder came from
+      autoencoder/              the latent encoder (LatentAutoencoder or TokenEmbeddingLatents, diffusers ModelMixin +
+                                ConfigMixin, trainer/models/hf_model.py): autoencoder_config.json or
+                                token_latents_config.json + diffusion_pytorch_model.safetensors + tokenizer (+ lexicon)
+      prompt_encoder/           the prompt encoder's weights and tokenizer (transformers' save_pretrained, or
+                                open_clip's local-dir files) and prompt_encoder.json: loads without the package
+                                or hub the encoder came from
       README.md                 the model card (trainer/pipeline/model_card.py)
 
     from trainer.pipeline.pipeline import LatentversePipeline
     pipe = LatentversePipeline.from_pretrained("out/demo/pipeline")    # diffusers' own from_pretrained
+    ae = LatentAutoencoder.from_pretrained("out/demo/pipeline/autoencoder")   # each part on its own, too
     poems = pipe(["a sonnet about the sea"], num_samples=2, steps=8)
 
 Why diffusers and not transformers' PreTrainedModel: the denoiser is a diffusion model, and a diffusers
@@ -74,20 +78,18 @@ class DenoiserModel(ModelMixin, ConfigMixin):
 
 
 class PromptEncoderFolder(ModelMixin):
-    """The prompt encoder inside the pipeline folder: its Hugging Face weights and tokenizer, and
+    """The prompt encoder inside the pipeline folder: its Hugging Face weights and tokenizer (minilm,
+    causal_lm) or open_clip's local-dir files (open_clip_config.json + open_clip_model.safetensors), and
     prompt_encoder.json (PromptEncoderConfig, `path` left empty: it is the folder itself). A ModelMixin
     only so that diffusers' pipeline loader calls its from_pretrained, which returns the PromptEncoder."""
 
     @staticmethod
     def save_pretrained(path: str, cfg: PromptEncoderConfig) -> None:
-        if cfg.kind == "open_clip":
-            raise UserError("prompt_encoder.kind: open_clip encoders cannot be exported inside a pipeline folder "
-                            "yet (minilm and causal_lm can)")
-        enc = build_prompt_encoder(cfg)
-        enc.model.save_pretrained(path)
-        enc.tokenizer.save_pretrained(path)
+        build_prompt_encoder(cfg).save_pretrained(path)
+        # every path of the config points outside the folder: the folder itself replaces them
+        inside = dataclasses.replace(cfg, path="", pretrained="", model_config_json="", allow_random_init=False)
         with open(os.path.join(path, PROMPT_ENCODER_JSON), "w") as f:
-            json.dump(dataclasses.asdict(dataclasses.replace(cfg, path="")), f, indent=1)
+            json.dump(dataclasses.asdict(inside), f, indent=1)
 
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, **_):  # noqa: ARG003
@@ -100,9 +102,9 @@ class PromptEncoderFolder(ModelMixin):
 
 
 class AutoencoderFolder(ModelMixin):
-    """The latent encoder folder (its own save_pretrained: config + model.safetensors + tokenizer): a
-    ModelMixin only so that diffusers' pipeline loader calls this from_pretrained, which returns the
-    BART-Perceiver autoencoder or the token-embedding latents, whichever the folder holds."""
+    """What model_index.json named for the latent encoder in folders exported before the latent
+    encoders were diffusers models themselves (now it names LatentAutoencoder or TokenEmbeddingLatents):
+    loads such a folder's autoencoder/, whichever kind and format it holds."""
 
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, **_):

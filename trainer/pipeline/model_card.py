@@ -5,7 +5,9 @@
 It says what the folder holds and how big each part is (parameters counted from the safetensors
 headers), what the denoiser was trained on and for how long (the `card` the training job passes, and
 the denoiser's own record: batches, EMA), and the evaluation's figures when `card["report"]` names a
-report.json that exists (the flat numbers in it). Run it again after an evaluation to add them.
+report.json that exists (the flat numbers in it). After an evaluation of the folder,
+`add_evaluation(pipeline_dir, report_json)` (the generation evaluation calls it) rewrites only that
+section.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import os
 from typing import Any
 
 
+CARD = "README.md"
+EVALUATION = "## Evaluation"
 _PARTS = (("denoiser", "the EMA denoiser (diffusers ModelMixin)"),
           ("autoencoder", "the latent encoder / decoder"),
           ("prompt_encoder", "the prompt encoder (weights and tokenizer inside)"))
@@ -35,6 +39,8 @@ def parameters(folder: str) -> int:
 
 
 def _figures(report: str) -> dict[str, Any]:
+    """The report's figures, flat ("adherence.form.accuracy"): every number in it but the run's
+    configuration (its settings, not its results)."""
     with open(report) as f:
         data = json.load(f)
     out = {}
@@ -45,8 +51,19 @@ def _figures(report: str) -> dict[str, Any]:
                 walk(v, f"{prefix}{k}.")
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[f"{prefix}{k}"] = v
-    walk(data)
+    walk({k: v for k, v in data.items() if k != "config"})
     return out
+
+
+def evaluation_section(report: str | None) -> list[str]:
+    """The card's "## Evaluation" section: the figures of `report` (a report.json), if it exists."""
+    lines = [EVALUATION, ""]
+    if report and os.path.isfile(report):
+        lines += [f"From `{report}`:", "", "| figure | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in _figures(report).items()]
+    else:
+        lines.append("No evaluation report yet (`latentverse evaluate task=generation` on this folder writes its figures here).")
+    return lines
 
 
 def render(path: str, card: dict) -> str:
@@ -73,19 +90,36 @@ def render(path: str, card: dict) -> str:
     training = {"batches": info.get("batches"), "weights": info.get("weights"), "ema_decay": info.get("ema_decay"),
                 "mask_ratio": info.get("mask_ratio"), **(card.get("training") or {})}
     lines += [f"- {k}: {v}" for k, v in training.items() if v is not None]
-    lines += ["", "## Evaluation", ""]
-    report = card.get("report")
-    if report and os.path.isfile(report):
-        lines += [f"From `{report}`:", "", "| figure | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in _figures(report).items()]
-    else:
-        lines.append("No evaluation report yet (`latentverse evaluate`, then write the card again).")
+    lines += ["", *evaluation_section(card.get("report"))]
     return "\n".join(lines) + "\n"
 
 
+def _write_atomic(out: str, text: str) -> None:
+    tmp = f"{out}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)   # a reader sees the old card or the whole new one
+
+
 def write(path: str, card: dict) -> str:
-    out = os.path.join(path, "README.md")
-    with open(out + ".tmp", "w") as f:
-        f.write(render(path, card))
-    os.replace(out + ".tmp", out)   # a card written again after an evaluation replaces the old one whole
+    out = os.path.join(path, CARD)
+    _write_atomic(out, render(path, card))
+    return out
+
+
+def add_evaluation(path: str, report: str) -> str:
+    """After an evaluation of the pipeline folder `path`: its card's Evaluation section becomes the
+    figures of `report`; every other section stays as the export wrote it (a folder without a card
+    gets one, its data and training unrecorded)."""
+    out = os.path.join(path, CARD)
+    if not os.path.isfile(out):
+        return write(path, {"report": report})
+    with open(out, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = lines.index(EVALUATION) if EVALUATION in lines else len(lines)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    head = lines[:start] if start < len(lines) else lines + [""]
+    _write_atomic(out, "\n".join([*head, *evaluation_section(report), *([""] + lines[end:] if end < len(lines) else [])]) + "\n")
     return out

@@ -15,7 +15,6 @@ import dataclasses
 import html
 import json
 import os
-import shutil
 import tempfile
 from typing import Literal, Optional
 
@@ -31,9 +30,10 @@ from trainer.pipeline.export import load_denoiser
 from trainer.base.files import replace_dir
 from trainer.models.text_encoders import PromptEncoderConfig, build_prompt_encoder
 from trainer.base import config as C
-from trainer.models.token_latents import latent_kind, TokenEmbeddingLatents
+from trainer.models.token_latents import latent_kind, load_latent_encoder, TokenEmbeddingLatents
 from trainer.models import token_latents
-from trainer.models.autoencoder import CONFIG_NAME, LatentAutoencoder, WEIGHTS_NAME
+from trainer.models.autoencoder import CONFIG_NAME, LatentAutoencoder, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from trainer.models.hf_model import check_weights_file
 from trainer.text.prosody import prompt_meter, scansion
 from trainer.diffusion.ddpm import DDPM, DDPMConfig
 from trainer.pipeline import hf, model_card
@@ -89,16 +89,16 @@ def export_pipeline(path: str, autoencoder_dir: str, denoiser_dir: str, prompt_e
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=parent)
-    if kind == "hf_causal_lm":  # a plain Qwen / SmolLM2 directory: wrapped, so the pipeline holds its scale
-        TokenEmbeddingLatents.from_causal_lm(autoencoder_dir).save_pretrained(os.path.join(tmp, "autoencoder"))
-    else:
-        shutil.copytree(autoencoder_dir, os.path.join(tmp, "autoencoder"))
+    # Loaded and saved again: the folder gets diffusers' format whatever the input's (a plain Qwen /
+    # SmolLM2 directory is wrapped, so the pipeline holds its scale; an older export is converted).
+    latent_encoder = load_latent_encoder(autoencoder_dir)
+    latent_encoder.save_pretrained(os.path.join(tmp, "autoencoder"))
     net, meta = load_denoiser(denoiser_dir)
     hf.DenoiserModel.from_net(net, meta).save_pretrained(os.path.join(tmp, "denoiser"))
     hf.PromptEncoderFolder.save_pretrained(os.path.join(tmp, "prompt_encoder"), prompt_encoder)
 
     index = {"_class_name": LatentversePipeline.__name__, "_diffusers_version": diffusers.__version__,
-             "autoencoder": [hf.AutoencoderFolder.__module__, hf.AutoencoderFolder.__name__],
+             "autoencoder": [type(latent_encoder).__module__, type(latent_encoder).__name__],
              "denoiser": [hf.DenoiserModel.__module__, hf.DenoiserModel.__name__],
              "prompt_encoder": [hf.PromptEncoderFolder.__module__, hf.PromptEncoderFolder.__name__],
              "settings": dataclasses.asdict(cfg)}
@@ -115,21 +115,16 @@ _NEW_WEIGHTS = ("denoiser/diffusion_pytorch_model.safetensors", "prompt_encoder/
 
 def _load_hf_folder(path: str, device: str) -> "Pipeline":
     """A diffusers-shaped folder through diffusers' own from_pretrained, each damaged file named in one line."""
-    from safetensors import safe_open
-
     index_file = os.path.join(path, hf.MODEL_INDEX)
     settings = _read_json(index_file).get("settings", {})
     C.from_dict(PipelineConfig, settings, source=index_file)
-    ae_config = token_latents.CONFIG_NAME if settings.get("latent_kind") == "token_embeddings" else CONFIG_NAME
-    for rel in (*_NEW_FILES, "autoencoder/" + ae_config):
+    ae_class = TokenEmbeddingLatents if settings.get("latent_kind") == "token_embeddings" else LatentAutoencoder
+    for rel in (*_NEW_FILES, "autoencoder/" + ae_class.config_name):
         _read_json(os.path.join(path, rel))
-    for rel in (*_NEW_WEIGHTS, "autoencoder/" + WEIGHTS_NAME):
-        f = os.path.join(path, rel)
-        try:
-            with safe_open(f, framework="pt"):
-                pass
-        except Exception as e:  # missing, truncated or garbled
-            raise UserError(f"{f}: cannot read the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    # folders exported before the latent encoders were diffusers models hold safetensors' model.safetensors
+    ae_weights = LEGACY_WEIGHTS_NAME if ae_class.is_legacy(os.path.join(path, "autoencoder")) else WEIGHTS_NAME
+    for rel in (*_NEW_WEIGHTS, "autoencoder/" + ae_weights):
+        check_weights_file(os.path.join(path, rel))
     try:
         pipe = LatentversePipeline.from_pretrained(path)
     except UserError:
@@ -167,7 +162,8 @@ def _load_autoencoder(path: str, device: str, kind: str = "bart_perceiver"):
         raise
     except Exception as e:  # safetensors / transformers raise many types for damaged files
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{os.path.join(path, WEIGHTS_NAME)}: cannot load the autoencoder: {first}") from None
+        weights = LEGACY_WEIGHTS_NAME if LatentAutoencoder.is_legacy(path) else WEIGHTS_NAME
+        raise UserError(f"{os.path.join(path, weights)}: cannot load the autoencoder: {first}") from None
 
 
 def best_scanning_readings(autoencoder, z: torch.Tensor, texts: list[str], meters: list[str], readings: int,
