@@ -63,46 +63,78 @@ def _count_collectives(counter: dict):
             wrap(kind)
 
 
-def _rank(rank: int, port: int, mode: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS), LOCAL_WORLD_SIZE=str(RANKS),
+def setup_rank(rank: int, port: int, world: int):
+    """This process as rank `rank` of `world` on 127.0.0.1 (gloo on CPU), one thread; returns the device."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     sys.path.insert(0, ROOT)
     import torch
-    from composer import Trainer
-    from composer.core import Callback, Event
     from composer.utils import dist, get_device
-    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(1)
+    device = get_device(None)
+    dist.initialize_dist(device)
+    return device
+
+
+def build_model(model_kw: dict):
+    """The job's DiffusionComposerModel around a MoE DiT, the same weights on every rank."""
+    import torch
 
     from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond
     from trainer.models.denoisers import DenoiserConfig, build_denoiser
     from trainer.models.denoisers.moe_dit import MoEDiTConfig
-    from trainer.training import callbacks as cb
     from trainer.training.diffusion_model import DiffusionComposerModel
-    from trainer.training.job import OptimConfig, optimizer_and_schedule
-    from trainer.training.parallelize import FSDPConfig, fsdp_units, parallelize_diffusion
 
-    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = EDMPrecond(build_denoiser(DenoiserConfig(prompt_dim=384, moe_dit=MoEDiTConfig(**model_kw))), sigma_data=0.5)
+    return DiffusionComposerModel(net, EDMLoss(EDMConfig(seed=1)), mask_ratio=0.75, cfg_dropout=0.1)
+
+
+def build_trainer(model, mode: str, steps: int, per_rank: int, callbacks=(), lr: float = 1e-4, shard_size: int = 2):
+    """Composer's Trainer over `model` with the job's optimizer, schedule, clipping and EMA, `steps` batches of
+    `per_rank` synthetic samples per rank (the same global batches whatever the mode): mode ddp, fsdp2 (per
+    block, trainer/training/parallelize.py) or hybrid (shard groups of `shard_size` ranks, replicated)."""
+    import torch
+    from composer import Trainer
+    from composer.utils import dist
+    from torch.utils.data import DataLoader
+
+    from trainer.training import callbacks as cb
+    from trainer.training.job import OptimConfig, optimizer_and_schedule
+    from trainer.training.parallelize import FSDPConfig, parallelize_diffusion
+
+    g = torch.Generator().manual_seed(0)
+    n = dist.get_world_size() * per_rank * steps
+    data = [{"latent": torch.randn(32, 64, generator=g), "prompt_emb": torch.randn(16, 384, generator=g),
+             "prompt_mask": torch.arange(16) < 10, "prompt_pooled": torch.randn(384, generator=g), "sample_index": i}
+            for i in range(n)]
+    loader = DataLoader(data, batch_size=per_rank, sampler=dist.get_sampler(data, shuffle=False))
+    callbacks = [cb.EMACallback(model, 0.999, 0), *callbacks]
+    parallelism = None
+    if mode != "ddp":
+        cfg = FSDPConfig(hybrid=mode == "hybrid", shard_size=shard_size)
+        parallelism, after = parallelize_diffusion(model, cfg, dist.get_world_size())
+        callbacks += after
+    opt, schedule, clip = optimizer_and_schedule(model.net.parameters(), OptimConfig(lr=lr, warmup="0ba"))
+    return Trainer(model=model, train_dataloader=loader, max_duration=f"{steps}ba", optimizers=opt,
+                   schedulers=schedule, algorithms=clip, precision="fp32", parallelism_config=parallelism,
+                   callbacks=callbacks, progress_bar=False, log_to_console=False, seed=17)
+
+
+def _rank(rank: int, port: int, mode: str, out: str) -> None:
+    setup_rank(rank, port, RANKS)
+    from composer.core import Callback, Event
+
+    from trainer.training.parallelize import fsdp_units
+
     counter: dict = {}
     _count_collectives(counter)
-    device = get_device(None)
-    dist.initialize_dist(device)
     base_kb = _rss_kb("VmRSS")
-    torch.manual_seed(0)
-    net = EDMPrecond(build_denoiser(DenoiserConfig(prompt_dim=384, moe_dit=MoEDiTConfig(**MODEL))), sigma_data=0.5)
-    model = DiffusionComposerModel(net, EDMLoss(EDMConfig(seed=1)), mask_ratio=0.75, cfg_dropout=0.1)
+    model = build_model(MODEL)
     units = fsdp_units(model.net)
     params = sum(p.numel() for p in model.net.parameters())
     resharded = sum(p.numel() for u in units[:-1] for p in u.parameters())   # the last block keeps its weights
-    g = torch.Generator().manual_seed(0)
-    n = RANKS * PER_RANK * (STEPS + WARMUP)
-    data = [{"latent": torch.randn(32, 64, generator=g), "prompt_emb": torch.randn(16, 384, generator=g),
-             "prompt_mask": torch.arange(16) < 10, "prompt_pooled": torch.randn(384, generator=g)} for _ in range(n)]
-    loader = DataLoader(data, batch_size=PER_RANK, sampler=dist.get_sampler(data, shuffle=False))
-    callbacks = [cb.EMACallback(model, 0.999, 0)]
-    parallelism = None
-    if mode != "ddp":
-        parallelism, after = parallelize_diffusion(model, FSDPConfig(hybrid=mode == "hybrid", shard_size=2), RANKS)
-        callbacks += after
     times: list[float] = []
 
     class Steps(Callback):
@@ -120,11 +152,7 @@ def _rank(rank: int, port: int, mode: str, out: str) -> None:
                 counter["on"] = False
                 times.append(time.perf_counter() - counter["t0"])
 
-    opt, schedule, clip = optimizer_and_schedule(model.net.parameters(), OptimConfig(lr=1e-4, warmup="0ba"))
-    trainer = Trainer(model=model, train_dataloader=loader, max_duration=f"{STEPS + WARMUP}ba", optimizers=opt,
-                      schedulers=schedule, algorithms=clip, device=device, precision="fp32",
-                      parallelism_config=parallelism, callbacks=[*callbacks, Steps()], progress_bar=False,
-                      log_to_console=False, seed=17)
+    trainer = build_trainer(model, mode, STEPS + WARMUP, PER_RANK, [Steps()])
     trainer.fit()
     peak_kb = _rss_kb("VmHWM")
     measured = len(times)
