@@ -14,17 +14,18 @@ from trainer.data.synthetic import write_latent_shards
 from .test_train_diffusion import PRETRAIN, TINY, model_state, read_jsonl
 
 
-def launch_2proc(tmp_path, name: str, *overrides: str, config: str = PRETRAIN):
-    """`composer -n 2 -m launch.cli train` on two CPU ranks (gloo); returns (process, out_dir, every rank's log)."""
+def launch_2proc(tmp_path, name: str, *overrides: str, config: str = PRETRAIN, env=None, rc=0):
+    """`composer -n 2 -m launch.cli train` on two CPU ranks (gloo), environment `env` (default: this one),
+    expected to exit with `rc` (None: any); returns (process, out_dir, every rank's log)."""
     out = tmp_path / name
     composer = os.path.join(os.path.dirname(sys.executable), "composer")
     cmd = [composer, "-n", "2", "--master_port", str(free_port()), "--stdout", str(tmp_path / f"{name}-out{{rank}}.txt"),
            "--stderr", str(tmp_path / f"{name}-err{{rank}}.txt"), "-m", "launch.cli", "train", config,
            f"out_dir={out}", *TINY, *overrides]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, LATENTVERSE_LOG_ALL_RANKS="1"))
+                       env=dict(env or os.environ, LATENTVERSE_LOG_ALL_RANKS="1"))
     logs = r.stdout + r.stderr + "".join(open(p).read() for p in sorted(tmp_path.glob(f"{name}-*.txt")))
-    assert r.returncode == 0, logs[-4000:]
+    assert rc is None or r.returncode == rc, logs[-4000:]
     return r, out, logs
 
 

@@ -61,8 +61,9 @@ class NonFiniteLossGuard(Callback):
         loss = (state.total_loss_dict or {}).get("loss/train/total")
         if loss is None or math.isfinite(loss):
             return
-        latest = os.path.join(self.checkpoint_dir, f"latest-rank{dist.get_global_rank()}.pt")
-        last = os.path.realpath(latest) if os.path.lexists(latest) else "none saved yet"
+        # A sharded (FSDP2) checkpoint is one folder, linked from rank 0's name only.
+        links = [os.path.join(self.checkpoint_dir, f"latest-rank{r}.pt") for r in (dist.get_global_rank(), 0)]
+        last = next((os.path.realpath(p) for p in links if os.path.lexists(p)), "none saved yet")
         raise NonFiniteLoss(f"train loss is {loss} at batch {int(state.timestamp.batch)}: stopping (lower "
                             f"optim.lr or raise optim.grad_clip_norm); last good checkpoint: {last}")
 
