@@ -13,7 +13,8 @@ from the collectives actually issued during the measured steps:
     peak memory per rank: the process's peak resident set (VmHWM) during the measured steps above its
     resident set before the model was built (after dist init and the imports). Before the first
     measured step, freed heap is returned to the OS (malloc_trim) and VmHWM is reset to the current RSS
-    (/proc/self/clear_refs 5), so the full model every rank builds before sharding, freed once
+    (/proc/self/clear_refs 5), and glibc maps every tensor above 64 KiB on its own (MALLOC_MMAP_THRESHOLD_,
+    one arena), so freed tensors leave the RSS: the full model every rank builds before sharding, freed once
     `fully_shard` has copied its shard, does not count: what counts is what the steps keep and use,
     weights, gradients, AdamW's two moments, the EMA, the gathered units and the activations. FSDP2 ÷ DDP
     step time (median of the measured steps), FSDP2 ÷ DDP
@@ -178,6 +179,10 @@ def _run(mode: str, out: str) -> list[dict]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t = time.time()
+    # glibc in the rank processes: tensors above 64 KiB get their own mapping, returned to the OS when
+    # freed (a fixed threshold; glibc's default raises it up to 32 MiB after the first frees, and the
+    # freed tensors then stay in the heap), and one arena, so RSS follows the live tensors.
+    os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="1")
     mp.start_processes(_rank, args=(port, mode, out), nprocs=RANKS, join=True, start_method="spawn")
     rows = [json.load(open(os.path.join(out, f"{mode}-{r}.json"))) for r in range(RANKS)]
     print(f"  {mode}: {time.time() - t:.0f} s; rank 0: {rows[0]}", flush=True)
