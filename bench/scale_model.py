@@ -1,4 +1,5 @@
-"""The scale model of docs/scaling.md: `python -m bench.scale_model [bytes_ratio]` prints its tables.
+"""The scale model of docs/scaling.md: `python -m bench.scale_model [bytes_ratio] [hybrid_all_reduce_ratio]`
+prints its tables.
 
 FLOPs per sample are measured (torch's FlopCounterMode over a forward + backward of the full-size model,
 built on the meta device: no memory, no time); bytes per step follow from the parameter counts of the
@@ -23,7 +24,6 @@ YAMLS = {"stage 1 (pretrain_masked, mask 0.75)": ("yamls/diffusion/pretrain_mask
 def measure(yaml: str, mask: float):
     import torch
 
-    import trainer.models.denoisers.moe_dit as moe_dit
     from trainer.base import config as C
     from trainer.diffusion.edm import EDMPrecond
     from trainer.jobs.train_diffusion import DiffusionTrainConfig
@@ -32,15 +32,10 @@ def measure(yaml: str, mask: float):
     from trainer.training.parallelize import fsdp_units
 
     cfg = C.load(DiffusionTrainConfig, os.path.join(ROOT, yaml), [])
-    trim = moe_dit.trim_padding
-    moe_dit.trim_padding = lambda emb, m: (emb, m)   # all 32 prompt positions real: no trim, and no host read on meta
-    try:
-        with torch.device("meta"):
-            net = EDMPrecond(build_denoiser(cfg.model))
-            flops = measure_flops_per_sample(net, (cfg.model.latent_tokens, cfg.model.latent_dim),
-                                             (32, cfg.model.prompt_dim), mask, batch=8)
-    finally:
-        moe_dit.trim_padding = trim
+    with torch.device("meta"):                       # the prompt's 32 positions, as the model always takes them
+        net = EDMPrecond(build_denoiser(cfg.model))
+        flops = measure_flops_per_sample(net, (cfg.model.latent_tokens, cfg.model.latent_dim),
+                                         (32, cfg.model.prompt_dim), mask, batch=8)
     units = fsdp_units(net)
     P = sum(p.numel() for p in net.parameters())
     resharded = sum(p.numel() for u in units[:-1] for p in u.parameters())
@@ -48,8 +43,11 @@ def measure(yaml: str, mask: float):
     return cfg, flops, P, resharded, largest
 
 
-def step(kind: str, nodes: int, flops_step_gpu: float, P: int, resharded: int, largest: int, ratio: float):
-    """(step seconds, compute seconds, communication seconds) for one GPU of `nodes` x 8."""
+def step(kind: str, nodes: int, flops_step_gpu: float, P: int, resharded: int, largest: int, ratio: float,
+         ar_ratio: float = 1.0):
+    """(step seconds, compute seconds, communication seconds) for one GPU of `nodes` x 8; `ratio` and
+    `ar_ratio`: the benchmark's measured bytes ÷ ideal of the gathers + reduce-scatters and of hybrid's
+    cross-group all-reduce. Hybrid on one node is plain FSDP2 (one shard group, nothing to replicate)."""
     world = 8 * nodes
     compute = flops_step_gpu / (PEAK * EFF)
     ag_rs = ratio * ((P + resharded) * 2 + P * 4)      # bf16 gathers (forward + backward), fp32 reduce-scatter
@@ -62,12 +60,12 @@ def step(kind: str, nodes: int, flops_step_gpu: float, P: int, resharded: int, l
         comm = ag_rs * (world - 1) / world / bw
         exposed = largest * (2 + 4) * (world - 1) / world / bw   # the first gather, the last reduce-scatter
     else:                                               # hybrid: shard over the node's 8, all-reduce shards over nodes
-        comm = ag_rs * 7 / 8 / NVLINK + P / 8 * 4 * 2 * (nodes - 1) / nodes / IB
+        comm = ag_rs * 7 / 8 / NVLINK + ar_ratio * P / 8 * 4 * 2 * (nodes - 1) / nodes / IB
         exposed = largest * 6 * 7 / 8 / NVLINK + largest / 8 * 4 * 2 * (nodes - 1) / nodes / IB
     return max(compute, comm) + exposed, compute, comm
 
 
-def main(ratio: float = 1.0) -> None:
+def main(ratio: float = 1.0, ar_ratio: float = 1.0) -> None:
     sys.path.insert(0, ROOT)
     for name, (yaml, mask) in YAMLS.items():
         cfg, flops, P, resharded, largest = measure(yaml, mask)
@@ -76,13 +74,14 @@ def main(ratio: float = 1.0) -> None:
         print("| GPUs | parallelism | compute ms | communication ms | step ms | samples/s | MFU |")
         print("|---|---|---|---|---|---|---|")
         for nodes in (1, 4):
-            for kind in ("DDP", "FSDP2", "hybrid") if nodes > 1 else ("DDP", "FSDP2"):
+            for kind in ("DDP", "FSDP2", "hybrid"):
                 per_gpu = cfg.batch_size / (8 * nodes)
-                t, c, m = step(kind, nodes, per_gpu * flops, P, resharded, largest, ratio)
+                t, c, m = step(kind, nodes, per_gpu * flops, P, resharded, largest, ratio, ar_ratio)
                 mfu = cfg.batch_size * flops / t / (8 * nodes * PEAK)
-                print(f"| {nodes} x 8 | {kind} | {c * 1e3:.1f} | {m * 1e3:.1f} | {t * 1e3:.1f} | "
+                name = "hybrid (= FSDP2: one group)" if kind == "hybrid" and nodes == 1 else kind
+                print(f"| {nodes} x 8 | {name} | {c * 1e3:.1f} | {m * 1e3:.1f} | {t * 1e3:.1f} | "
                       f"{cfg.batch_size / t:,.0f} | {mfu:.1%} |")
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]) if len(sys.argv) > 1 else 1.0)
+    main(*(float(a) for a in sys.argv[1:3]))

@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from tests import faults
 from .conftest import ROOT, free_port
 from trainer.data.synthetic import write_latent_shards
 from .test_train_diffusion import PRETRAIN, TINY, model_state, read_jsonl
 
 
-def launch_2proc(tmp_path, name: str, *overrides: str, config: str = PRETRAIN, env=None, ok=True):
-    """`composer -n 2 -m launch.cli train` on two CPU ranks (gloo); returns (process, out_dir, every rank's log)."""
+def launch_2proc(tmp_path, name: str, *overrides: str, config: str = PRETRAIN, env=None, rc=0):
+    """`composer -n 2 -m launch.cli train` on two CPU ranks (gloo), environment `env` (default: this one),
+    expected to exit with `rc` (None: any); returns (process, out_dir, every rank's log)."""
     out = tmp_path / name
     composer = os.path.join(os.path.dirname(sys.executable), "composer")
     cmd = [composer, "-n", "2", "--master_port", str(free_port()), "--stdout", str(tmp_path / f"{name}-out{{rank}}.txt"),
@@ -25,7 +25,7 @@ def launch_2proc(tmp_path, name: str, *overrides: str, config: str = PRETRAIN, e
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=dict(env or os.environ, LATENTVERSE_LOG_ALL_RANKS="1"))
     logs = r.stdout + r.stderr + "".join(open(p).read() for p in sorted(tmp_path.glob(f"{name}-*.txt")))
-    assert (r.returncode == 0) == ok, logs[-4000:]
+    assert rc is None or r.returncode == rc, logs[-4000:]
     return r, out, logs
 
 
@@ -56,22 +56,6 @@ def test_two_process_fsdp2_run(tmp_path):
     held = [rank_lines(rank, "holds rank 0's fit") for rank in (0, 1)]
     assert len(held[0]) == 1 and held[0] == held[1], held
     assert "2 rank(s), parallelism=fsdp2" in logs
-
-
-@pytest.mark.slow
-def test_a_nan_on_one_rank_stops_every_rank_together(tmp_path):
-    """Rank 1's loss alone is NaN at batch 3: both ranks stop at that batch with the one-line reason (rank 0
-    learns it from the all-reduced flag), before any backward pass of the bad step; no rank waits in a
-    collective until the timeout. Deciding on each rank alone, rank 0 would go on into the next all-reduce."""
-    shards = write_latent_shards(tmp_path / "latents", n_train=64, n_val=16, prompt_dim=384)
-    r, out, logs = launch_2proc(tmp_path, "nan", f"data.path={shards['train']}", "data.eval_path=",
-                                "max_duration=6ba", "save_interval=2ba", "parallelism=ddp",
-                                env=faults.env(NAN_AT_BATCH=3, NAN_RANK=1), ok=False)
-    rank1 = (tmp_path / "nan-err1.txt").read_text()          # the launcher's own output is rank 0's
-    assert "train loss is nan at batch 3: stopping" in rank1, rank1[-2000:]
-    stop0 = [ln for ln in (r.stdout + r.stderr).splitlines() if "train loss is not finite on another rank" in ln]
-    assert stop0 and "at batch 3: stopping" in stop0[0] and stop0[0].endswith("ep0-ba2-rank0.pt"), logs[-3000:]
-    assert not (out / "denoiser").exists() and not any(p.name.startswith("ep0-ba4") for p in (out / "checkpoints").iterdir())
 
 
 def last_weights(out) -> tuple[dict, dict]:

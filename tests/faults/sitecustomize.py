@@ -12,7 +12,7 @@ Training (a callback added to every Composer Trainer the process makes, through 
                                               its checkpoint), as when a node dies
     LATENTVERSE_FAULT_KILL_GROUP=1            ... the whole process group (Python's resource tracker too)
     LATENTVERSE_FAULT_NAN_AT_BATCH=N          batch N's loss becomes NaN
-    LATENTVERSE_FAULT_NAN_RANK=R              ... on global rank R only (default: every rank)
+    LATENTVERSE_FAULT_NAN_RANK=R              ... on rank R only (default: every rank)
     LATENTVERSE_FAULT_KILL_IN_CHECKPOINT=N    batch N's checkpoint is written half-way, flushed, then SIGKILL
 
 Rank-sliced datasets (the prep job's text shards, the encode job's MDS latent shards: every
@@ -41,7 +41,7 @@ def _fault_callbacks():
     import torch
     from composer.core import Callback
 
-    kill_at, nan_at = _int("KILL_AT_BATCH"), _int("NAN_AT_BATCH")
+    kill_at, nan_at, nan_rank = _int("KILL_AT_BATCH"), _int("NAN_AT_BATCH"), _int("NAN_RANK")
 
     class KillAtBatch(Callback):
         def batch_end(self, state, logger):
@@ -50,11 +50,9 @@ def _fault_callbacks():
                     os.killpg(os.getpgrp(), signal.SIGKILL)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    nan_rank = _int("NAN_RANK")
-
     class NaNAtBatch(Callback):
         def after_loss(self, state, logger):
-            if int(state.timestamp.batch) + 1 == nan_at and nan_rank in (None, int(os.environ.get("RANK", "0"))):
+            if int(state.timestamp.batch) + 1 == nan_at and nan_rank in (None, int(os.environ.get("RANK", 0))):
                 state.loss = state.loss * torch.tensor(float("nan"))
 
     return ([KillAtBatch()] if kill_at is not None else []) + ([NaNAtBatch()] if nan_at is not None else [])

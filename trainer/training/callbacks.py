@@ -5,6 +5,7 @@ tests/ (tests/faults), never from here."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Optional
@@ -42,35 +43,29 @@ class EMACallback(Callback):
         self.model.update_ema(0.0 if b < self.start_batch else self.decay)
 
 
-def all_ranks_agree(flag: bool, device) -> bool:
-    """True on every rank when `flag` holds on every rank (one collective; a plain bool with one rank).
-    Decisions that end a run must be taken together, or the ranks left running wait in their next
-    collective until the timeout."""
-    if dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, reduce_operation="MIN")
-    return bool(t.item() > 0.5)
-
-
 class NonFiniteLossGuard(Callback):
-    """Stops the run with one line when the loss is NaN or inf on any rank -- every rank together.
-    Runs after the loss and before the backward pass, so neither the weights nor the last checkpoint
-    see the bad step."""
+    """Stops the run with one line when the training loss is NaN or inf on any rank -- every rank together,
+    at the same batch, before that batch's checkpoint is written.
+
+    No sync of its own: it reads the loss Composer has already all-reduced over the ranks and copied to the
+    host for logging, every batch, before Event.BATCH_END (`state.total_loss_dict`). A non-finite loss on
+    any rank makes that mean non-finite on every rank, so all ranks stop at the same batch without a
+    collective for the decision (a rank left running would wait in its next collective until the
+    timeout). The bad step has reached the weights in memory by then (the optimizer has run), never a
+    checkpoint: Composer saves at Event.BATCH_CHECKPOINT, after BATCH_END, and this callback runs first."""
 
     def __init__(self, checkpoint_dir: str):
         self.checkpoint_dir = checkpoint_dir
 
-    def after_loss(self, state: State, logger: Logger) -> None:
-        b = int(state.timestamp.batch) + 1                     # the batch being trained
-        loss = state.loss if isinstance(state.loss, torch.Tensor) else torch.as_tensor(state.loss)
-        finite = bool(torch.isfinite(loss.detach()).all())
-        if not all_ranks_agree(finite, loss.device):
-            latest = os.path.join(self.checkpoint_dir, f"latest-rank{dist.get_global_rank()}.pt")
-            last = os.path.realpath(latest) if os.path.lexists(latest) else "none saved yet"
-            where = "" if finite else f" is {float(loss.detach().reshape(-1)[0])}"
-            raise NonFiniteLoss(f"train loss{where or ' is not finite on another rank'} at batch {b}: stopping "
-                                f"(lower optim.lr or raise optim.grad_clip_norm); last good checkpoint: {last}")
+    def batch_end(self, state: State, logger: Logger) -> None:
+        loss = (state.total_loss_dict or {}).get("loss/train/total")
+        if loss is None or math.isfinite(loss):
+            return
+        # A sharded (FSDP2) checkpoint is one folder, linked from rank 0's name only.
+        links = [os.path.join(self.checkpoint_dir, f"latest-rank{r}.pt") for r in (dist.get_global_rank(), 0)]
+        last = next((os.path.realpath(p) for p in links if os.path.lexists(p)), "none saved yet")
+        raise NonFiniteLoss(f"train loss is {loss} at batch {int(state.timestamp.batch)}: stopping (lower "
+                            f"optim.lr or raise optim.grad_clip_norm); last good checkpoint: {last}")
 
 
 class RestoreRNGOnResume(Callback):

@@ -24,8 +24,9 @@ Mixed precision: parameters are gathered in bf16, gradients reduced in fp32 (GPU
     amp_bf16`; on CPU with `bf16_on_cpu`). FSDP2 would also cast every unit's floating inputs to bf16, making
     the residual stream bf16 where DDP under autocast keeps it fp32; that cast is turned off (below), so both
     compute under the same autocast and train the same numerics.
-Hybrid (`hybrid: true`): a 2-D mesh (replicate x shard): shard within a node over NVLink, replicate across
-    nodes, so only the gradient all-reduce of each shard group crosses InfiniBand.
+Hybrid (`hybrid: true`): a 2-D mesh (replicate x shard), built by Composer from the degrees MeshFSDP2Config
+    gives it: shard within a node over NVLink, replicate across nodes, so only the gradient all-reduce of
+    each shard group crosses InfiniBand (tests/test_fsdp_hybrid.py).
 """
 from __future__ import annotations
 
@@ -75,16 +76,36 @@ def _wrap_fn(units: list[nn.Module], keep_last: bool):
     return fsdp_wrap_fn
 
 
-def _mesh(cfg: FSDPConfig, world: int):
+@dataclasses.dataclass
+class MeshFSDP2Config(FSDP2Config):
+    """Composer builds the device mesh itself from two degrees (`State._create_device_mesh`, called in the
+    Trainer) and overwrites any `device_mesh` it was given; FSDP2Config fixes them at (none, all ranks), so
+    a mesh passed in never reached `fully_shard`. These two fields are the degrees Composer reads: with a
+    replicate degree it makes the 2-D (replicate, shard) mesh and `fully_shard` gets both dimensions (HSDP)."""
+    replicate: Optional[int] = None
+    shard: int = -1
+
+    @property
+    def data_parallel_shard_degree(self) -> int:
+        return self.shard
+
+    @property
+    def data_parallel_replicate_degree(self) -> Optional[int]:
+        return self.replicate
+
+
+def mesh_degrees(cfg: FSDPConfig, world: int, local_world: int) -> tuple[Optional[int], int]:
+    """(replicate, shard) ranks: (None, world) for plain FSDP2; under hybrid, shard groups of `shard_size`
+    ranks (default: one node's) replicated world // shard_size times (None when that is one group)."""
     if not cfg.hybrid:
-        return None
-    shard = cfg.shard_size or dist.get_local_world_size()
+        return None, world
+    shard = cfg.shard_size or local_world
     if world % shard:
         raise ConfigError(f"fsdp.shard_size: {shard} does not divide the {world} ranks")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return init_device_mesh(device, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+    if world == shard:
+        log.info(f"fsdp.hybrid: one shard group of all {world} ranks, nothing to replicate: plain FSDP2")
+        return None, world
+    return world // shard, shard
 
 
 def parallelize_diffusion(model, cfg: FSDPConfig, world: int, state_dict_type: str = "sharded",
@@ -96,8 +117,9 @@ def parallelize_diffusion(model, cfg: FSDPConfig, world: int, state_dict_type: s
     extra = {}
     if bf16_on_cpu and not torch.cuda.is_available():   # Composer's precision stays fp32 on CPU
         extra["mixed_precision"] = {"param_dtype": "bf16", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
-    fsdp = FSDP2Config(device_mesh=_mesh(cfg, world), reshard_after_forward=cfg.reshard_after_forward,
-                       state_dict_type=state_dict_type, **extra)
+    replicate, shard = mesh_degrees(cfg, world, dist.get_local_world_size())
+    fsdp = MeshFSDP2Config(replicate=replicate, shard=shard, reshard_after_forward=cfg.reshard_after_forward,
+                           state_dict_type=state_dict_type, **extra)
     return {"fsdp": fsdp}, [AfterSharding(model, cfg.prefetch)]
 
 

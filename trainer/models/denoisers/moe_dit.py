@@ -254,19 +254,6 @@ def sincos_1d(tokens: int, dim: int) -> torch.Tensor:
     return pe
 
 
-def trim_padding(emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the trailing prompt positions that are padding in every sample of the batch.
-
-    Prompts arrive padded to a fixed length (32 from the encode job) while the bundled prompts have
-    7-11 real tokens; the padded positions are masked out of cross-attention anyway, so dropping them
-    changes no output and saves their embedding and key/value projections in every block."""
-    used = mask.any(dim=0)                                                # [L]
-    if bool(used.all()):
-        return emb, mask
-    n = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
-    return emb[:, :n], mask[:, :n]
-
-
 class MoEDiT(Backbone):
     supports_masking = True
 
@@ -326,9 +313,10 @@ class MoEDiT(Backbone):
         if self.prompt_dim > 0:
             p = self.resolve_prompt(B, prompt_emb, prompt_mask, prompt_pooled)
             # A sample whose prompt has no real token attends to all (padded) positions rather than none.
+            # Every position stays, padding included (masked out of cross-attention): a fixed length, so
+            # no host read of the mask and the same shapes every batch (torch.compile, CUDA graphs).
             y_mask = p.mask | ~p.mask.any(dim=1, keepdim=True)            # [B, L]
-            emb, y_mask = trim_padding(p.emb, y_mask)
-            y = self.y_embed(emb.to(h.dtype))                             # [B, L', dim]
+            y = self.y_embed(p.emb.to(h.dtype))                           # [B, L, dim]
             c = c + self.pooled_embed(p.pooled.to(h.dtype))
         else:
             y = self.y_embed(self.uncond_token.expand(B, 1, -1))
