@@ -12,6 +12,7 @@ import platform
 import re
 import sys
 import time
+import traceback
 
 import torch
 
@@ -51,15 +52,20 @@ def main(names: list[str]) -> int:
         mods = [m for m in mods if m in names or m.removeprefix("bench_") in names]
     key = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     load0 = os.getloadavg()[0]
-    fresh, walls = [], {}
+    fresh, walls, failed = [], {}, []
     for name in mods:
         print(f"== {name}", flush=True)
         t = time.perf_counter()
-        for r in importlib.import_module(f"bench.{name}").main():
-            fresh.append(f"| {r['benchmark']} | {r['ratio']:.2f} | {r['goal']} | `{r['command']}` | {key} |")
+        try:
+            rows = importlib.import_module(f"bench.{name}").main()
+        except Exception:  # the others' rows are still written; this one keeps its earlier rows
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        fresh += [f"| {r['benchmark']} | {r['ratio']:.2f} | {r['goal']} | `{r['command']}` | {key} |" for r in rows]
         walls[name.removeprefix("bench_")] = time.perf_counter() - t
         print(f"== {name}: {walls[name.removeprefix('bench_')]:.0f} s", flush=True)
-    ran = {f"`python -m bench {m.removeprefix('bench_')}`" for m in mods}
+    ran = {f"`python -m bench {m.removeprefix('bench_')}`" for m in mods if m not in failed}
     path = os.path.join(here, "results.md")
     rows, notes = _earlier(path)
     kept = [row for row in rows if row.split(" | ")[3] not in ran]
@@ -76,7 +82,10 @@ def main(names: list[str]) -> int:
                 "command, machine, load and each benchmark's wall time).\n\n" + table + "\n\nRuns:\n\n"
                 + "\n".join(line for k, line in sorted(notes.items()) if k in used) + "\n")
     os.replace(path + ".tmp", path)
-    return 0
+    if failed:
+        print(f"python -m bench: {', '.join(failed)} failed (traceback above); their earlier rows are kept",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-N = 4000
+N = 2000
 BATCH = 128
 CMD = "python -m bench encode"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
