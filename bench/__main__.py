@@ -50,7 +50,7 @@ def main(names: list[str]) -> int:
                   f"{', '.join(m.removeprefix('bench_') for m in mods)}", file=sys.stderr)
             return 2
         mods = [m for m in mods if m in names or m.removeprefix("bench_") in names]
-    key = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    key = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     load0 = os.getloadavg()[0]
     fresh, walls, failed = [], {}, []
     for name in mods:
