@@ -194,6 +194,31 @@ def test_kill_mid_epoch_then_resume_sees_each_sample_once_and_ends_with_the_same
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def test_killed_at_five_random_batches_resumes_each_time_to_the_uninterrupted_weights(shards, reference, tmp_path):
+    """One run SIGKILLed at 5 batches the test draws (seeded, the seed printed on failure; set
+    LATENTVERSE_TEST_KILL_SEED to replay one), resumed after each kill from its last checkpoint: it ends
+    with the uninterrupted run's weights, EMA and sample order."""
+    import random
+
+    seed = int(os.environ.get("LATENTVERSE_TEST_KILL_SEED") or random.SystemRandom().randrange(2**32))
+    kills = sorted(random.Random(seed).sample(range(1, 13), 5))       # of 12 batches, checkpoints every 2
+    why = f"kills at batches {kills} (LATENTVERSE_TEST_KILL_SEED={seed})"
+    out = tmp_path / "kills"
+    for k in kills:
+        r = run_cli("train", PRETRAIN, *base(shards, out, *RESUME), env=faults.env(KILL_AT_BATCH=k))
+        assert r.returncode == -signal.SIGKILL, f"{why}: the run at {k} was not killed\n{r.stderr[-3000:]}"
+        link = out / "checkpoints" / "latest-rank0.pt"
+        newest = os.path.basename(os.path.realpath(link)) if os.path.lexists(link) else None
+        last = (k - 1) // 2 * 2                                        # killed before batch k's checkpoint
+        assert (newest and re.match(rf"ep\d+-ba{last}-rank0\.pt$", newest)) or (last == 0 and newest is None), \
+            f"{why}: after the kill at {k} the newest checkpoint is {newest}"
+    r = run_cli("train", PRETRAIN, *base(shards, out, *RESUME))
+    assert r.returncode == 0, f"{why}\n{r.stderr[-3000:]}"
+    a, b = model_state(reference / "checkpoints" / "latest-rank0.pt"), model_state(out / "checkpoints" / "latest-rank0.pt")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == [], f"{why}: weights differ"
+    assert read_jsonl(out / "sample_log-rank0.jsonl") == read_jsonl(reference / "sample_log-rank0.jsonl"), why
+
+
 def test_stale_shared_memory_of_a_killed_run_is_removed_at_the_next_start(killed_and_resumed):
     left = killed_and_resumed["left_shm"]
     assert any(n.endswith("_locals") for n in left), "the SIGKILLed run should have left streaming shm behind"
