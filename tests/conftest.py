@@ -31,3 +31,14 @@ def run_cli(*args, timeout=600, env=None, cwd=ROOT):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def reconstructing_ae(request, tmp_path_factory):
+    """The folder of a tiny autoencoder that reconstructs tests.tiny.POEMS (>= 90% of their tokens, checked
+    here), trained once and kept in pytest's cache folder under its recipe's hash (in this session's
+    temporary folder under `-p no:cacheprovider`)."""
+    from tests.tiny import reconstructing_autoencoder
+
+    cache = getattr(request.config, "cache", None)
+    return reconstructing_autoencoder(str(cache.mkdir("tiny-autoencoders") if cache else tmp_path_factory.mktemp("ae")))

@@ -6,10 +6,9 @@ import os
 import subprocess
 import sys
 
-from trainer.text.words import words
 
 from .conftest import ROOT
-from .tiny import WORDS, tiny_pipeline
+from .tiny import POEMS, tiny_pipeline
 
 LOAD_AND_SAMPLE = """
 import importlib.abc, json, sys
@@ -24,14 +23,15 @@ from trainer.pipeline.hf import DenoiserModel
 from trainer.pipeline.pipeline import LatentversePipeline
 pipe = LatentversePipeline.from_pretrained(sys.argv[1])
 den = DenoiserModel.from_pretrained(sys.argv[1] + "/denoiser")
-poems = pipe(["a sonnet about the sea"], num_samples=2, steps=3, seed=1)
-print(json.dumps({"poems": poems, "again": pipe(["a sonnet about the sea"], num_samples=2, steps=3, seed=1),
+poems = pipe(["a sonnet about the sea", ""], num_samples=4, steps=3, seed=1)
+print(json.dumps({"poems": poems, "again": pipe(["a sonnet about the sea", ""], num_samples=4, steps=3, seed=1),
+                  "other": pipe(["a sonnet about the sea", ""], num_samples=4, steps=3, seed=2),
                   "sigma_data": den.config.sigma_data, "encoder": type(pipe.prompt_encoder).__name__}))
 """
 
 
-def test_diffusers_loads_the_folder_and_samples_without_the_encoder_package(tmp_path):
-    d = tiny_pipeline(str(tmp_path), lexicon=True)
+def test_diffusers_loads_the_folder_and_samples_without_the_encoder_package(tmp_path, reconstructing_ae):
+    d = tiny_pipeline(str(tmp_path), autoencoder=reconstructing_ae, max_length=None)
     index = json.load(open(os.path.join(d, "model_index.json")))
     assert index["_class_name"] == "LatentversePipeline" and index["denoiser"] == ["trainer.pipeline.hf", "DenoiserModel"]
     for f in ("denoiser/config.json", "denoiser/diffusion_pytorch_model.safetensors", "prompt_encoder/model.safetensors",
@@ -42,9 +42,9 @@ def test_diffusers_loads_the_folder_and_samples_without_the_encoder_package(tmp_
     r = subprocess.run([sys.executable, "-c", LOAD_AND_SAMPLE, d], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    # the pipeline spells from its lexicon: real words, so "same seed, same poems" compares texts, not ""
-    assert len(out["poems"]) == 2 and all(words(p) and set(words(p)) <= set(WORDS) for p in out["poems"]), out
-    assert out["poems"] == out["again"]
+    # the autoencoder reconstructs its corpus: "same seed, same poems" compares the corpus's poems, not ""
+    assert len(out["poems"]) == 8 and all(p in POEMS for p in out["poems"] + out["other"]), out
+    assert out["poems"] == out["again"] and out["poems"] != out["other"], out
     assert out["sigma_data"] == 0.9 and out["encoder"] == "MiniLMEncoder"
     card = open(os.path.join(d, "README.md")).read()
     assert "library_name: diffusers" in card and "| `denoiser/` |" in card and "No evaluation report yet" in card

@@ -18,32 +18,71 @@ def pipe_dir(tmp_path_factory):
     return tiny_pipeline(str(tmp_path_factory.mktemp("pipe")))
 
 
-def test_export_then_load_gives_identical_samples(pipe_dir):
-    a = Pipeline.from_pretrained(pipe_dir)
-    b = Pipeline.from_pretrained(pipe_dir)
-    xa, _ = a.sample_latents(["sonnet about the sea", ""], num_samples=2, steps=4, guidance=3.0, seed=7)
-    xb, _ = b.sample_latents(["sonnet about the sea", ""], num_samples=2, steps=4, guidance=3.0, seed=7)
+def test_export_then_load_gives_identical_samples(reconstructing_ae, tmp_path):
+    """The pipeline assembled in memory from the autoencoder and denoiser folders the jobs write, before
+    any export, and the exported folder loaded back sample the same latents and the same poems for a
+    seed; the poems are the corpus's (the autoencoder reconstructs it) and another seed gives others."""
+    from trainer.models.autoencoder import LatentAutoencoder
+    from trainer.models.text_encoders import PromptEncoderConfig, build_prompt_encoder
+    from trainer.pipeline.export import load_denoiser
+    from trainer.pipeline.pipeline import PipelineConfig, export_pipeline
+
+    from .tiny import POEMS, tiny_denoiser
+
+    den = tiny_denoiser(str(tmp_path / "den"))
+    pcfg = PromptEncoderConfig(max_length=12)
+    before = Pipeline(LatentAutoencoder.from_pretrained(reconstructing_ae).eval(), *load_denoiser(den),
+                      build_prompt_encoder(pcfg), PipelineConfig())
+    after = Pipeline.from_pretrained(export_pipeline(str(tmp_path / "pipe"), reconstructing_ae, den, pcfg))
+    prompts = ["sonnet about the sea", ""]
+    xa, _ = before.sample_latents(prompts, num_samples=2, steps=4, guidance=3.0, seed=7)
+    xb, _ = after.sample_latents(prompts, num_samples=2, steps=4, guidance=3.0, seed=7)
     assert xa.shape == (4, 32, 64)
     torch.testing.assert_close(xa, xb, rtol=0, atol=0)
-    xc, _ = b.sample_latents(["sonnet about the sea", ""], num_samples=2, steps=4, guidance=3.0, seed=8)
+    xc, _ = after.sample_latents(prompts, num_samples=2, steps=4, guidance=3.0, seed=8)
     assert not torch.equal(xa, xc)
-    poems = a(["sonnet about the sea"], num_samples=2, steps=4, seed=7)
-    assert poems == b(["sonnet about the sea"], num_samples=2, steps=4, seed=7) and len(poems) == 2
+    poems = {seed: before(prompts, num_samples=3, steps=4, seed=seed) for seed in (7, 8)}
+    assert all(p in POEMS for p in poems[7] + poems[8]), poems          # real poems, not "" or junk
+    assert poems[7] == after(prompts, num_samples=3, steps=4, seed=7)
+    assert poems[7] == Pipeline.from_pretrained(str(tmp_path / "pipe"))(prompts, num_samples=3, steps=4, seed=7)
+    assert poems[7] != poems[8], poems
     # the decoded latents sit on the encoder's sphere (norm sqrt(64) per slot)
-    z = a.to_latents(xa)
+    z = after.to_latents(xa)
     torch.testing.assert_close(z.norm(dim=-1), torch.full(z.shape[:2], 8.0), rtol=1e-4, atol=1e-4)
 
 
-def test_decode_num_beams_reaches_the_decoder(pipe_dir):
+def test_decode_num_beams_reaches_the_decoder(reconstructing_ae, tmp_path):
     """decode.num_beams is beam search in the autoencoder's decoder: the pipeline's decode equals the
-    autoencoder's beam decode, and on some latents beams pick another text than greedy."""
-    p = Pipeline.from_pretrained(pipe_dir)
-    x, _ = p.sample_latents(["sonnet about the sea", "tanka", ""], num_samples=3, steps=3, seed=1)
+    autoencoder's beam decode, and on latents between two poems of the corpus, where the greedy reading
+    can go astray, beams find a reading the decoder scores higher (and never a lower one)."""
+    from .tiny import POEMS
+
+    p = Pipeline.from_pretrained(tiny_pipeline(str(tmp_path), autoencoder=reconstructing_ae, max_length=None))
+    ae = p.autoencoder
+    z = ae.encode(POEMS)
+    # along the way from each poem's latent to each other's, the reading switches from one poem to the
+    # other somewhere; near there the greedy reading's first words can lead it astray
+    mixed = torch.stack([torch.nn.functional.normalize(a * z[i] + (1 - a) * z[j], dim=-1) * 8
+                         for i in range(len(POEMS)) for j in range(i + 1, len(POEMS))
+                         for a in torch.linspace(0.2, 0.8, 25)])
+    x = p.normalizer(mixed)                       # diffusion space, as sampled latents are
     greedy = p.decode(x)
     p.cfg.decode.num_beams = 4
     beams = p.decode(x)
-    assert beams == p.autoencoder.decode(p.to_latents(x), max_length=p.cfg.decode.max_length, num_beams=4)
-    assert beams != greedy
+    assert beams == ae.decode(p.to_latents(x), max_length=p.cfg.decode.max_length, num_beams=4)
+
+    def loglik(texts):                            # the decoder's mean log-likelihood of each text given its latent
+        labels = ae.tokenize(texts)["input_ids"]
+        labels = labels.masked_fill(labels == ae.tokenizer.pad_token_id, -100)
+        with torch.no_grad():
+            lp = torch.log_softmax(ae.decoder_logits(mixed, labels).float(), -1)
+        tok = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+        return tok.sum(1) / (labels != -100).sum(1)
+
+    differ = [k for k in range(len(beams)) if beams[k] != greedy[k]]
+    assert differ, "beams read every latent as greedy decoding does"
+    gain = loglik(beams) - loglik(greedy)
+    assert (gain[differ] > 0).all() and (gain >= -1e-5).all(), (gain, [(greedy[k], beams[k]) for k in differ])
 
 
 def test_decode_spells_from_the_autoencoders_lexicon_unless_told_not_to(pipe_dir, tmp_path):

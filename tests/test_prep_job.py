@@ -196,6 +196,10 @@ def test_bundled_slices_deterministic_and_rerun_does_nothing(tmp_path):
     # another config in the same out_dir is refused, not mixed in
     with pytest.raises(C.UserError, match="another config"):
         prep_job.run(load([f"out_dir={a}", *over, "split.val=0.2"], "yamls/prep/bundled.yaml"))
+    # overwrite=true replaces that run: out_dir then holds what a fresh run of the new config writes
+    prep_job.run(load([f"out_dir={a}", *over, "split.val=0.2", "overwrite=true"], "yamls/prep/bundled.yaml"))
+    prep_job.run(load([f"out_dir={b}-fresh", *over, "split.val=0.2"], "yamls/prep/bundled.yaml"))
+    assert files(a) == files(f"{b}-fresh") and files(a) != files(b)
 
 
 def test_two_workers_equal_one_worker_as_a_set(tmp_path):

@@ -6,14 +6,15 @@ Python imports this file at start-up (it is `sitecustomize`), and so does every 
 starts (spawned or forked). Nothing in trainer/, data_prep/ or launch/ knows about faults.
 
 Training (a callback added to every Composer Trainer the process makes, through Composer's public
-`callbacks` argument; the checkpoint fault replaces Composer's checkpoint writer):
+`callbacks` argument; the checkpoint fault wraps torch.save, which Composer's own writer calls):
 
     LATENTVERSE_FAULT_KILL_AT_BATCH=N         SIGKILL right after batch N's optimizer step (before
                                               its checkpoint), as when a node dies
     LATENTVERSE_FAULT_KILL_GROUP=1            ... the whole process group (Python's resource tracker too)
     LATENTVERSE_FAULT_NAN_AT_BATCH=N          batch N's loss becomes NaN
     LATENTVERSE_FAULT_NAN_RANK=R              ... on rank R only (default: every rank)
-    LATENTVERSE_FAULT_KILL_IN_CHECKPOINT=N    batch N's checkpoint is written half-way, flushed, then SIGKILL
+    LATENTVERSE_FAULT_KILL_IN_CHECKPOINT=N    SIGKILL inside Composer's real write of batch N's checkpoint,
+                                              once half its bytes are on disk
 
 Rank-sliced datasets (the prep job's text shards, the encode job's MDS latent shards: every
 `trainer.data.mds.RankWriter`, whose rank is the job's slot):
@@ -58,31 +59,50 @@ def _fault_callbacks():
     return ([KillAtBatch()] if kill_at is not None else []) + ([NaNAtBatch()] if nan_at is not None else [])
 
 
-def _half_write_checkpoint(at):
-    """Composer's checkpoint writer replaced, for the checkpoint of batch `at` only, by one that writes
-    half the file, flushes it to disk and SIGKILLs the process: a crash in the middle of a save."""
+class _DiesHalfWay:
+    """A file that passes `budget` bytes on to `f`, flushes them to disk, then SIGKILLs the process."""
+
+    def __init__(self, f, budget: int):
+        self.f, self.left = f, budget
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        if len(data) < self.left:
+            self.left -= len(data)
+            return self.f.write(data)
+        import signal
+        import sys
+
+        self.f.write(data[: self.left])
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        print(f"fault: SIGKILL inside the checkpoint write of {self.f.name}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _kill_inside_checkpoint_write(at):
+    """torch.save (public; Composer's own checkpoint code calls it on the file it opened) passes, for the
+    checkpoint of batch `at` only, half of the serialized bytes to that file and SIGKILLs the process:
+    a crash in the middle of Composer's real write. Nothing of Composer is replaced."""
     import io
-    import signal
+    import re
 
     import torch
-    from composer.utils import checkpoint as ck
 
-    write = ck._write_checkpoint_file
+    save = torch.save
+    target = re.compile(rf"-ba{at}(-|\.|$)")
 
-    def half_write(state_dict, filename):
-        name = os.path.basename(filename)
-        if f"-ba{at}-" in name or name.endswith(f"-ba{at}"):
-            buf = io.BytesIO()
-            torch.save(state_dict, buf)
-            data = buf.getvalue()
-            with open(filename, "wb") as f:
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
-        return write(state_dict, filename)
+    def save_and_die_half_way(obj, f, *args, **kwargs):
+        if not (hasattr(f, "write") and target.search(os.path.basename(str(getattr(f, "name", ""))))):
+            return save(obj, f, *args, **kwargs)
+        size = io.BytesIO()
+        save(obj, size, *args, **kwargs)                # how many bytes the whole checkpoint takes
+        save(obj, _DiesHalfWay(f, size.tell() // 2), *args, **kwargs)
 
-    ck._write_checkpoint_file = half_write
+    torch.save = save_and_die_half_way
 
 
 def _install():
@@ -97,7 +117,7 @@ def _install():
     composer.Trainer.__init__ = __init__
     at = _int("KILL_IN_CHECKPOINT")
     if at is not None:
-        _half_write_checkpoint(at)
+        _kill_inside_checkpoint_write(at)
 
 
 def _kill_after_records(n, slot, waits_for):
