@@ -80,6 +80,14 @@ class LatentDataConfig:
         return os.path.join(self.root or self.stream_paths()[0].path, LATENT_STATS)
 
 
+def own_generator(seed: int) -> torch.Generator:
+    """The loader's own generator for the seed each `iter()` draws (worker seeds). From the global RNG that
+    draw would shift every later noise/sigma/mask draw by one whenever a new epoch starts: a run resumed
+    from a checkpoint at an epoch's last batch would then train on other draws than the uninterrupted one
+    (the saved RNG state is put back after the resumed run's `iter()`, see RestoreRNGOnResume)."""
+    return torch.Generator().manual_seed(int(seed))
+
+
 def load_latent_stats(path: str) -> dict:
     try:
         with open(path) as f:
@@ -189,7 +197,7 @@ def build_latent_dataloader(cfg: LatentDataConfig, batch_size: int, *, eval: boo
         epoch_size=None if eval else epoch_size,
     )
     loader = StreamingDataLoader(ds, batch_size=batch_size, num_workers=cfg.num_workers,
-                                 drop_last=cfg.drop_last and not eval,
+                                 drop_last=cfg.drop_last and not eval, generator=own_generator(cfg.shuffle_seed),
                                  persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
                                  pin_memory=cfg.pin_memory and torch.cuda.is_available())
     return loader, normalizer

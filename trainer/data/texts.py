@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 from trainer.base.config import UserError
+from trainer.data.loaders import own_generator
 from trainer.data.mds import check_shards
 
 
@@ -35,4 +36,4 @@ def text_dataloader(local: str, collate, data: TextDataConfig, batch_size: int, 
 
     ds = StreamingDataset(local=local, batch_size=batch_size, shuffle=train, shuffle_seed=seed)
     return StreamingDataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=data.num_workers,
-                               drop_last=train)
+                               drop_last=train, generator=own_generator(seed))
