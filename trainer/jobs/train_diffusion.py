@@ -26,6 +26,7 @@ from composer.callbacks import SpeedMonitor
 from composer.utils import dist
 
 from trainer.base import config as C
+from trainer.base import uris
 from trainer.base.config import ConfigError
 from trainer.base.log import get_logger
 from trainer.base.schema import ENCODE_RECORD
@@ -162,12 +163,14 @@ def check_data(cfg: DiffusionTrainConfig) -> dict:
     """The latent statistics; refuses missing paths and shards whose shapes do not fit the model, in one line."""
     for key in ("load_path", "autoencoder"):
         path = getattr(cfg, key)
-        if path and not os.path.exists(path):
+        if path and uris.is_uri(path):
+            uris.check(path, key, must_exist=True)
+        elif path and not os.path.exists(path):
             raise ConfigError(f"{key}: path does not exist: {path!r}")
     streams = cfg.data.stream_paths()
     stats = load_latent_stats(cfg.data.stats_file())
     tokens, dims = cfg.model.latent_tokens, cfg.model.latent_dim
-    paths = [s.path for s in streams] + ([cfg.data.eval_path] if cfg.data.eval_path else [])
+    paths = [s.path for s in streams] + ([cfg.data.eval_stream().path] if cfg.data.eval_path else [])
     for p in paths:
         if not os.path.isfile(os.path.join(p, "index.json")):
             raise ConfigError(f"data.eval_path: no latent shards (index.json) in {p!r}")
@@ -216,7 +219,7 @@ def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
     train = _read_prompt_latent_pairs([s.path for s in streams], [round(n * p / sum(props)) for p in props],
                                       normalizer)
     if cfg.data.eval_path:
-        val = _read_prompt_latent_pairs([cfg.data.eval_path], [n], normalizer)
+        val = _read_prompt_latent_pairs([cfg.data.eval_stream().path], [n], normalizer)
         return PromptMean.fit(*train, ridges=cfg.prompt_mean.ridges, val=val)
     # No held-out split: every 10th sample chooses the ridge, then all of them are fitted with it (the
     # smallest ridge would fit a prompt seen once to its one latent).

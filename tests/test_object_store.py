@@ -1,0 +1,102 @@
+"""Shards and checkpoints in a bucket of a real S3 API (moto's server on 127.0.0.1, tests/s3_server.py):
+diffusion training streams its shards from the bucket through the node-local cache and checkpoints to
+it; killed mid-epoch and resumed from the remote checkpoints it ends with the weights of an
+uninterrupted local run; two jobs on one node share one cache; bad URIs are refused in one line."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests import faults
+from tests.conftest import ROOT, run_cli
+from trainer.data.synthetic import write_latent_shards
+
+pytestmark = pytest.mark.object_store
+
+TINY = ["model.moe_dit.dim=32", "model.moe_dit.depth=2", "model.moe_dit.head_dim=16",
+        "model.moe_dit.patch_mixer_depth=1", "model.moe_dit.num_experts=2", "batch_size=8", "threads=1",
+        "tensorboard=false", "log_interval=1", "optim.warmup=2ba", "optim.lr=1.0e-3", "ema.decay=0.9",
+        "max_minutes=null", "autoencoder=", "data.root=", "data.streams=[]", "data.eval_path=",
+        "max_duration=12ba", "save_interval=2ba", "run_name=tiny"]
+PRETRAIN = os.path.join(ROOT, "yamls/diffusion/pretrain_masked_tiny_cpu.yaml")
+
+
+def upload_tree(local, uri):
+    from trainer.base import uris
+
+    for dp, _, files in os.walk(local):
+        for f in files:
+            p = os.path.join(dp, f)
+            uris.upload(p, uris.join(uri, os.path.relpath(p, local)))
+
+
+@pytest.fixture
+def shards(tmp_path, s3_bucket):
+    local = write_latent_shards(tmp_path / "latents", n_train=64, n_val=16, prompt_dim=384)
+    upload_tree(str(tmp_path / "latents"), f"{s3_bucket}/latents")
+    return {"local": local["train"], "remote": f"{s3_bucket}/latents/train", "bucket": s3_bucket}
+
+
+def exported(out):
+    return load_file(os.path.join(out, "denoiser", "denoiser.safetensors"))
+
+
+def test_train_from_the_bucket_killed_and_resumed_from_remote_checkpoints_ends_with_the_same_weights(
+        shards, tmp_path, s3_server):
+    ref = tmp_path / "ref"
+    r = run_cli("train", PRETRAIN, f"data.path={shards['local']}", f"out_dir={ref}", *TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    out, ckpt = tmp_path / "remote", f"{shards['bucket']}/ckpt"
+    args = ["train", PRETRAIN, f"data.path={shards['remote']}", f"out_dir={out}", f"save_folder={ckpt}", *TINY]
+    r = subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, start_new_session=True, env=faults.env(KILL_AT_BATCH=5, KILL_GROUP=1))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    keys = s3_server.keys(shards["bucket"][5:], "ckpt/")
+    assert any("ep0-ba4" in k for k in keys), keys          # the checkpoints went to the bucket
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ep0-ba4" in r.stderr + r.stdout                   # resumed from the bucket's checkpoint
+    assert not os.path.exists(out / "checkpoints")           # nothing written beside out_dir
+    a, b = exported(ref), exported(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resume"
+
+
+def test_two_jobs_on_one_node_share_one_cache(shards, tmp_path):
+    cmd = lambda out: [sys.executable, "-m", "launch.cli", "train", PRETRAIN, f"data.path={shards['remote']}",
+                       f"out_dir={out}", *TINY, "max_duration=4ba", "save_interval=4ba"]
+    procs = [subprocess.Popen(cmd(tmp_path / f"job{i}"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    cache = os.environ["LATENTVERSE_CACHE"]
+    (uri_dir,) = os.listdir(cache)
+    slots = sorted(d for d in os.listdir(os.path.join(cache, uri_dir)) if not d.endswith(".lock"))
+    assert slots == ["stream-0", "stream-1"]                  # at once: a slot each, no shared-memory clash
+    r = run_cli(*cmd(tmp_path / "job2")[3:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(d for d in os.listdir(os.path.join(cache, uri_dir)) if not d.endswith(".lock")) == slots
+
+
+@pytest.mark.parametrize("uri, env, message", [
+    ("ftp://bucket/latents", {}, "unknown scheme 'ftp://'"),
+    ("s3://no-such-bucket-here/latents", {}, "bucket 'no-such-bucket-here' does not exist"),
+    ("{bucket}/nothing/here", {}, "no object at this path"),
+    ("{bucket}/latents/train", {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}, "no valid credentials"),
+])
+def test_a_bad_uri_is_refused_in_one_line_before_any_work(shards, tmp_path, uri, env, message):
+    e = {k: v for k, v in os.environ.items() if k not in env}
+    e.update({k: v for k, v in env.items() if v})
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "train", PRETRAIN,
+                        f"data.path={uri.format(bucket=shards['bucket'])}", f"out_dir={out}", *TINY],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=e)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "data.path" in lines[0], r.stderr[-2000:]
+    assert not (out / "checkpoints").exists()

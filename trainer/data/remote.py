@@ -1,0 +1,74 @@
+"""Shards in object storage, read through a node-local cache.
+
+`stream_local(uri)` is the cache folder a StreamingDataset uses as `local` for `remote=uri`: the index
+(fetched fresh at every start; a changed index empties the folder) and latent_stats.json are copied
+there first, and the shards arrive as streaming reads them. LocalMDS (one-off reads: the prompt mean,
+the samples of an evaluation) fetches a shard missing from such a folder itself.
+
+Streaming refuses two live datasets with one `local` folder and a remote (their shared memory would
+clash), so a process holds a slot of the URI's cache, <cache>/<hash of uri>/stream-<k>, under an flock:
+a second job on the node takes the next slot, and a later job reuses a free slot's shards. The ranks of
+one multi-process job (WORLD_SIZE > 1) share the slot named by its MASTER_PORT.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+
+from trainer.base import uris
+from trainer.base.files import read_json
+from trainer.base.schema import LATENT_STATS
+
+_slots: dict = {}     # uri -> (local folder, open lock file)
+_remote_of: dict = {}  # local folder -> uri
+
+
+def remote_of(local: str):
+    return _remote_of.get(os.path.abspath(local))
+
+
+def _slot(uri: str) -> str:
+    base = uris.cache_dir(uri)
+    os.makedirs(base, exist_ok=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("MASTER_PORT"):
+        return os.path.join(base, f"job-{os.environ['MASTER_PORT']}")
+    for k in range(1024):
+        lock = open(os.path.join(base, f"stream-{k}.lock"), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        _slots[uri] = (os.path.join(base, f"stream-{k}"), lock)   # held until the process ends
+        return _slots[uri][0]
+    raise RuntimeError(f"{base}: no free cache slot")
+
+
+def stream_local(uri: str, key: str = "") -> str:
+    """The node-local cache folder for the shards at `uri`, with its index.json fresh from the bucket."""
+    if uri in _slots:
+        return _slots[uri][0]
+    local = _slot(uri)
+    os.makedirs(local, exist_ok=True)
+    index = os.path.join(local, "index.json")
+    new = uris.download(uris.join(uri, "index.json"), f"{index}.new", key or uri)
+    if read_json(new) != read_json(index):    # another dataset under this name: its shards are stale
+        for entry in os.listdir(local):
+            p = os.path.join(local, entry)
+            if p != new:
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    os.replace(new, index)
+    uris.download_tree(uri, local, key, only=[LATENT_STATS])
+    _slots.setdefault(uri, (local, None))
+    _remote_of[os.path.abspath(local)] = uri
+    return local
+
+
+def fetch_shard(local: str, basename: str) -> bool:
+    """Copy one shard file of a cached dataset from its bucket; False when `local` is no cache folder."""
+    uri = remote_of(local)
+    if uri is None:
+        return False
+    uris.download(uris.join(uri, basename), os.path.join(local, basename))
+    return True
