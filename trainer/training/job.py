@@ -206,6 +206,20 @@ def start(cfg: TrainingConfig, clean_shared_memory: bool) -> tuple[Any, int, int
     return device, world, n // world
 
 
+def remote_checkpoint_uploader(save_folder: str) -> list:
+    """For a URI save_folder: Composer's uploader with threads, not the processes it makes by default
+    (each of which imports torch first: tens of seconds before the first checkpoint reaches the bucket,
+    so a run killed early would have none). Composer uses it for the checkpoints of that bucket (one upload at a time: autoresume needs it)."""
+    from trainer.base import uris
+
+    if not uris.is_uri(save_folder):
+        return []
+    from composer.loggers import RemoteUploaderDownloader
+
+    scheme, bucket, _ = uris.split(save_folder, "save_folder")
+    return [RemoteUploaderDownloader(bucket_uri=f"{scheme}://{bucket}", use_procs=False, num_concurrent_uploads=1)]
+
+
 def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, list] = ([], [])):
     """The Trainer; `reports`: (loggers, optional callbacks) from `reporting`, built before any work."""
     from composer import Trainer
@@ -222,6 +236,7 @@ def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, l
                  LRMonitor(), restore_rng, *parts.callbacks, *optional]
     stop = cb.stop_on_request()   # preemption: under the sbatch script of launch/backends.py
     callbacks += [stop] if stop else []
+    loggers = [*loggers, *remote_checkpoint_uploader(ckpt_dir)]
     try:
         trainer = Trainer(
             model=parts.model, train_dataloader=parts.train_dataloader, eval_dataloader=parts.eval_dataloader,
