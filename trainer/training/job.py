@@ -209,7 +209,8 @@ def start(cfg: TrainingConfig, clean_shared_memory: bool) -> tuple[Any, int, int
 def remote_checkpoint_uploader(save_folder: str) -> list:
     """For a URI save_folder: Composer's uploader with threads, not the processes it makes by default
     (each of which imports torch first: tens of seconds before the first checkpoint reaches the bucket,
-    so a run killed early would have none). Composer uses it for the checkpoints of that bucket (one upload at a time: autoresume needs it)."""
+    so a run killed early would have none). Composer uses it for the checkpoints of that bucket (one
+    upload at a time: autoresume needs it)."""
     from trainer.base import uris
 
     if not uris.is_uri(save_folder):
