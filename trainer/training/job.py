@@ -13,6 +13,7 @@ as a warning naming the batch and the budget.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import time
@@ -206,19 +207,33 @@ def start(cfg: TrainingConfig, clean_shared_memory: bool) -> tuple[Any, int, int
     return device, world, n // world
 
 
-def remote_checkpoint_uploader(save_folder: str) -> list:
-    """For a URI save_folder: Composer's uploader with threads, not the processes it makes by default
-    (each of which imports torch first: tens of seconds before the first checkpoint reaches the bucket,
-    so a run killed early would have none). Composer uses it for the checkpoints of that bucket (one
-    upload at a time: autoresume needs it)."""
-    from trainer.base import uris
+class _InThisThread(concurrent.futures.Executor):
+    """An executor that runs each task at once, in the caller's thread, and hands back a done future."""
 
-    if not uris.is_uri(save_folder):
-        return []
-    from composer.loggers import RemoteUploaderDownloader
+    def submit(self, fn, /, *args, **kwargs):
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:   # the uploader reads it from the future, as from its process pool
+            future.set_exception(e)
+        return future
 
-    scheme, bucket, _ = uris.split(save_folder, "save_folder")
-    return [RemoteUploaderDownloader(bucket_uri=f"{scheme}://{bucket}", use_procs=False, num_concurrent_uploads=1)]
+
+def upload_checkpoints_at_save_time(trainer) -> None:
+    """For a URI save_folder: Composer's checkpoint uploader uploads in this process, at save time,
+    instead of in a pool of spawned processes (each imports torch first: tens of seconds, during which
+    a killed run has nothing in the bucket). A checkpoint is in the bucket when its batch ends; the
+    `latest-rank{rank}.pt.symlink` object that autoresume reads follows at the end of the next batch
+    (Composer writes it once the checkpoint is there), so a run killed in that batch resumes from the
+    checkpoint before. Training waits for each upload: saving to a bucket costs the upload's time."""
+    from composer.callbacks import CheckpointSaver
+
+    for saver in trainer.state.callbacks:
+        if isinstance(saver, CheckpointSaver) and saver.remote_uploader is not None:
+            up = saver.remote_uploader
+            up.upload_executor.shutdown(wait=False)              # never started: nothing submitted yet
+            up.check_remote_files_exist_executor.shutdown(wait=False)
+            up.upload_executor = up.check_remote_files_exist_executor = _InThisThread()
 
 
 def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, list] = ([], [])):
@@ -237,7 +252,6 @@ def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, l
                  LRMonitor(), restore_rng, *parts.callbacks, *optional]
     stop = cb.stop_on_request()   # preemption: under the sbatch script of launch/backends.py
     callbacks += [stop] if stop else []
-    loggers = [*loggers, *remote_checkpoint_uploader(ckpt_dir)]
     try:
         trainer = Trainer(
             model=parts.model, train_dataloader=parts.train_dataloader, eval_dataloader=parts.eval_dataloader,
@@ -247,13 +261,14 @@ def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, l
             seed=cfg.seed, parallelism_config=parts.parallelism_config, compile_config=parts.compile_config,
             save_folder=ckpt_dir, save_interval=cfg.save_interval,
             save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, run_name=cfg.run_name,
-            autoresume=cfg.autoresume, save_overwrite=not cfg.autoresume,
+            autoresume=cfg.autoresume, save_overwrite=not (cfg.autoresume and cfg.local_checkpoints),
             load_path=parts.load_path or None, load_weights_only=parts.load_weights_only,
             callbacks=callbacks, loggers=loggers, device_train_microbatch_size=cfg.device_train_microbatch_size,
             **reporting.console(cfg))
     except RuntimeError as e:
         job.load_failed(e)
         raise
+    upload_checkpoints_at_save_time(trainer)
     restore_rng.take(trainer)
     if stop:
         stop.take(trainer)
