@@ -2,6 +2,7 @@
 diffusion training streams its shards from the bucket through the node-local cache and checkpoints to
 it; killed mid-epoch and resumed from the remote checkpoints it ends with the weights of an
 uninterrupted local run; two jobs on one node share one cache; bad URIs are refused in one line."""
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,10 @@ from safetensors.torch import load_file
 
 from tests import faults
 from tests.conftest import ROOT, run_cli
+from tests.tiny import tiny_autoencoder
+from trainer.base import uris
 from trainer.data.synthetic import write_latent_shards
+from trainer.jobs.generate import generate
 
 pytestmark = pytest.mark.object_store
 
@@ -25,19 +29,10 @@ TINY = ["model.moe_dit.dim=32", "model.moe_dit.depth=2", "model.moe_dit.head_dim
 PRETRAIN = os.path.join(ROOT, "yamls/diffusion/pretrain_masked_tiny_cpu.yaml")
 
 
-def upload_tree(local, uri):
-    from trainer.base import uris
-
-    for dp, _, files in os.walk(local):
-        for f in files:
-            p = os.path.join(dp, f)
-            uris.upload(p, uris.join(uri, os.path.relpath(p, local)))
-
-
 @pytest.fixture
 def shards(tmp_path, s3_bucket):
     local = write_latent_shards(tmp_path / "latents", n_train=64, n_val=16, prompt_dim=384)
-    upload_tree(str(tmp_path / "latents"), f"{s3_bucket}/latents")
+    uris.upload_tree(str(tmp_path / "latents"), f"{s3_bucket}/latents")
     return {"local": local["train"], "remote": f"{s3_bucket}/latents/train", "bucket": s3_bucket}
 
 
@@ -65,21 +60,32 @@ def test_train_from_the_bucket_killed_and_resumed_from_remote_checkpoints_ends_w
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resume"
 
 
-def test_two_jobs_on_one_node_share_one_cache(shards, tmp_path):
-    cmd = lambda out: [sys.executable, "-m", "launch.cli", "train", PRETRAIN, f"data.path={shards['remote']}",
-                       f"out_dir={out}", *TINY, "max_duration=4ba", "save_interval=4ba"]
+def test_two_jobs_on_one_node_share_one_cache_and_a_third_exports_its_pipeline_to_the_bucket(shards, tmp_path):
+    cmd = lambda out, *more: [sys.executable, "-m", "launch.cli", "train", PRETRAIN, f"data.path={shards['remote']}",
+                              f"out_dir={out}", *TINY, "max_duration=2ba", "save_interval=2ba", *more]
     procs = [subprocess.Popen(cmd(tmp_path / f"job{i}"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     cache = os.environ["LATENTVERSE_CACHE"]
-    (uri_dir,) = os.listdir(cache)
-    slots = sorted(d for d in os.listdir(os.path.join(cache, uri_dir)) if not d.endswith(".lock"))
-    assert slots == ["stream-0", "stream-1"]                  # at once: a slot each, no shared-memory clash
-    r = run_cli(*cmd(tmp_path / "job2")[3:])
+    slots = lambda: sorted(d for d in os.listdir(uris.cache_dir(shards["remote"])) if not d.endswith(".lock"))
+    assert slots() == ["stream-0", "stream-1"]                # at once: a slot each, no shared-memory clash
+    # a third job reuses a free slot; its autoencoder comes from the bucket, its pipeline goes there
+    uris.upload_tree(tiny_autoencoder(str(tmp_path / "ae")), f"{shards['bucket']}/ae")
+    pipe = f"{shards['bucket']}/pipe"
+    r = run_cli(*cmd(tmp_path / "job2", f"autoencoder={shards['bucket']}/ae", f"export_uri={pipe}")[3:])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(d for d in os.listdir(os.path.join(cache, uri_dir)) if not d.endswith(".lock")) == slots
+    assert slots() == ["stream-0", "stream-1"]
+    local = tmp_path / "job2" / "pipeline"
+    assert uris.list_keys(pipe) == sorted(os.path.relpath(os.path.join(d, f), local)
+                                          for d, _, fs in os.walk(local) for f in fs)
+    poems = tmp_path / "poems.json"
+    r = run_cli("generate", pipe, "--prompt", "a sonnet about the sea", "--steps", "2", "--out", poems)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(poems.read_text()) == generate(str(local), ["a sonnet about the sea"], steps=2)["results"]
+    assert os.path.isfile(os.path.join(uris.cache_dir(pipe, "copy"), "model_index.json"))   # from the cache
+    assert cache in uris.cache_dir(pipe)
 
 
 @pytest.mark.parametrize("uri, env, message", [
@@ -99,3 +105,9 @@ def test_a_bad_uri_is_refused_in_one_line_before_any_work(shards, tmp_path, uri,
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "data.path" in lines[0], r.stderr[-2000:]
     assert not (out / "checkpoints").exists()
+
+
+def test_generate_from_a_uri_with_no_pipeline_is_one_line(s3_bucket):
+    r = run_cli("generate", f"{s3_bucket}/no-pipeline", "--prompt", "x")
+    assert r.returncode == 2 and r.stderr.strip() == (f"pipeline: {s3_bucket}/no-pipeline: no object at this path "
+                                                      f"in bucket '{s3_bucket[5:]}'"), r.stderr[-2000:]

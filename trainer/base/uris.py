@@ -162,9 +162,20 @@ def upload(local: str, uri: str, key: str = "") -> None:
         raise _explain(uri, e, key) from None
 
 
+def upload_tree(local: str, uri: str, key: str = "", last: Iterable[str] = ()) -> list[str]:
+    """Copy every file under the folder `local` to the folder `uri`; the files named (relative) in
+    `last` go after all the others, so that a reader that looks for them finds a whole folder."""
+    rels = sorted(os.path.relpath(os.path.join(dp, f), local) for dp, _, fs in os.walk(local) for f in fs)
+    rels = [r for r in rels if r not in last] + [r for r in last if r in rels]
+    for rel in rels:
+        upload(os.path.join(local, rel), join(uri, rel), key)
+    return rels
+
+
 def local_copy(uri: str, key: str = "") -> str:
     """A node-local copy of the folder (or object) at `uri`, made once and reused: the cache folder.
-    A folder is complete once its `.complete` marker is written (after every object)."""
+    A folder is complete once its `.complete` marker is written (after every object); objects put at
+    the same URI later are not fetched again (delete <cache>/<hash>/copy, or use a new URI)."""
     root = cache_dir(uri, "copy")
     marker = os.path.join(root, ".complete")
     if os.path.isfile(marker):

@@ -26,7 +26,7 @@ from trainer.base.schema import LATENT_STATS
 from trainer.base.config import ConfigError
 from trainer.data.mds import check_shards
 from trainer.base import uris
-from trainer.data.remote import stream_local
+from trainer.data.remote import shared_memory_lock, stream_local
 
 
 @dataclasses.dataclass
@@ -171,7 +171,8 @@ def _latent_dataset_class():
         """Yields {latent [T,C], sample_index, prompt_emb [L,D], prompt_mask [L], prompt_pooled [D]}."""
 
         def __init__(self, normalizer: LatentNormalizer, **kwargs):
-            super().__init__(**kwargs)
+            with shared_memory_lock():   # two jobs starting at once on one node: one prefix each
+                super().__init__(**kwargs)
             self.normalizer = normalizer
 
         def get_item(self, sample_id: int, retry: int = 7):

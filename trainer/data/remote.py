@@ -9,12 +9,18 @@ Streaming refuses two live datasets with one `local` folder and a remote (their 
 clash), so a process holds a slot of the URI's cache, <cache>/<hash of uri>/stream-<k>, under an flock:
 a second job on the node takes the next slot, and a later job reuses a free slot's shards. The ranks of
 one multi-process job (WORLD_SIZE > 1) share the slot named by its MASTER_PORT.
+
+`shared_memory_lock()`: streaming picks a dataset's shared-memory prefix by looking for a free one and
+then creating it, so two jobs starting at once on one node can pick the same one (FileExistsError
+'/000850_locals'); the local leader of each job builds its dataset under one node-wide flock.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import tempfile
 
 from trainer.base import uris
 from trainer.base.files import read_json
@@ -72,3 +78,20 @@ def fetch_shard(local: str, basename: str) -> bool:
         return False
     uris.download(uris.join(uri, basename), os.path.join(local, basename))
     return True
+
+
+@contextlib.contextmanager
+def shared_memory_lock():
+    """Held by each job's local leader (LOCAL_RANK 0 or unset) while it builds a StreamingDataset: one
+    job at a time picks and registers its shared-memory prefix on this node. The other ranks of a job
+    take no lock (they wait for their leader inside streaming)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        yield
+        return
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()   # where the names live
+    with open(os.path.join(folder, "latentverse-streaming-prefix.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

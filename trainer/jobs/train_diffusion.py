@@ -136,6 +136,9 @@ class DiffusionTrainConfig(TrainingConfig):
     sample_prompts: list[str] = dataclasses.field(default_factory=lambda: ["a sonnet about the sea",
                                                                            "a haiku about the moon"])
     autoencoder: str = ""               # the autoencoder job's export (decodes samples); empty = no samples
+    # A URI (s3://bucket/path) the exported pipeline is uploaded to (needs an autoencoder); `latentverse
+    # generate <that URI>` loads it through the node-local cache. The local out_dir/pipeline stays.
+    export_uri: str = ""
     prompt_encoder: PromptEncoderConfig = dataclasses.field(default_factory=PromptEncoderConfig)
     sampler: SamplerConfig = dataclasses.field(default_factory=lambda: SamplerConfig(num_steps=18, guidance_scale=3.0))
     loggers: dict[str, Optional[dict[str, Any]]] = dataclasses.field(default_factory=lambda: {"tensorboard": {}})
@@ -295,7 +298,17 @@ class DiffusionJob(TrainingJob):
     optional_callbacks = {"sample_index_log": cb.SampleIndexLog}
 
     def check(self) -> None:
-        self.stats = check_data(self.cfg)
+        cfg = self.cfg
+        if cfg.export_uri:
+            if not uris.is_uri(cfg.export_uri):
+                raise ConfigError(f"export_uri: {cfg.export_uri!r} is no URI (s3://bucket/path); the local export "
+                                  "is out_dir/pipeline")
+            if not cfg.autoencoder:
+                raise ConfigError("export_uri: the pipeline needs an autoencoder (set `autoencoder`)")
+            uris.check(cfg.export_uri, "export_uri")
+        self.stats = check_data(cfg)
+        if uris.is_uri(cfg.autoencoder):   # read from the node-local copy
+            cfg.autoencoder = uris.local_copy(cfg.autoencoder, "autoencoder")
 
     def build(self, world: int, per_rank: int) -> Parts:
         cfg = self.cfg
@@ -359,6 +372,10 @@ class DiffusionJob(TrainingJob):
                      f"({summary['fit_seconds']:.0f} s)")
             if cfg.autoencoder:
                 out["pipeline_dir"] = export_run_pipeline(cfg, self.export_dir)
+                if cfg.export_uri:   # model_index.json last: a reader that finds it finds the whole folder
+                    uris.upload_tree(out["pipeline_dir"], cfg.export_uri, "export_uri", last=["model_index.json"])
+                    out["pipeline_uri"] = cfg.export_uri
+                    log.info(f"uploaded the pipeline to {cfg.export_uri} (latentverse generate {cfg.export_uri} ...)")
         return out
 
 
