@@ -111,3 +111,52 @@ def test_generate_from_a_uri_with_no_pipeline_is_one_line(s3_bucket):
     r = run_cli("generate", f"{s3_bucket}/no-pipeline", "--prompt", "x")
     assert r.returncode == 2 and r.stderr.strip() == (f"pipeline: {s3_bucket}/no-pipeline: no object at this path "
                                                       f"in bucket '{s3_bucket[5:]}'"), r.stderr[-2000:]
+
+
+def test_encode_writes_its_shards_to_the_bucket_once(s3_bucket, tmp_path):
+    import shutil
+
+    from streaming import StreamingDataset
+
+    from data_prep import encode_job
+    from tests.test_encode_job import write_text_shards
+    from trainer.base import config as C
+    from trainer.base.config import UserError
+
+    out = f"{s3_bucket}/latents"
+    args = [f"out_dir={out}", f"autoencoder={tiny_autoencoder(str(tmp_path / 'ae'))}", "batch_size=7",
+            f"data.path={write_text_shards(tmp_path / 'text', n_train=12, n_val=4)}", "data.splits=[train, val]",
+            "prompt_encoder.max_length=12"]
+    info = encode_job.run(C.load(encode_job.EncodeConfig, None, args))
+    stage = uris.cache_dir(out, "stage")
+    assert uris.list_keys(out) == sorted(os.path.relpath(os.path.join(d, f), stage)
+                                         for d, _, fs in os.walk(stage) for f in fs)
+    assert {"_done.json", "train/index.json", "val/index.json", "latent_stats.json"} <= set(uris.list_keys(out))
+    ds = StreamingDataset(remote=f"{out}/val", local=str(tmp_path / "read"), shuffle=False, batch_size=1)
+    assert len(ds) == 4 and ds[0]["latent"].shape == (32, 64)
+    shutil.rmtree(stage)        # another node: the bucket's done marker says it is finished
+    assert encode_job.run(C.load(encode_job.EncodeConfig, None, args)) == info and not os.path.exists(stage)
+    with pytest.raises(UserError, match="holds the shards of another config"):
+        encode_job.run(C.load(encode_job.EncodeConfig, None, [*args, "prompt_encoder.max_length=10"]))
+    uris.upload_tree(str(tmp_path / "ae"), f"{s3_bucket}/ae")     # encode reads local inputs only: one line
+    with pytest.raises(UserError, match="autoencoder: .* encode reads local folders only"):
+        encode_job.run(C.load(encode_job.EncodeConfig, None, [*args, f"autoencoder={s3_bucket}/ae"]))
+
+
+def test_prep_writes_its_shards_to_the_bucket_once(s3_bucket, tmp_path):
+    import shutil
+
+    from data_prep import prep_job
+    from tests.test_prep_job import NO_BUNDLED, poem, write
+    from trainer.base import config as C
+
+    write(tmp_path / "c" / "a.csv", "text,topic\n" + "".join(f'"{poem(k)}",sea\n' for k in range(12)))
+    out = f"{s3_bucket}/text"
+    args = [f"data.path={tmp_path / 'c'}", "data.format=csv", f"out_dir={out}", *NO_BUNDLED]
+    stats = prep_job.run(C.load(prep_job.CONFIG, None, args))
+    stage = uris.cache_dir(out, "stage")
+    assert uris.list_keys(out) == sorted(os.path.relpath(os.path.join(d, f), stage)
+                                         for d, _, fs in os.walk(stage) for f in fs)
+    assert {"_done.json", "stats.json", "train/index.json"} <= set(uris.list_keys(out))
+    shutil.rmtree(stage)
+    assert prep_job.run(C.load(prep_job.CONFIG, None, args)) == stats and not os.path.exists(stage)

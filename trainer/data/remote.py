@@ -95,3 +95,40 @@ def shared_memory_lock():
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_through_stage(cfg, run, fingerprint: str, result: str = "_done.json") -> dict:
+    """Run a shard-writing job (prep, encode) whose `cfg.out_dir` is a URI: it writes to a node-local
+    stage folder (<cache>/<hash of the URI>/stage) under the local rules (finished slots kept on a
+    rerun, another config refused without `overwrite`), then rank 0 uploads the folder: shards first,
+    then the index files, the done marker `_done.json` last, so a reader that finds the marker finds
+    every shard. A bucket that already holds the marker of this config is not written again (`result`,
+    the job's summary there, is returned). Every rank must be on one node: the stage is its disk."""
+    from trainer.base.config import UserError
+    from trainer.base.log import get_logger
+    from trainer.data.mds import DONE
+
+    uri = cfg.out_dir
+    uris.check(uri, "out_dir")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+        raise UserError(f"out_dir: {uri}: a URI out_dir is written from one node ({world} ranks over several "
+                        "started); use a local out_dir on a shared disk, or one node")
+    if DONE in uris.list_keys(uri, "out_dir"):
+        done = read_json(uris.download(uris.join(uri, DONE), uris.cache_dir(uri, "done.json"), "out_dir"))
+        if done.get("fingerprint") == fingerprint:
+            get_logger("data").info(f"{uri}: finished earlier; nothing to do")
+            return read_json(uris.download(uris.join(uri, result), uris.cache_dir(uri, "result.json"), "out_dir"))
+        if not cfg.overwrite:
+            raise UserError(f"out_dir: {uri} holds the shards of another config; set overwrite=true to replace "
+                            "them, or use another out_dir")
+    import dataclasses
+
+    stage = uris.cache_dir(uri, "stage")
+    os.makedirs(stage, exist_ok=True)
+    out = run(dataclasses.replace(cfg, out_dir=stage))
+    if int(os.environ.get("RANK", "0")) == 0:
+        files = [os.path.relpath(os.path.join(d, f), stage) for d, _, fs in os.walk(stage) for f in fs]
+        indexes = sorted(f for f in files if os.path.basename(f) == "index.json")
+        uris.upload_tree(stage, uri, "out_dir", last=[*indexes, DONE])
+    return out
