@@ -56,6 +56,7 @@ def test_train_from_the_bucket_killed_and_resumed_from_remote_checkpoints_ends_w
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not os.path.exists(out / "checkpoints")           # nothing written beside out_dir
+    assert not os.path.exists(os.path.join(ROOT, "s3:"))      # nor under the working directory
     a, b = exported(ref), exported(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resume"
 
