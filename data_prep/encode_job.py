@@ -34,7 +34,9 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from trainer.base import uris
 from trainer.data.mds import LocalMDS, RankedDataset, partition_name, wait_for, world_from_env
+from trainer.data.remote import write_through_stage
 from trainer.base.files import check_out_dir, read_json, write_json_atomic
 from trainer.base.schema import ENCODE_RECORD, LABELS, LATENT_STATS, SPLITS, latent_columns
 from trainer.base.config import ExistingPath, UserError
@@ -298,6 +300,11 @@ def fingerprint(cfg: EncodeConfig, n_slots: int) -> str:
 
 
 def _check_inputs(cfg: EncodeConfig) -> None:
+    for key in ("data.path", "autoencoder"):
+        path = cfg.data.path if key == "data.path" else cfg.autoencoder
+        if uris.is_uri(path):
+            raise UserError(f"{key}: {path}: encode reads local folders only (copy it to this node first); "
+                            "its out_dir may be a URI")
     for i, split in enumerate(cfg.data.splits):
         if not os.path.exists(os.path.join(cfg.data.path, split, "index.json")):
             raise UserError(f"data.splits[{i}]: no text shards (index.json) in {os.path.join(cfg.data.path, split)!r}")
@@ -307,6 +314,8 @@ def run(cfg: EncodeConfig) -> dict:
     rank, world = world_from_env()
     n_slots = world * cfg.num_workers
     _check_inputs(cfg)
+    if uris.is_uri(cfg.out_dir):   # staged on this node's disk, then uploaded (trainer/data/remote.py)
+        return write_through_stage(cfg, run, fingerprint(cfg, n_slots))
     check_out_dir(cfg.out_dir, create=False)   # RankedDataset makes it once the devices are known
     # This rank's slots, each on its own device; refuses device: cuda without a GPU before any work.
     devices = {rank * cfg.num_workers + j: str(slot_device(cfg.device, os.environ, j, cfg.num_workers))

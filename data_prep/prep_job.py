@@ -29,7 +29,7 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from trainer.base import config as C
+from trainer.base import config as C, uris
 from trainer.base.config import UserError
 from trainer.base.log import get_logger
 from data_prep import readers, shuffle, sources
@@ -37,6 +37,7 @@ from data_prep.sources import SourcesConfig
 from data_prep.cleaning import (bucket_of, count_tokens, digest, near_key, normalize_label, normalize_text,
                                 split_long, split_of)
 from trainer.data.mds import RankedDataset, wait_for, world_from_env
+from trainer.data.remote import write_through_stage
 from trainer.base.files import check_out_dir, read_json, write_json_atomic
 from data_prep.prompts import PromptConfig, build_prompt
 from data_prep.report import Report
@@ -321,6 +322,8 @@ def run(cfg: PrepConfig) -> dict:
     rank, world = world_from_env()
     workers = cfg.num_workers
     n_slots = world * workers
+    if uris.is_uri(cfg.out_dir):   # staged on this node's disk, then uploaded (trainer/data/remote.py)
+        return write_through_stage(cfg, run, fingerprint(cfg, n_slots), "stats.json")
     my_slots = [rank * workers + k for k in range(workers)]
     out = cfg.out_dir
     ds = RankedDataset(out, PREP_COLUMNS, splits=SPLITS, compression=cfg.compression,

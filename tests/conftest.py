@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the local Slurm fixture)
+from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (moto's S3 server on 127.0.0.1)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -183,9 +183,16 @@ class _Builder:
         if origin is Annotated:
             base, *marks = typing.get_args(tp)
             out = self.value(base, v, key)
-            if MUST_EXIST in marks and out is not None and not os.path.exists(out) \
-                    and not any(made(out) for made in _MADE_LATER):
-                self.fail(key, f"path does not exist: {out!r}")
+            if MUST_EXIST in marks and out is not None and not any(made(out) for made in _MADE_LATER):
+                from trainer.base import uris   # late: uris needs UserError from here
+
+                if uris.is_uri(out):
+                    try:
+                        uris.check(out, must_exist=True)
+                    except UserError as e:
+                        self.fail(key, str(e))
+                elif not os.path.exists(out):
+                    self.fail(key, f"path does not exist: {out!r}")
             return out
         if origin in (Union, types.UnionType):
             args = typing.get_args(tp)

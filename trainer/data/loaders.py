@@ -25,6 +25,8 @@ import torch
 from trainer.base.schema import LATENT_STATS
 from trainer.base.config import ConfigError
 from trainer.data.mds import check_shards
+from trainer.base import uris
+from trainer.data.remote import shared_memory_lock, stream_local
 
 
 @dataclasses.dataclass
@@ -38,8 +40,15 @@ class StreamConfig:
 
 
 @dataclasses.dataclass
+class ResolvedStream(StreamConfig):
+    """A stream as read: `path` is a local folder (the node-local cache when the shards are in a bucket)
+    and `remote` the URI they come from (None for local shards)."""
+    remote: Optional[str] = None
+
+
+@dataclasses.dataclass
 class LatentDataConfig:
-    path: str = ""                      # one latent-shard folder (holds index.json), or use `streams`
+    path: str = ""                      # one latent-shard folder (holds index.json) or URI (s3://...), or use `streams`
     streams: list[StreamConfig] = dataclasses.field(default_factory=list)
     root: str = ""                      # when set, `path` and stream paths are relative to this folder
     stats_path: str = ""                # default: <root>/latent_stats.json with a root, else the first
@@ -55,28 +64,47 @@ class LatentDataConfig:
     shuffle_seed: int = 9176
     drop_last: bool = True
 
-    def stream_paths(self) -> list[StreamConfig]:
+    def local_of(self, path: str, key: str) -> str:
+        """A local folder of shards for `path`: itself, or the node-local cache of a URI."""
+        return stream_local(path, key) if uris.is_uri(path) else path
+
+    def stream_paths(self) -> list[ResolvedStream]:
         if self.path and self.streams:
             raise ConfigError("data.path: set data.path or data.streams, not both (one folder with a YAML "
                               "that has streams: add data.streams=[] data.root=)")
         streams = list(self.streams) or ([StreamConfig(self.path)] if self.path else [])
         if self.root:
-            streams = [dataclasses.replace(s, path=os.path.join(self.root, s.path)) for s in streams]
+            join = uris.join if uris.is_uri(self.root) else os.path.join
+            streams = [dataclasses.replace(s, path=join(self.root, s.path)) for s in streams]
         if not streams:
             raise ConfigError("data.path: set data.path or data.streams to the latent shards")
+        resolved = []
         for i, s in enumerate(streams):
-            if not os.path.isfile(os.path.join(s.path, "index.json")):
-                key = "data.path" if not self.streams else f"data.streams[{i}].path"
+            key = "data.path" if not self.streams else f"data.streams[{i}].path"
+            local = self.local_of(s.path, key)
+            if not os.path.isfile(os.path.join(local, "index.json")):
                 raise ConfigError(f"{key}: no latent shards (index.json) in {s.path!r}")
-            check_shards(s.path)
+            check_shards(local)
+            resolved.append(ResolvedStream(local, s.proportion, s.path if uris.is_uri(s.path) else None))
+        streams = resolved
         given = [s.proportion is not None for s in streams]
         if any(given) and not all(given):
             raise ConfigError("data.streams: give a proportion for every stream or for none")
         return streams
 
+    def eval_stream(self) -> ResolvedStream:
+        """data.eval_path as read (see stream_paths)."""
+        return ResolvedStream(self.local_of(self.eval_path, "data.eval_path"), None,
+                              self.eval_path if uris.is_uri(self.eval_path) else None)
+
     def stats_file(self) -> str:
+        if self.stats_path and uris.is_uri(self.stats_path):
+            return uris.download(self.stats_path, uris.cache_dir(self.stats_path, LATENT_STATS), "data.stats_path")
         if self.stats_path:
             return self.stats_path
+        if self.root and uris.is_uri(self.root):
+            return uris.download(uris.join(self.root, LATENT_STATS), uris.cache_dir(self.root, LATENT_STATS),
+                                 "data.root")
         return os.path.join(self.root or self.stream_paths()[0].path, LATENT_STATS)
 
 
@@ -151,7 +179,8 @@ def _latent_dataset_class():
         """Yields {latent [T,C], sample_index, prompt_emb [L,D], prompt_mask [L], prompt_pooled [D]}."""
 
         def __init__(self, normalizer: LatentNormalizer, **kwargs):
-            super().__init__(**kwargs)
+            with shared_memory_lock():   # two jobs starting at once on one node: one prefix each
+                super().__init__(**kwargs)
             self.normalizer = normalizer
 
         def get_item(self, sample_id: int, retry: int = 7):
@@ -182,12 +211,13 @@ def build_latent_dataloader(cfg: LatentDataConfig, batch_size: int, *, eval: boo
     stats = load_latent_stats(cfg.stats_file())
     normalizer = LatentNormalizer(stats, cfg.normalize)
     if eval:
-        if not os.path.isfile(os.path.join(cfg.eval_path, "index.json")):
+        ev = cfg.eval_stream()
+        if not os.path.isfile(os.path.join(ev.path, "index.json")):
             raise ConfigError(f"data.eval_path: no latent shards (index.json) in {cfg.eval_path!r}")
-        check_shards(cfg.eval_path)
-        streams = [Stream(local=cfg.eval_path)]
+        check_shards(ev.path)
+        streams = [Stream(remote=ev.remote, local=ev.path)]
     else:
-        streams = [Stream(local=s.path, proportion=s.proportion) for s in cfg.stream_paths()]
+        streams = [Stream(remote=s.remote, local=s.path, proportion=s.proportion) for s in cfg.stream_paths()]
     ds = _latent_dataset_class()(
         normalizer,
         streams=streams,

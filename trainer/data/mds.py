@@ -341,6 +341,12 @@ class LocalMDS:
             return
         r = self.readers[k]
         raw = os.path.join(self.local, r.raw_data.basename)
+        if not os.path.exists(raw):   # a cache folder of shards in a bucket: fetch the shard first
+            from trainer.data.remote import fetch_shard
+
+            part = r.zip_data or r.raw_data
+            if not os.path.exists(os.path.join(self.local, part.basename)):
+                fetch_shard(self.local, part.basename)
         if not os.path.exists(raw) and r.zip_data is not None:
             from streaming.base.compression import decompress
 

@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+from trainer.base import uris
 from trainer.base.log import get_logger
 from trainer.base.config import UserError
 from trainer.base.files import check_out_dir
@@ -40,7 +41,7 @@ log = get_logger("generate")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("pipeline", help="an exported pipeline directory")
+    p.add_argument("pipeline", help="an exported pipeline directory, or its URI (s3://bucket/path)")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeat for several); default: the empty prompt")
     p.add_argument("--num-samples", type=int, default=1, help="poems per prompt")
@@ -91,6 +92,8 @@ def generate(pipeline_dir: str, prompts: list[str], num_samples: int = 1, steps=
 
 def main(args) -> int:
     prompts = args.prompt or [""]
+    if uris.is_uri(args.pipeline):   # a pipeline in a bucket: loaded from its node-local copy
+        args.pipeline = uris.local_copy(args.pipeline, "pipeline")
     if args.out:   # its folder checked before any work: a folder that is a file is refused in one line
         if os.path.isdir(args.out):
             raise UserError(f"--out: {args.out!r} is a folder; give a file name (e.g. {args.out}/poems.json)")

@@ -26,6 +26,7 @@ from composer.callbacks import SpeedMonitor
 from composer.utils import dist
 
 from trainer.base import config as C
+from trainer.base import uris
 from trainer.base.config import ConfigError
 from trainer.base.log import get_logger
 from trainer.base.schema import ENCODE_RECORD
@@ -135,6 +136,9 @@ class DiffusionTrainConfig(TrainingConfig):
     sample_prompts: list[str] = dataclasses.field(default_factory=lambda: ["a sonnet about the sea",
                                                                            "a haiku about the moon"])
     autoencoder: str = ""               # the autoencoder job's export (decodes samples); empty = no samples
+    # A URI (s3://bucket/path) the exported pipeline is uploaded to (needs an autoencoder); `latentverse
+    # generate <that URI>` loads it through the node-local cache. The local out_dir/pipeline stays.
+    export_uri: str = ""
     prompt_encoder: PromptEncoderConfig = dataclasses.field(default_factory=PromptEncoderConfig)
     sampler: SamplerConfig = dataclasses.field(default_factory=lambda: SamplerConfig(num_steps=18, guidance_scale=3.0))
     loggers: dict[str, Optional[dict[str, Any]]] = dataclasses.field(default_factory=lambda: {"tensorboard": {}})
@@ -162,12 +166,14 @@ def check_data(cfg: DiffusionTrainConfig) -> dict:
     """The latent statistics; refuses missing paths and shards whose shapes do not fit the model, in one line."""
     for key in ("load_path", "autoencoder"):
         path = getattr(cfg, key)
-        if path and not os.path.exists(path):
+        if path and uris.is_uri(path):
+            uris.check(path, key, must_exist=True)
+        elif path and not os.path.exists(path):
             raise ConfigError(f"{key}: path does not exist: {path!r}")
     streams = cfg.data.stream_paths()
     stats = load_latent_stats(cfg.data.stats_file())
     tokens, dims = cfg.model.latent_tokens, cfg.model.latent_dim
-    paths = [s.path for s in streams] + ([cfg.data.eval_path] if cfg.data.eval_path else [])
+    paths = [s.path for s in streams] + ([cfg.data.eval_stream().path] if cfg.data.eval_path else [])
     for p in paths:
         if not os.path.isfile(os.path.join(p, "index.json")):
             raise ConfigError(f"data.eval_path: no latent shards (index.json) in {p!r}")
@@ -216,7 +222,7 @@ def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
     train = _read_prompt_latent_pairs([s.path for s in streams], [round(n * p / sum(props)) for p in props],
                                       normalizer)
     if cfg.data.eval_path:
-        val = _read_prompt_latent_pairs([cfg.data.eval_path], [n], normalizer)
+        val = _read_prompt_latent_pairs([cfg.data.eval_stream().path], [n], normalizer)
         return PromptMean.fit(*train, ridges=cfg.prompt_mean.ridges, val=val)
     # No held-out split: every 10th sample chooses the ridge, then all of them are fitted with it (the
     # smallest ridge would fit a prompt seen once to its one latent).
@@ -309,7 +315,17 @@ class DiffusionJob(TrainingJob):
     optional_callbacks = {"sample_index_log": cb.SampleIndexLog}
 
     def check(self) -> None:
-        self.stats = check_data(self.cfg)
+        cfg = self.cfg
+        if cfg.export_uri:
+            if not uris.is_uri(cfg.export_uri):
+                raise ConfigError(f"export_uri: {cfg.export_uri!r} is no URI (s3://bucket/path); the local export "
+                                  "is out_dir/pipeline")
+            if not cfg.autoencoder:
+                raise ConfigError("export_uri: the pipeline needs an autoencoder (set `autoencoder`)")
+            uris.check(cfg.export_uri, "export_uri")
+        self.stats = check_data(cfg)
+        if uris.is_uri(cfg.autoencoder):   # read from the node-local copy
+            cfg.autoencoder = uris.local_copy(cfg.autoencoder, "autoencoder")
 
     def build(self, world: int, per_rank: int) -> Parts:
         cfg = self.cfg
@@ -373,6 +389,10 @@ class DiffusionJob(TrainingJob):
                      f"({summary['fit_seconds']:.0f} s)")
             if cfg.autoencoder:
                 out["pipeline_dir"] = export_run_pipeline(cfg, self.export_dir)
+                if cfg.export_uri:   # model_index.json last: a reader that finds it finds the whole folder
+                    uris.upload_tree(out["pipeline_dir"], cfg.export_uri, "export_uri", last=["model_index.json"])
+                    out["pipeline_uri"] = cfg.export_uri
+                    log.info(f"uploaded the pipeline to {cfg.export_uri} (latentverse generate {cfg.export_uri} ...)")
         return out
 
 

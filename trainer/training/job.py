@@ -13,6 +13,7 @@ as a warning naming the batch and the budget.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import time
@@ -206,6 +207,49 @@ def start(cfg: TrainingConfig, clean_shared_memory: bool) -> tuple[Any, int, int
     return device, world, n // world
 
 
+class _InThisThread(concurrent.futures.Executor):
+    """An executor that runs each task at once, in the caller's thread, and hands back a done future."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:   # the uploader reads it from the future, as from its process pool
+            future.set_exception(e)
+        return future
+
+
+def remote_checkpoint_saver(cfg: TrainingConfig) -> list:
+    """For a URI save_folder: Composer's CheckpointSaver built here with the names the Trainer gives its
+    own (`<path>/ep{epoch}-ba{batch}-rank{rank}.pt`, `<path>/latest-rank{rank}.pt.symlink`). Given one,
+    the Trainer's autoresume looks for a local copy in the saver's temporary folder, which is fresh in
+    every run, and so always reads the bucket; without it, Composer downloads the latest checkpoint to a
+    folder named after the URI under the working directory and trusts that copy in later runs.
+
+    Its uploads run in this process, at save time, instead of in a pool of spawned processes (each
+    imports torch first: tens of seconds, during which a killed run has nothing in the bucket). A
+    checkpoint is in the bucket when its batch ends; the symlink object that autoresume reads follows
+    at the end of the next batch (Composer writes it once the checkpoint is there), so a run killed in
+    that batch resumes from the checkpoint before and writes the later ones again (overwrite on).
+    Training waits for each upload: saving to a bucket costs the upload's time."""
+    if cfg.local_checkpoints:
+        return []
+    from composer.callbacks import CheckpointSaver
+    from composer.utils import parse_uri
+
+    path = parse_uri(cfg.checkpoint_folder)[2].strip("/")
+    name, latest = "ep{epoch}-ba{batch}-rank{rank}.pt", "latest-rank{rank}.pt"
+    saver = CheckpointSaver(folder=cfg.checkpoint_folder, filename=name, remote_file_name=f"{path}/{name}".lstrip("/"),
+                            latest_filename=latest, latest_remote_file_name=f"{path}/{latest}".lstrip("/"),
+                            overwrite=True, save_interval=cfg.save_interval,
+                            num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep)
+    up = saver.remote_uploader
+    up.upload_executor.shutdown(wait=False)              # never started: nothing submitted yet
+    up.check_remote_files_exist_executor.shutdown(wait=False)
+    up.upload_executor = up.check_remote_files_exist_executor = _InThisThread()
+    return [saver]
+
+
 def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, list] = ([], [])):
     """The Trainer; `reports`: (loggers, optional callbacks) from `reporting`, built before any work."""
     from composer import Trainer
@@ -222,6 +266,7 @@ def build_trainer(job: TrainingJob, parts: Parts, device, reports: tuple[list, l
                  LRMonitor(), restore_rng, *parts.callbacks, *optional]
     stop = cb.stop_on_request()   # preemption: under the sbatch script of launch/backends.py
     callbacks += [stop] if stop else []
+    callbacks += remote_checkpoint_saver(cfg)
     try:
         trainer = Trainer(
             model=parts.model, train_dataloader=parts.train_dataloader, eval_dataloader=parts.eval_dataloader,
