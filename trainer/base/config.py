@@ -17,13 +17,10 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 
+from trainer.base import uris
+from trainer.base.errors import ConfigError, UserError  # noqa: F401  (the names every job imports from here)
 
-class UserError(Exception):
-    """Bad input from the user (config, data, paths); str(e) is the one-line message shown."""
 
-
-class ConfigError(UserError, ValueError):
-    """A config problem; str(e) names the file (or the command line) and the key path."""
 
 
 class KeyProblem(ConfigError):
@@ -184,8 +181,6 @@ class _Builder:
             base, *marks = typing.get_args(tp)
             out = self.value(base, v, key)
             if MUST_EXIST in marks and out is not None and not any(made(out) for made in _MADE_LATER):
-                from trainer.base import uris   # late: uris needs UserError from here
-
                 if uris.is_uri(out):
                     try:
                         uris.check(out, must_exist=True)

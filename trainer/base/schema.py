@@ -60,3 +60,6 @@ def latent_columns(latent_shape, prompt_shape=None, pooled_dim=None) -> dict:
     if pooled_dim is not None:
         cols["prompt_pooled"] = f"ndarray:float16:{pooled_dim}"
     return cols
+
+# A finished sharded dataset (prep, encode): written last, so its presence means every shard is complete.
+DONE = "_done.json"

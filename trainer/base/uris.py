@@ -17,7 +17,7 @@ import tempfile
 import urllib.parse
 from typing import Iterable
 
-from trainer.base.config import UserError
+from trainer.base.errors import UserError
 
 SCHEMES = ("s3", "gs", "oci")   # what Composer's object stores open; only s3 is tested
 

@@ -35,12 +35,12 @@ from typing import Iterable, Optional
 from trainer.base.config import UserError
 from trainer.base.files import read_json, write_json_atomic
 from trainer.base.log import get_logger
-from trainer.base.schema import ENCODE_RECORD
+from trainer.data.remote import fetch_shard
+from trainer.base.schema import DONE, ENCODE_RECORD
 
 log = get_logger("mds")
 
 MARKERS = "_ranks"
-DONE = "_done.json"
 HASHES = ["xxh64"]   # per-shard hashes in index.json (streaming's MDSWriter), checked by `check_shards`
 # The job records beside a dataset (the encode job's, the prep job's claim record): which command rebuilds it.
 REBUILDERS = ((ENCODE_RECORD, "latentverse encode"), ("_job.json", "latentverse prep"))
@@ -342,7 +342,6 @@ class LocalMDS:
         r = self.readers[k]
         raw = os.path.join(self.local, r.raw_data.basename)
         if not os.path.exists(raw):   # a cache folder of shards in a bucket: fetch the shard first
-            from trainer.data.remote import fetch_shard
 
             part = r.zip_data or r.raw_data
             if not os.path.exists(os.path.join(self.local, part.basename)):

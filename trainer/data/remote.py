@@ -24,7 +24,7 @@ import tempfile
 
 from trainer.base import uris
 from trainer.base.files import read_json
-from trainer.base.schema import LATENT_STATS
+from trainer.base.schema import DONE, LATENT_STATS
 
 _slots: dict = {}     # uri -> (local folder, open lock file)
 _remote_of: dict = {}  # local folder -> uri
@@ -106,7 +106,6 @@ def write_through_stage(cfg, run, fingerprint: str, result: str = "_done.json") 
     the job's summary there, is returned). Every rank must be on one node: the stage is its disk."""
     from trainer.base.config import UserError
     from trainer.base.log import get_logger
-    from trainer.data.mds import DONE
 
     uri = cfg.out_dir
     uris.check(uri, "out_dir")
