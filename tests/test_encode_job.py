@@ -146,7 +146,18 @@ def test_wds_output(assets, tmp_path):
     urls = [str(tmp_path / "w" / "val" / p) for p in lst]
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert len(samples) == 12
-    assert samples[0]["latent.npy"].shape == (32, 64) and "prompt" in samples[0]["json"]
+    # every record read back equals the MDS output's record of the same config, column for column
+    encode_job.run(C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "m", "data.splits=[val]")))
+    ref = read_latents(str(tmp_path / "m" / "val"))
+    got = {s["json"]["id"]: s for s in samples}
+    assert sorted(got) == sorted(ref)
+    for k, r in ref.items():
+        s = got[k]
+        assert {c: s["json"][c] for c in s["json"]} == {c: r[c] for c in s["json"]}
+        assert {"text", "prompt", "form", "prompt_len"} <= set(s["json"])
+        for col in ("latent", "prompt_emb", "prompt_pooled"):
+            assert s[f"{col}.npy"].dtype == r[col].dtype, col
+            np.testing.assert_array_equal(s[f"{col}.npy"], r[col], err_msg=f"{k} {col}")
 
 
 def test_missing_split_and_changed_config_are_one_line(assets, tmp_path):
