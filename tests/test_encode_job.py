@@ -146,7 +146,18 @@ def test_wds_output(assets, tmp_path):
     urls = [str(tmp_path / "w" / "val" / p) for p in lst]
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert len(samples) == 12
-    assert samples[0]["latent.npy"].shape == (32, 64) and "prompt" in samples[0]["json"]
+    # every record read back equals the MDS output's record of the same config, column for column
+    encode_job.run(C.load(encode_job.EncodeConfig, None, overrides(assets, tmp_path / "m", "data.splits=[val]")))
+    ref = read_latents(str(tmp_path / "m" / "val"))
+    got = {s["json"]["id"]: s for s in samples}
+    assert sorted(got) == sorted(ref)
+    for k, r in ref.items():
+        s = got[k]
+        assert {c: s["json"][c] for c in s["json"]} == {c: r[c] for c in s["json"]}
+        assert {"text", "prompt", "form", "prompt_len"} <= set(s["json"])
+        for col in ("latent", "prompt_emb", "prompt_pooled"):
+            assert s[f"{col}.npy"].dtype == r[col].dtype, col
+            np.testing.assert_array_equal(s[f"{col}.npy"], r[col], err_msg=f"{k} {col}")
 
 
 def test_missing_split_and_changed_config_are_one_line(assets, tmp_path):
@@ -245,3 +256,37 @@ def test_cuda_without_a_gpu_is_refused_before_any_work(assets, tmp_path):
     with pytest.raises(C.UserError, match=r"^device: cuda, but this machine has no CUDA device"):
         encode_job.run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode, want, absent", [("tokens", {"prompt_emb", "prompt_len"}, {"prompt_pooled"}),
+                                                ("pooled", {"prompt_pooled"}, {"prompt_emb", "prompt_len"})])
+def test_prompt_mode_writes_its_columns_and_the_diffusion_job_trains_on_them(assets, tmp_path, mode, want, absent):
+    """Each prompt_mode's latents hold the prompt columns it promises (and no other), and the diffusion
+    job trains on them: 2 batches of a tiny DiT, finite losses."""
+    from trainer.data.loaders import LatentDataConfig, build_latent_dataloader, shard_columns
+
+    from .test_train_diffusion import PRETRAIN, TINY
+
+    out = tmp_path / mode
+    encode_job.run(C.load(encode_job.EncodeConfig, None, overrides(assets, out, f"prompt_mode={mode}",
+                                                                   "data.splits=[train]")))
+    cols = set(shard_columns(str(out / "train")))
+    assert want <= cols and not (absent & cols), sorted(cols)
+    rows = list(read_latents(str(out / "train")).values())
+    if mode == "tokens":   # the real tokens first, zeros after: the lengths say where the prompt ends
+        assert all(np.any(r["prompt_emb"][int(r["prompt_len"]) - 1] != 0) for r in rows)
+    # the training job's loader hands the model these prompts (an unconditional batch would train too)
+    loader, _ = build_latent_dataloader(LatentDataConfig(path=str(out / "train"), eval_path=str(out / "train")), 4, eval=True)
+    batch = next(iter(loader))
+    if mode == "tokens":
+        assert "prompt_pooled" not in batch
+        np.testing.assert_array_equal(batch["prompt_emb"][0].numpy(), rows[0]["prompt_emb"].astype(np.float32))
+        assert batch["prompt_mask"].sum(1).tolist() == [int(x["prompt_len"]) for x in rows[:4]]
+    else:
+        assert "prompt_emb" not in batch
+        np.testing.assert_array_equal(batch["prompt_pooled"][0].numpy(), rows[0]["prompt_pooled"].astype(np.float32))
+    r = run_cli("train", PRETRAIN, *TINY, f"data.path={out / 'train'}", f"out_dir={tmp_path / 'run'}",
+                "data.eval_path=", "max_duration=2ba", "save_interval=2ba")
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [m["train/loss"] for m in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "train/loss" in m]
+    assert len(losses) == 2 and all(np.isfinite(losses)), losses

@@ -77,3 +77,18 @@ def test_gpt2_save_and_load_keeps_ids(tmp_path):
     assert len(again) == len(tok)
     for p in POEMS:
         assert again(p)["input_ids"] == tok(p)["input_ids"] and roundtrip(again, p) == p
+
+
+def test_pretrained_kind_round_trips_from_a_local_folder(bpe, tmp_path):
+    """kind=pretrained, as the training job builds it: the tokenizer saved in a local folder (no hub) is
+    read from model.pretrained_path into the run's out_dir, with the same ids and exact round trips."""
+    from trainer.training.tokenizer_run import run_tokenizer
+
+    src = str(tmp_path / "bart")
+    save_tokenizer(bpe, src)
+    tok = run_tokenizer(str(tmp_path / "run"), TokenizerConfig(kind="pretrained"), train_local=str(tmp_path / "no-data"),
+                        text_column="text", pretrained_path=src)
+    assert (tmp_path / "run" / "tokenizer").is_dir() and len(tok) == len(bpe)
+    for p in POEMS:
+        assert tok(p)["input_ids"] == bpe(p)["input_ids"]
+        assert roundtrip(tok, p) == p

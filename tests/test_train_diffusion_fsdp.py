@@ -56,6 +56,14 @@ def test_two_process_fsdp2_run(tmp_path):
     held = [rank_lines(rank, "holds rank 0's fit") for rank in (0, 1)]
     assert len(held[0]) == 1 and held[0] == held[1], held
     assert "2 rank(s), parallelism=fsdp2" in logs
+    # Rank 0 alone writes metrics.jsonl (each batch once, not once per rank) and the console metrics lines.
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["batch"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6], rows
+    assert [r["batch"] for r in rows if "eval/EMALoss" in r] == [6], rows
+    # (the launcher passes rank 0's output through and writes rank 1's to the --stdout/--stderr files)
+    rank1 = "".join(open(tmp_path / f"fsdp-{s}1.txt").read() for s in ("out", "err"))
+    console = [(r.stdout + r.stderr).count("[batch="), rank1.count("[batch=")]
+    assert console[0] >= 6 and console[1] == 0, console
 
 
 def last_weights(out) -> tuple[dict, dict]:
@@ -90,3 +98,16 @@ def test_bf16_ddp_and_fsdp2_train_the_same_numerics(tmp_path):
     moved, parallel_gap = gap(ddp, start), gap(fsdp, ddp)
     print(f"weights moved {moved:.4g}, DDP vs FSDP2 {parallel_gap:.4g}")
     assert moved > 0.05 and parallel_gap <= 0.01 * moved, (parallel_gap, moved)
+
+
+@pytest.mark.parametrize("rank, all_ranks, want", [("0", "0", ["info", "warn"]), ("1", "0", ["warn"]),
+                                                   ("1", "1", ["info", "warn"])])
+def test_only_rank_0_logs_info_unless_all_ranks_are_asked_for(rank, all_ranks, want):
+    """The job's logger as a rank's process sees it (RANK set by the launcher): rank 1 says only warnings,
+    unless LATENTVERSE_LOG_ALL_RANKS=1 (which the 2-rank runs above set to see what reached rank 1)."""
+    code = "from trainer.base.log import get_logger; g = get_logger('t'); g.info('info'); g.warning('warn')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, RANK=rank, LATENTVERSE_LOG_ALL_RANKS=all_ranks))
+    assert r.returncode == 0, r.stderr
+    assert [ln.rsplit(": ", 1)[1] for ln in r.stderr.splitlines()] == want, r.stderr
+    assert all(f"[rank {rank}] latentverse.t:" in ln for ln in r.stderr.splitlines())

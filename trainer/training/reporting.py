@@ -101,8 +101,13 @@ def build_callbacks(cfg, own: dict[str, Callable[..., Any]]) -> list:
 
 def console(cfg) -> dict:
     """The Trainer's progress_bar / log_to_console / console_log_interval: by default a progress bar on a
-    terminal, and metrics lines every log_interval batches where stderr is a file (a Slurm log)."""
+    terminal, and metrics lines every log_interval batches where stderr is a file (a Slurm log); rank 0 only
+    (Composer's console logger prints on every rank: N copies of each line in a Slurm log)."""
+    from composer.utils import dist
+
     bar = sys.stderr.isatty() if cfg.progress_bar is None else cfg.progress_bar
     lines = (not bar) if cfg.log_to_console is None else cfg.log_to_console
+    rank0 = dist.get_global_rank() == 0
+    bar, lines = bar and rank0, lines and rank0
     return {"progress_bar": bar, "log_to_console": lines,
             "console_log_interval": cfg.console_log_interval or f"{cfg.log_interval}ba"}
