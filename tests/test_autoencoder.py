@@ -141,7 +141,7 @@ def test_bad_pretrained_path_is_one_line(tok, tmp_path):
 
 
 def test_not_an_autoencoder_dir(tmp_path):
-    with pytest.raises(UserError, match="not an autoencoder directory"):
+    with pytest.raises(UserError, match=r"not an autoencoder folder \(no autoencoder_config.json\)$"):
         LatentAutoencoder.from_pretrained(str(tmp_path))
 
 

@@ -146,6 +146,7 @@ class LatentAutoencoder(TextLatentModel):
     tokenizer and the lexicon; `LatentAutoencoder.from_pretrained(dir)` is diffusers' own loader."""
 
     config_name = CONFIG_NAME
+    what = "an autoencoder"
 
     def __init__(self, cfg: AutoencoderConfig | dict, tokenizer=None, bart_config: Optional[dict] = None,
                  frozen: Optional[bool] = None):

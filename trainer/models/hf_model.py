@@ -48,6 +48,7 @@ class TextLatentModel(ModelMixin, ConfigMixin):
     and `_from_legacy` (the format before this one)."""
 
     ignore_for_config = ["tokenizer"]
+    what = "a latent model"   # in the one-line refusal of a folder that is not one
 
     def attach_tokenizer(self, tokenizer) -> None:
         raise NotImplementedError
@@ -148,7 +149,7 @@ class TextLatentModel(ModelMixin, ConfigMixin):
         loader passes its own)."""
         path = os.fspath(path)
         if not os.path.isfile(os.path.join(path, cls.config_name)):
-            raise UserError(f"{path}: not a {cls.__name__} folder (no {cls.config_name})")
+            raise UserError(f"{path}: not {cls.what} folder (no {cls.config_name})")
         if cls.is_legacy(path):
             return cls._from_legacy(path, map_location=map_location, torch_dtype=torch_dtype)
         from diffusers.utils import SAFETENSORS_WEIGHTS_NAME

@@ -94,6 +94,7 @@ class TokenEmbeddingLatents(TextLatentModel):
 
     latent_kind = LATENT_KIND
     config_name = CONFIG_NAME
+    what = "a token-LM latent encoder"
     ignore_for_config = ["tokenizer", "lm", "scale"]
 
     def __init__(self, cfg: TokenLatentConfig | dict, tokenizer=None, lm=None, scale: Optional[float] = None,
