@@ -8,7 +8,7 @@ import sys
 
 
 from .conftest import ROOT
-from .tiny import POEMS, tiny_pipeline
+from .tiny import POEMS, WORDS, tiny_pipeline
 
 LOAD_AND_SAMPLE = """
 import importlib.abc, json, sys
