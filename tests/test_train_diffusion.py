@@ -86,6 +86,10 @@ def test_stage1_then_stage2_end_to_end(two_stages):
         rows = read_jsonl(out / "metrics.jsonl")
         assert [r["batch"] for r in rows if "train/loss" in r] == list(range(1, batches + 1))
         assert all(r["train/loss"] > 0 for r in rows if "train/loss" in r)
+        # the linear check at every evaluation (batch 3 and 6): the EMA denoiser's error ÷ the Wiener filter's
+        evals = [r for r in rows if "eval/EMALoss" in r]
+        assert [r["batch"] for r in evals] == list(range(3, batches + 1, 3))
+        assert all(0.05 < r[f"eval/EMAvsLinear_{s}"] < 100 for r in evals for s in (0.4, 0.8))
     meta1 = json.load(open(s1 / "denoiser" / "denoiser_config.json"))
     assert meta1["mask_ratio"] == 0.75 and json.load(open(s2 / "denoiser" / "denoiser_config.json"))["mask_ratio"] == 0.0
     # sigma_data follows from the recorded statistics (normalize=center)

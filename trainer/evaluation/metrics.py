@@ -148,17 +148,15 @@ class TextLabelClassifier(_Classifier):
 class GaussianLatents:
     """The Gaussian fitted to training latents in the diffusion space (`normalize`: the pipeline's
     normalizer; mean and covariance of the flattened latents): its Wiener filter is the best linear
-    denoiser, its draws the samples of a diffusion model that has learnt nothing more."""
+    denoiser, its draws the samples of a diffusion model that has learnt nothing more
+    (trainer/diffusion/linear.py, which the diffusion job's evaluation uses too)."""
 
     def __init__(self, train_latents: np.ndarray, normalize=None):
-        import torch
+        from trainer.diffusion.linear import LinearDenoiser
 
         self.normalize = normalize
-        x = self.norm(train_latents).reshape(len(train_latents), -1).double()
-        self.shape = tuple(train_latents.shape[1:])
-        self.mean = x.mean(0)
-        ev, self.vecs = torch.linalg.eigh(torch.cov((x - self.mean).T))
-        self.ev = ev.clamp(min=0)
+        self.linear = LinearDenoiser.fit(self.norm(train_latents))
+        self.shape, self.mean = self.linear.shape, self.linear.mean
 
     def norm(self, z):
         import torch
@@ -168,19 +166,15 @@ class GaussianLatents:
 
     def wiener(self, x, sigma: float):
         """The posterior mean of a clean latent given x = latent + N(0, sigma^2) if latents were this Gaussian."""
-        flat = x.reshape(len(x), -1).double() - self.mean
-        return ((((flat @ self.vecs) * (self.ev / (self.ev + sigma * sigma))) @ self.vecs.T) + self.mean).float().reshape(x.shape)
+        return self.linear(x.float(), sigma)
 
     @property
     def factor(self):
         """F with F F^T = the covariance: mean + F g, g ~ N(0, I), is a draw."""
-        return self.vecs * self.ev.sqrt()
+        return self.linear.factor
 
     def sample(self, n: int, seed: int = 0):
-        import torch
-
-        g = torch.randn(n, len(self.ev), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        return (self.mean + g @ self.factor.T).float().reshape(n, *self.shape)
+        return self.linear.sample(n, seed)
 
 
 def conditional_gaussian_draws(latents: np.ndarray, labels: list[str], values: list[str], n: int,

@@ -34,6 +34,7 @@ from trainer.data.loaders import (LatentDataConfig, build_latent_dataloader, col
                                   shard_columns)
 from trainer.data.mds import LocalMDS
 from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond, PromptMean
+from trainer.diffusion.linear import LinearDenoiser
 from trainer.diffusion.sampler import SamplerConfig
 from trainer.models.denoisers import DenoiserConfig, build_denoiser
 from trainer.models.denoisers.interface import Prompt
@@ -103,6 +104,25 @@ class PromptMeanConfig:
 
 
 @dataclasses.dataclass
+class LinearCheckConfig:
+    # At every evaluation, the EMA denoiser's squared error on the data.eval_path latents noised at each
+    # of `sigmas` ÷ the best linear denoiser's (the Wiener filter of the Gaussian fitted before training
+    # to up to `max_samples` training latents): eval/EMAvsLinear_<sigma> in the logs, metrics.jsonl and
+    # loss_curve.png. Below 1 the denoiser has learnt more than the latents' mean and covariance. Off
+    # without data.eval_path, or for latents of more than `max_dims` numbers (the covariance is dims^2).
+    enabled: bool = True
+    sigmas: list[float] = dataclasses.field(default_factory=lambda: [0.4, 0.8])
+    max_samples: int = 20000
+    max_dims: int = 8192
+
+    def __post_init__(self):
+        if any(s <= 0 for s in self.sigmas):
+            raise ValueError(f"sigmas must be > 0, got {self.sigmas}")
+        if self.max_samples < 2:
+            raise ValueError(f"max_samples must be >= 2, got {self.max_samples}")
+
+
+@dataclasses.dataclass
 class DiffusionTrainConfig(TrainingConfig):
     task: Literal["diffusion"] = "diffusion"
     out_dir: str = "out/diffusion"
@@ -111,6 +131,7 @@ class DiffusionTrainConfig(TrainingConfig):
     data: LatentDataConfig = dataclasses.field(default_factory=LatentDataConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     prompt_mean: PromptMeanConfig = dataclasses.field(default_factory=PromptMeanConfig)
+    linear_check: LinearCheckConfig = dataclasses.field(default_factory=LinearCheckConfig)
     mask_ratio: float = 0.0             # share of latent tokens dropped per sample (stage 1: 0.75)
     cfg_dropout: float = 0.1            # P(prompt -> learned null prompt), classifier-free guidance
     optim: DiffusionOptimConfig = dataclasses.field(default_factory=DiffusionOptimConfig)
@@ -192,35 +213,85 @@ def check_data(cfg: DiffusionTrainConfig) -> dict:
     return stats
 
 
-def _read_prompt_latent_pairs(paths: list[str], limits: list[int], normalizer):
-    """(pooled [N, D], normalized latents [N, T, C]) of `limits[i]` samples evenly spread over paths[i]."""
-    pooled, latents = [], []
+def _spread_records(paths: list[str], limits: list[int]):
+    """The records of `limits[i]` samples evenly spread over paths[i], path by path."""
     for path, limit in zip(paths, limits):
         ds = LocalMDS(path)
         for i in ds.spread(max(limit, 1)):
-            r = ds[i]
-            if "prompt_pooled" in r:
-                p = torch.from_numpy(np.asarray(r["prompt_pooled"], np.float32))
-            elif "prompt_emb" in r:   # what the denoiser sees in its place: the masked mean of the tokens
-                emb = torch.from_numpy(np.asarray(r["prompt_emb"], np.float32))
-                p = Prompt(emb[None], (torch.arange(len(emb)) < int(r["prompt_len"]))[None]).pooled_or_mean()[0]
-            else:
-                raise ConfigError(f"prompt_mean.enabled: {path} holds no prompt embeddings")
-            pooled.append(p)
-            latents.append(np.asarray(r["latent"], np.float32))
+            yield path, ds[i]
+
+
+def _read_prompt_latent_pairs(paths: list[str], limits: list[int], normalizer):
+    """(pooled [N, D], normalized latents [N, T, C]) of `limits[i]` samples evenly spread over paths[i]."""
+    pooled, latents = [], []
+    for path, r in _spread_records(paths, limits):
+        if "prompt_pooled" in r:
+            p = torch.from_numpy(np.asarray(r["prompt_pooled"], np.float32))
+        elif "prompt_emb" in r:   # what the denoiser sees in its place: the masked mean of the tokens
+            emb = torch.from_numpy(np.asarray(r["prompt_emb"], np.float32))
+            p = Prompt(emb[None], (torch.arange(len(emb)) < int(r["prompt_len"]))[None]).pooled_or_mean()[0]
+        else:
+            raise ConfigError(f"prompt_mean.enabled: {path} holds no prompt embeddings")
+        pooled.append(p)
+        latents.append(np.asarray(r["latent"], np.float32))
     return torch.stack(pooled), normalizer(torch.from_numpy(np.stack(latents)))
+
+
+def _stream_limits(cfg: DiffusionTrainConfig, n: int) -> tuple[list[str], list[int]]:
+    """The training streams' paths and `n` samples shared out by their proportions."""
+    streams = cfg.data.stream_paths()
+    props = [s.proportion for s in streams]
+    if any(p is None for p in props):
+        props = [1.0] * len(streams)
+    return [s.path for s in streams], [round(n * p / sum(props)) for p in props]
+
+
+def _on_rank0_then_everyone(make):
+    """make() on rank 0, its (picklable) result broadcast to every rank; a ConfigError on rank 0 is raised
+    on every rank, so none waits in the broadcast."""
+    got: list = [None]
+    if dist.get_global_rank() == 0:
+        try:
+            got = [make()]
+        except ConfigError as e:
+            got = [e]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(got, src=0)
+    if isinstance(got[0], ConfigError):
+        raise got[0]
+    return got[0]
+
+
+def fitted_linear_denoiser(cfg: DiffusionTrainConfig, normalizer) -> Optional[LinearDenoiser]:
+    """The Gaussian of up to linear_check.max_samples training latents (rank 0 reads and fits; every rank
+    receives it), or None when the check is off or does not apply."""
+    lc = cfg.linear_check
+    dims = cfg.model.latent_tokens * cfg.model.latent_dim
+    if not lc.enabled or not cfg.data.eval_path or not lc.sigmas:
+        return None
+    if dims > lc.max_dims:
+        log.info(f"linear_check: off ({dims} numbers per latent > linear_check.max_dims {lc.max_dims})")
+        return None
+
+    def fit():
+        t = time.time()
+        paths, limits = _stream_limits(cfg, lc.max_samples)
+        latents = normalizer(torch.from_numpy(np.stack([np.asarray(r["latent"], np.float32)
+                                                        for _, r in _spread_records(paths, limits)])))
+        linear = LinearDenoiser.fit(latents)
+        log.info(f"linear_check: the Gaussian of {len(latents)} training latents in {time.time() - t:.1f} s; "
+                 f"eval/EMAvsLinear_<sigma> at sigma {', '.join(f'{s:g}' for s in lc.sigmas)} "
+                 "(the EMA denoiser's squared error ÷ the best linear denoiser's; < 1 = beyond the Gaussian)")
+        return linear.state()
+
+    return LinearDenoiser.from_state(_on_rank0_then_everyone(fit))
 
 
 def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
     """(PromptMean, info) fitted on the training streams; the ridge chosen on data.eval_path (else on every
     10th training sample). Called on rank 0 only (fitted_prompt_mean hands the module to the others)."""
-    streams = cfg.data.stream_paths()
-    props = [s.proportion for s in streams]
-    if any(p is None for p in props):
-        props = [1.0] * len(streams)
     n = cfg.prompt_mean.max_samples
-    train = _read_prompt_latent_pairs([s.path for s in streams], [round(n * p / sum(props)) for p in props],
-                                      normalizer)
+    train = _read_prompt_latent_pairs(*_stream_limits(cfg, n), normalizer)
     if cfg.data.eval_path:
         val = _read_prompt_latent_pairs([cfg.data.eval_stream().path], [n], normalizer)
         return PromptMean.fit(*train, ridges=cfg.prompt_mean.ridges, val=val)
@@ -239,21 +310,15 @@ def fitted_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
     """Rank 0 reads the samples and fits; every other rank receives rank 0's module (one read of the shared
     disk, not one per rank). An error on rank 0 is raised on every rank, so none waits in the broadcast."""
     t = time.time()
-    got: list = [None]
-    if dist.get_global_rank() == 0:
-        try:
-            prompt_mean, fit = fit_prompt_mean(cfg, normalizer)
-            got = [(prompt_mean.state_dict(), prompt_mean.latent_shape)]
-            log.info(f"prompt_mean: ridge regression of {fit['n_train']} training latents on their pooled prompts "
-                     f"in {time.time() - t:.1f} s: ridge {fit['ridge']:g}, R^2 {fit['r2_train']:.4f} (train)"
-                     + (f", {fit['r2_val']:.4f} ({fit['n_val']} held out)" if "r2_val" in fit else ""))
-        except ConfigError as e:
-            got = [e]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(got, src=0)
-    if isinstance(got[0], ConfigError):
-        raise got[0]
-    state, shape = got[0]
+
+    def fit():
+        prompt_mean, fit = fit_prompt_mean(cfg, normalizer)
+        log.info(f"prompt_mean: ridge regression of {fit['n_train']} training latents on their pooled prompts "
+                 f"in {time.time() - t:.1f} s: ridge {fit['ridge']:g}, R^2 {fit['r2_train']:.4f} (train)"
+                 + (f", {fit['r2_val']:.4f} ({fit['n_val']} held out)" if "r2_val" in fit else ""))
+        return prompt_mean.state_dict(), prompt_mean.latent_shape
+
+    state, shape = _on_rank0_then_everyone(fit)
     prompt_mean = PromptMean(state["weight"].shape[0], shape)
     prompt_mean.load_state_dict(state)
     log.info(f"prompt_mean: rank {dist.get_global_rank()} of {dist.get_world_size()} holds rank 0's fit "
@@ -339,7 +404,9 @@ class DiffusionJob(TrainingJob):
         self.prompt_mean = fitted_prompt_mean(cfg, normalizer) if cfg.prompt_mean.enabled else None
         self.sigma_data = edm.sigma_data
         net = EDMPrecond(build_denoiser(cfg.model), sigma_data=edm.sigma_data, prompt_mean=self.prompt_mean)
-        model = DiffusionComposerModel(net, EDMLoss(edm), cfg.mask_ratio, cfg.cfg_dropout)
+        model = DiffusionComposerModel(net, EDMLoss(edm), cfg.mask_ratio, cfg.cfg_dropout,
+                                       linear=fitted_linear_denoiser(cfg, normalizer),
+                                       linear_sigmas=tuple(cfg.linear_check.sigmas))
         model.flops_per_sample = measure_flops_per_sample(net, (cfg.model.latent_tokens, cfg.model.latent_dim),
                                                           prompt_shape(cfg), cfg.mask_ratio,
                                                           self_cond_prob=cfg.loss.self_cond_prob)
@@ -364,7 +431,8 @@ class DiffusionJob(TrainingJob):
             callbacks += after
         return Parts(model, train_dl, eval_dl, cfg.eval_batches, params=model.net.parameters(), callbacks=callbacks,
                      load_path=cfg.load_path or None, load_weights_only=cfg.load_weights_only,
-                     parallelism_config=parallelism, compile_config={} if cfg.compile else None, final_eval=False)
+                     parallelism_config=parallelism, compile_config={} if cfg.compile else None, final_eval=False,
+                     plot=cb.plot_diffusion_curve)
 
     def load_failed(self, error: RuntimeError) -> None:
         if "prompt_mean." in str(error):   # a stage hand-over between runs with and without the prompt's mean latent

@@ -181,6 +181,15 @@ def plot_loss_curve(metrics_jsonl: str, png: str) -> str:
                                                                       ("eval/*", "", "o-")], "loss", log_y=True)], dpi=90)
 
 
+def plot_diffusion_curve(metrics_jsonl: str, png: str) -> str:
+    """metrics.jsonl of the diffusion job -> PNG: the losses, and beside them the EMA denoiser's squared
+    error ÷ the best linear denoiser's at each checked sigma (1 = no more than the latents' Gaussian)."""
+    return plot_metrics(metrics_jsonl, png, [
+        Panel("loss", [("train/loss", "train loss", "-"), ("eval/EMALoss", "eval loss (EMA)", "o-"),
+                       ("eval/Loss", "eval loss", "o-")], "loss", log_y=True),
+        Panel("EMA denoiser / best linear denoiser, MSE", [("eval/EMAvsLinear*", "", "o-")], "ratio")], dpi=90)
+
+
 def plot_training_curve(metrics_jsonl: str, png: str) -> str:
     """metrics.jsonl written by the training job -> PNG: train loss and held-out accuracies against batches."""
     return plot_metrics(metrics_jsonl, png, [

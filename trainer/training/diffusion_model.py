@@ -20,6 +20,7 @@ from torchmetrics import Metric
 
 from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMLossOutput, EDMPrecond
 from trainer.diffusion.guidance import drop_prompt
+from trainer.diffusion.linear import LinearDenoiser
 from trainer.models.denoisers.interface import Prompt
 
 
@@ -70,20 +71,51 @@ class MeanLoss(Metric):
         return self.sum / self.count.clamp_min(1)
 
 
+class MSERatio(Metric):
+    """Summed squared error of the EMA denoiser ÷ that of the best linear denoiser over the eval set, at
+    one noise level (< 1: the denoiser knows more of the latents than their mean and covariance)."""
+
+    full_state_update = False
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+        self.add_state("num", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("den", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, errors: torch.Tensor) -> None:
+        """errors [2, B]: each sample's mean squared error, the denoiser's and the linear one's."""
+        self.num += errors[0].detach().double().sum()
+        self.den += errors[1].detach().double().sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.num / self.den.clamp_min(1e-30)
+
+
+def linear_key(sigma: float) -> str:
+    return f"EMAvsLinear_{sigma:g}"
+
+
 class DiffusionComposerModel(ComposerModel):
     """Trains `net` with the EDM loss; keeps an EMA of it.
 
     Eval metrics (unmasked, no CFG dropout, noise and sigma drawn from a generator seeded by the
     batch's sample indices so every evaluation sees the same draws and the training RNG is untouched):
-    EMALoss (the exported weights) and Loss (the raw weights)."""
+    EMALoss (the exported weights) and Loss (the raw weights); with a `linear` denoiser (the Gaussian of the
+    training latents) also EMAvsLinear_<sigma> for each of `linear_sigmas`: the EMA denoiser's squared
+    error on the eval latents noised at that sigma (with their own prompts) ÷ the linear denoiser's."""
 
-    def __init__(self, net: EDMPrecond, loss: EDMLoss, mask_ratio: float = 0.0, cfg_dropout: float = 0.1):
+    def __init__(self, net: EDMPrecond, loss: EDMLoss, mask_ratio: float = 0.0, cfg_dropout: float = 0.1,
+                 linear: Optional[LinearDenoiser] = None, linear_sigmas: tuple[float, ...] = (0.4, 0.8)):
         super().__init__()
         self.train_step = DiffusionTrainStep(net, loss, mask_ratio, cfg_dropout)
         self.ema = copy.deepcopy(net).requires_grad_(False).eval()
         # A plain dict, not a child module: FSDP2 would try to shard a ModuleDict child (Composer moves
         # and copies eval metrics itself).
         self.val_metrics = {k: MeanLoss(k) for k in ("EMALoss", "Loss")}
+        # Plain attributes too (not modules, not in the state dict): fitted before training, never trained.
+        self.linear, self.linear_sigmas = linear, tuple(float(s) for s in linear_sigmas) if linear else ()
+        self.val_metrics.update({linear_key(s): MSERatio(linear_key(s)) for s in self.linear_sigmas})
         self.flops_per_sample: Optional[float] = None   # set by the job (measured), read by SpeedMonitor
         # bf16 autocast done here where Composer does not do it (on CPU, where it allows only fp32); None = off.
         self.autocast_dtype: Optional[torch.dtype] = None
@@ -111,7 +143,25 @@ class DiffusionComposerModel(ComposerModel):
             raw = self.train_step(batch, generator=torch.Generator(device=dev).manual_seed(seed), mask_ratio=0.0)
             ema = self.train_step.loss_fn(self.ema, batch["latent"], batch_prompt(batch),
                                           generator=torch.Generator(device=dev).manual_seed(seed))
-        return {"EMALoss": ema.per_sample, "Loss": raw.per_sample}
+            out = {"EMALoss": ema.per_sample, "Loss": raw.per_sample}
+            out.update(self._vs_linear(batch, seed))
+        return out
+
+    def _vs_linear(self, batch: dict, seed: int) -> dict:
+        if not self.linear_sigmas:
+            return {}
+        y = batch["latent"]
+        if self.linear.mean.device != y.device:
+            self.linear = self.linear.to(y.device)
+        prompt, out = batch_prompt(batch), {}
+        for k, sigma in enumerate(self.linear_sigmas):
+            g = torch.Generator(device=y.device).manual_seed(seed * 7919 + k + 1)
+            noisy = y + sigma * torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=g)
+            den = self.ema(noisy, torch.tensor(sigma, device=y.device), prompt).sample.float()
+            lin = self.linear(noisy.double(), sigma).float()
+            err = (lambda d: (d - y.float()).pow(2).flatten(1).mean(1))
+            out[linear_key(sigma)] = torch.stack([err(den), err(lin)])
+        return out
 
     def get_metrics(self, is_train: bool = False) -> dict:
         return {} if is_train else dict(self.val_metrics)
