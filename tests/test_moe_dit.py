@@ -285,3 +285,44 @@ def test_experts_are_stored_flat_and_old_layout_loads():
                   "b1": old["b1"].view(8, 1, 24), "b2": old["b2"].view(8, 1, 16)}
     ffn.load_state_dict(old_layout)
     assert all(torch.equal(ffn.state_dict()[k], v) for k, v in old.items())
+
+
+def test_two_slots_per_token_groups_consecutive_slots_masks_them_together_and_saves(tmp_path):
+    from trainer.diffusion.edm import EDMLoss, EDMPrecond
+    from trainer.pipeline.export import load_denoiser, save_denoiser
+
+    m = tiny_dit(mixer=0, slots_per_token=2)
+    assert m.mask_tokens == 8 and m.x_embed.in_features == 16 and m.final.linear.out_features == 16
+    x, c, p = inputs()
+    out = m(x, c, *p, mask_ratio=0.75)
+    assert out.sample.shape == x.shape and out.keep.shape == (3, 16)
+    assert torch.equal(out.keep[:, 0::2], out.keep[:, 1::2]) and out.keep.sum(1).tolist() == [4, 4, 4]
+    # the token of slots 2j, 2j+1: kept outputs do not depend on dropped slots, and do depend on both of
+    # their own token's slots
+    keep_idx = masking.random_keep_idx(3, 8, 0.75, generator=torch.Generator().manual_seed(0))
+    keep = masking.keep_mask(keep_idx, 8).repeat_interleave(2, dim=1)
+    ref = m(x, c, *p, keep_idx=keep_idx).sample
+    noisy = torch.where(keep.unsqueeze(-1), x, torch.randn_like(x) * 10)
+    assert torch.allclose(m(noisy, c, *p, keep_idx=keep_idx).sample[keep], ref[keep], atol=1e-6)
+    j = int(keep_idx[0, 0])
+    for slot in (2 * j, 2 * j + 1):
+        x2 = x.clone()
+        x2[0, slot] += 1.0
+        changed = (m(x2, c, *p, keep_idx=keep_idx).sample[0] - ref[0]).abs().sum(-1) > 1e-6
+        assert changed[2 * j] and changed[2 * j + 1]
+    # the EDM loss draws its own kept tokens for a self-conditioning net: tokens, not slots
+    sc = build_denoiser(DenoiserConfig(kind="moe_dit", latent_tokens=16, latent_dim=8, prompt_dim=12,
+                                       moe_dit=MoEDiTConfig(dim=32, depth=2, head_dim=16, num_experts=2,
+                                                            slots_per_token=2, self_condition=True)))
+    net = EDMPrecond(sc)
+    out = EDMLoss()(net.eval(), x, p, mask_ratio=0.5)
+    assert torch.isfinite(out.loss) and out.keep.sum(1).tolist() == [8, 8, 8]
+    # saved and loaded with its grouping
+    cfg = DenoiserConfig(kind="moe_dit", latent_tokens=16, latent_dim=8, prompt_dim=12,
+                         moe_dit=MoEDiTConfig(dim=32, depth=4, head_dim=16, patch_mixer_depth=0, num_experts=4,
+                                              slots_per_token=2))
+    save_denoiser(str(tmp_path / "d"), EDMPrecond(m), cfg, {"sigma_data": 0.5}, "center")
+    loaded, _ = load_denoiser(str(tmp_path / "d"))
+    assert torch.allclose(loaded.backbone(x, c, *p).sample, m(x, c, *p).sample, atol=1e-6)
+    with pytest.raises(ValueError, match="slots_per_token: 3 does not divide"):
+        tiny_dit(slots_per_token=3)

@@ -43,6 +43,9 @@ class MoEDiTConfig:
     expert_capacity: float = 2.0          # c: each expert takes k = c * T / E tokens per sample
     experts_every_n: int = 2              # MoE FFN in blocks n-1, 2n-1, ... (every second block)
     pos_embed: Literal["learned", "sincos"] = "learned"
+    # Latent slots per DiT token: 2 makes the 32 x 64 latent 16 tokens of 128 numbers (consecutive slots
+    # side by side), half the tokens for attention and masking; masking drops a token's slots together.
+    slots_per_token: int = 1
     # Self-conditioning (Chen et al. 2022, "Analog Bits"): the model also reads its previous estimate of
     # the clean latent (the sampler's last D; in training a no-grad first pass on half the batches).
     self_condition: bool = False
@@ -61,6 +64,8 @@ class MoEDiTConfig:
             raise ValueError(f"patch_mixer_dim ({self.patch_mixer_dim}) must be a positive multiple of head_dim ({self.head_dim})")
         if self.patch_mixer_mlp_ratio <= 0:
             raise ValueError(f"patch_mixer_mlp_ratio must be > 0, got {self.patch_mixer_mlp_ratio}")
+        if self.slots_per_token < 1:
+            raise ValueError(f"slots_per_token must be >= 1, got {self.slots_per_token}")
         if self.num_experts < 1 or self.expert_capacity <= 0 or self.experts_every_n < 1:
             raise ValueError("num_experts, expert_capacity and experts_every_n must be positive")
 
@@ -261,13 +266,17 @@ class MoEDiT(Backbone):
                  null_tokens: int = 1):
         super().__init__(latent_tokens, latent_dim, prompt_dim, null_tokens)
         self.cfg = cfg
-        d = cfg.dim
+        d, k = cfg.dim, cfg.slots_per_token
+        if latent_tokens % k:
+            raise ValueError(f"moe_dit.slots_per_token: {k} does not divide the latent's {latent_tokens} slots")
+        # The tokens the backbone sees and masks: `slots_per_token` consecutive latent slots each.
+        self.mask_tokens, token_dim = latent_tokens // k, latent_dim * k
         self.self_conditioning = cfg.self_condition
-        self.x_embed = nn.Linear(latent_dim * (2 if cfg.self_condition else 1), d)
+        self.x_embed = nn.Linear(token_dim * (2 if cfg.self_condition else 1), d)
         if cfg.pos_embed == "learned":
-            self.pos_embed = nn.Parameter(sincos_1d(latent_tokens, d).unsqueeze(0))
+            self.pos_embed = nn.Parameter(sincos_1d(self.mask_tokens, d).unsqueeze(0))
         else:
-            self.register_buffer("pos_embed", sincos_1d(latent_tokens, d).unsqueeze(0), persistent=False)
+            self.register_buffer("pos_embed", sincos_1d(self.mask_tokens, d).unsqueeze(0), persistent=False)
         self.t_embed = NoiseEmbedding(d, cfg.c_noise_scale)
         # An unconditional model (prompt_dim = 0) cross-attends to one learned token instead.
         p_in = prompt_dim if prompt_dim > 0 else d
@@ -293,7 +302,7 @@ class MoEDiT(Backbone):
         qkv, mlp = cfg.per_block(cfg.qkv_ratio), cfg.per_block(cfg.mlp_ratio)
         self.blocks = nn.ModuleList([block(qkv[i], mlp[i], cfg.is_moe(i)) for i in range(cfg.depth)])
         self.mask_token = nn.Parameter(torch.randn(d) * 0.02)
-        self.final = FinalLayer(d, latent_dim, cfg.norm_eps)
+        self.final = FinalLayer(d, token_dim, cfg.norm_eps)
 
     def forward(self, x, c_noise, prompt_emb=None, prompt_mask=None, prompt_pooled=None,
                 mask_ratio: float = 0.0, keep_idx: Optional[torch.Tensor] = None,
@@ -301,11 +310,15 @@ class MoEDiT(Backbone):
         """self_cond [B, T, C]: the previous clean-latent estimate, scaled like x (None = zeros, the
         first step); only with `self_condition`."""
         self.check_input(x, mask_ratio, keep_idx)
-        B, T, _ = x.shape
+        B, slots, C = x.shape
+        T = self.mask_tokens                                              # DiT tokens: slots_per_token slots each
+        group = (lambda t: t.reshape(B, T, -1))                           # [B, slots, C] -> [B, T, k * C]
         if self.self_conditioning:
-            x = torch.cat([x, torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype)], dim=-1)
+            x = torch.cat([group(x), group(torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype))], dim=-1)
         elif self_cond is not None:
             raise ValueError("self_cond given to a MoE DiT built without model.moe_dit.self_condition")
+        else:
+            x = group(x)
         # The residual stream stays in the input's dtype (fp32) whatever dtype the weights come in (bf16
         # when FSDP2 gathers them so): under autocast only the matmuls run in bf16, as under DDP.
         h = self.x_embed(x).to(x.dtype) + self.pos_embed                  # [B, T, dim]
@@ -335,8 +348,8 @@ class MoEDiT(Backbone):
         keep = None
         if keep_idx is not None:
             h = masking.scatter_tokens(h, keep_idx, self.mask_token, T)   # [B, T, dim]
-            keep = masking.keep_mask(keep_idx, T)
-        return DenoiserOutput(self.final(h, c), keep)                     # [B, T, C]
+            keep = masking.keep_mask(keep_idx, T).repeat_interleave(slots // T, dim=1)   # [B, slots]
+        return DenoiserOutput(self.final(h, c).reshape(B, slots, C), keep)  # [B, slots, C]
 
     def _mix(self, h, y, y_mask, c):
         for blk in self.patch_mixer:
