@@ -139,8 +139,7 @@ def test_encode_writes_its_shards_to_the_bucket_once(s3_bucket, tmp_path):
     assert encode_job.run(C.load(encode_job.EncodeConfig, None, args)) == info and not os.path.exists(stage)
     with pytest.raises(UserError, match="holds the shards of another config"):
         encode_job.run(C.load(encode_job.EncodeConfig, None, [*args, "prompt_encoder.max_length=10"]))
-    uris.upload_tree(str(tmp_path / "ae"), f"{s3_bucket}/ae")     # encode reads local inputs only: one line
-    with pytest.raises(UserError, match="autoencoder: .* encode reads local folders only"):
+    with pytest.raises(UserError, match=f"autoencoder: {s3_bucket}/ae: no object at this path"):
         encode_job.run(C.load(encode_job.EncodeConfig, None, [*args, f"autoencoder={s3_bucket}/ae"]))
 
 
@@ -161,3 +160,43 @@ def test_prep_writes_its_shards_to_the_bucket_once(s3_bucket, tmp_path):
     assert {"_done.json", "stats.json", "train/index.json"} <= set(uris.list_keys(out))
     shutil.rmtree(stage)
     assert prep_job.run(C.load(prep_job.CONFIG, None, args)) == stats and not os.path.exists(stage)
+
+
+def test_the_tiny_chain_with_every_shard_checkpoint_and_export_in_the_bucket(s3_bucket, tmp_path, monkeypatch):
+    """prep -> encode -> diffusion training -> generate, each reading the stage before from the bucket
+    and writing there; on disk only the node-local cache and the node's tmp (the training job's logs)."""
+    from tests.test_prep_job import NO_BUNDLED, poem, write
+
+    b, cache = s3_bucket, os.environ["LATENTVERSE_CACHE"]
+    shared, node_tmp = tmp_path / "shared", tmp_path / "node-tmp"
+    write(shared / "corpus" / "a.csv", "text,topic\n" + "".join(f'"{poem(k)}",sea\n' for k in range(30)))
+    (shared / "work").mkdir()
+    uris.upload_tree(tiny_autoencoder(str(node_tmp / "ae"), lexicon=True), f"{b}/ae")   # the autoencoder stage
+    monkeypatch.setenv("TMPDIR", str(node_tmp))
+    inputs = {p for p in shared.rglob("*")}
+
+    def stage(*args):
+        r = run_cli(*args, cwd=shared / "work")
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    stage("prep", f"data.path={shared / 'corpus'}", "data.format=csv", f"out_dir={b}/text", "split.val=0.3",
+          "split.test=0", *NO_BUNDLED)
+    stage("encode", f"data.path={b}/text", f"autoencoder={b}/ae", f"out_dir={b}/latents", "batch_size=7",
+          "data.splits=[train, val]", "prompt_encoder.max_length=12")
+    run = node_tmp / "run"      # the training job's logs and metrics: node-local scratch
+    stage("train", PRETRAIN, f"data.path={b}/latents/train", f"out_dir={run}", *TINY, f"save_folder={b}/ckpt",
+          f"autoencoder={b}/ae", f"export_uri={b}/pipe")
+    poems = node_tmp / "poems.json"
+    stage("generate", f"{b}/pipe", "--prompt", "a poem about the sea", "--steps", "2", "--out", poems)
+
+    keys = set(uris.list_keys(b))
+    assert {"text/_done.json", "text/train/index.json", "latents/_done.json", "latents/train/index.json",
+            "latents/val/index.json", "pipe/model_index.json"} <= keys, sorted(keys)
+    assert any(k.startswith("latents/train/") and ".mds" in k for k in keys), sorted(keys)
+    assert any(k.startswith("ckpt/") and "-ba12" in k for k in keys), sorted(keys)
+    written = sorted(str(p) for p in tmp_path.rglob("*") if p.is_file() and p not in inputs
+                     and not str(p).startswith((cache, str(node_tmp))))
+    assert written == [], written                              # nothing on a shared disk
+    assert not (run / "checkpoints").exists() and not os.path.exists(os.path.join(ROOT, "s3:"))
+    got = json.loads(poems.read_text())
+    assert got == generate(str(run / "pipeline"), ["a poem about the sea"], steps=2)["results"] and got[0]["poem"]
