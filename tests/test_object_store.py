@@ -1,7 +1,9 @@
-"""Shards and checkpoints in a bucket of a real S3 API (moto's server on 127.0.0.1, tests/s3_server.py):
+"""Shards and checkpoints in a bucket of a real S3 API (moto's server on 127.0.0.1, bench/s3_server.py):
 diffusion training streams its shards from the bucket through the node-local cache and checkpoints to
 it; killed mid-epoch and resumed from the remote checkpoints it ends with the weights of an
-uninterrupted local run; two jobs on one node share one cache; bad URIs are refused in one line."""
+uninterrupted local run; two jobs on one node share one cache; bad URIs are refused in one line; the
+tiny chain runs with every shard, checkpoint and export in the bucket; the text jobs (autoencoder,
+token LM) stream their shards from the bucket as from a local folder."""
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 
 from tests import faults
 from tests.conftest import ROOT, run_cli
+from tests.test_autoencoder_train import TINY as AE_TINY
 from tests.tiny import tiny_autoencoder
 from trainer.base import uris
 from trainer.data.synthetic import write_latent_shards
@@ -197,6 +200,30 @@ def test_the_tiny_chain_with_every_shard_checkpoint_and_export_in_the_bucket(s3_
     written = sorted(str(p) for p in tmp_path.rglob("*") if p.is_file() and p not in inputs
                      and not str(p).startswith((cache, str(node_tmp))))
     assert written == [], written                              # nothing on a shared disk
+    assert not [p for p in node_tmp.rglob("*.pt")], "checkpoints left in TMPDIR once uploaded"
     assert not (run / "checkpoints").exists() and not os.path.exists(os.path.join(ROOT, "s3:"))
     got = json.loads(poems.read_text())
     assert got == generate(str(run / "pipeline"), ["a poem about the sea"], steps=2)["results"] and got[0]["poem"]
+
+
+@pytest.mark.parametrize("args", [
+    ["yamls/autoencoder/tiny_cpu.yaml", *AE_TINY],
+    ["yamls/autoencoder/token_embeddings_tiny_cpu.yaml", "model.tokenizer.vocab_size=300",
+     "model.tokenizer.min_frequency=1", "model.num_tokens=12", "seq_len=16", "eval_batches=1"],
+], ids=["autoencoder", "token_lm"])
+def test_text_jobs_stream_their_shards_from_the_bucket_as_from_a_local_folder(s3_bucket, tmp_path, args):
+    from tests.test_encode_job import write_text_shards
+
+    local = write_text_shards(tmp_path / "text", n_train=24, n_val=8)
+    uris.upload_tree(local, f"{s3_bucket}/text")
+    common = ["max_duration=4ba", "batch_size=8", "eval_interval=4ba", "threads=1", "log_interval=1",
+              "max_minutes=null", "data.clean_shared_memory=false"]
+    losses = {}
+    for where, path in (("local", local), ("bucket", f"{s3_bucket}/text")):
+        r = run_cli("train", *args, f"out_dir={tmp_path / where}", f"data.path={path}", *common)
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[where] = [{k: v for k, v in json.loads(x).items() if k != "seconds"}
+                         for x in open(tmp_path / where / "metrics.jsonl")]
+    assert len(losses["local"]) >= 4 and losses["bucket"] == losses["local"]
+    cached = os.listdir(os.path.join(uris.cache_dir(f"{s3_bucket}/text/train"), "stream-0"))
+    assert any(".mds" in f for f in cached), cached             # read through the node-local cache
