@@ -31,8 +31,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _job(tmp: str, name: str, ranks: int, parallelism: str, batches: int, batch: int, extra=()) -> dict:
-    """Run one job; returns samples/s over the batches after the first third, and its train_summary.json."""
+def job_command(tmp: str, name: str, ranks: int, parallelism: str, batches: int, batch: int,
+                extra=()) -> tuple[list[str], dict, str]:
+    """The command line, environment and out_dir of one `latentverse train` job of these benchmarks."""
     out = os.path.join(tmp, name)
     args = ["train", YAML, f"data.path={tmp}/latents/train", f"out_dir={out}", *MODEL, *COMMON,
             f"max_duration={batches}ba", f"batch_size={batch}", f"parallelism={parallelism}", *extra]
@@ -42,6 +43,12 @@ def _job(tmp: str, name: str, ranks: int, parallelism: str, batches: int, batch:
     else:
         composer = os.path.join(os.path.dirname(sys.executable), "composer")
         cmd = [composer, "-n", str(ranks), "--master_port", str(_port()), "-m", "launch.cli", *args]
+    return cmd, env, out
+
+
+def _job(tmp: str, name: str, ranks: int, parallelism: str, batches: int, batch: int, extra=()) -> dict:
+    """Run one job; returns samples/s over the batches after the first third, and its train_summary.json."""
+    cmd, env, out = job_command(tmp, name, ranks, parallelism, batches, batch, extra)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{name} failed: {r.stderr[-2000:]}")

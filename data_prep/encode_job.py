@@ -291,38 +291,52 @@ def _slot_entry(args):
 # the job
 
 
-def fingerprint(cfg: EncodeConfig, n_slots: int) -> str:
+def _as_given(cfg: EncodeConfig) -> dict:
+    """The config as a dict with URI inputs named by their URIs, not by this node's copies."""
     d = dataclasses.asdict(cfg)
+    d["data"]["path"], d["autoencoder"] = uris.origin(cfg.data.path), uris.origin(cfg.autoencoder)
+    return d
+
+
+def fingerprint(cfg: EncodeConfig, n_slots: int) -> str:
+    d = _as_given(cfg)
     for k in ("out_dir", "overwrite", "wait_timeout_s", "num_workers", "device", "batch_size", "threads_per_slot"):
         d.pop(k)
     d["n_slots"] = n_slots
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_inputs(cfg: EncodeConfig) -> None:
-    for key in ("data.path", "autoencoder"):
-        path = cfg.data.path if key == "data.path" else cfg.autoencoder
+def _check_uris(cfg: EncodeConfig) -> None:
+    for key, path in (("data.path", cfg.data.path), ("autoencoder", cfg.autoencoder)):
         if uris.is_uri(path):
-            raise UserError(f"{key}: {path}: encode reads local folders only (copy it to this node first); "
-                            "its out_dir may be a URI")
+            uris.check(path, key, must_exist=True)
+
+
+def _check_inputs(cfg: EncodeConfig) -> EncodeConfig:
+    """The config with its inputs on this node: a URI `data.path` or `autoencoder` is read from its
+    node-local copy (made once per node); the text splits must hold shards."""
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=uris.local_path(cfg.data.path, "data.path")),
+                              autoencoder=uris.local_path(cfg.autoencoder, "autoencoder"))
     for i, split in enumerate(cfg.data.splits):
         if not os.path.exists(os.path.join(cfg.data.path, split, "index.json")):
             raise UserError(f"data.splits[{i}]: no text shards (index.json) in {os.path.join(cfg.data.path, split)!r}")
+    return cfg
 
 
 def run(cfg: EncodeConfig) -> dict:
     rank, world = world_from_env()
     n_slots = world * cfg.num_workers
-    _check_inputs(cfg)
+    _check_uris(cfg)               # a URI input is copied in below, by the staged run if that runs
     if uris.is_uri(cfg.out_dir):   # staged on this node's disk, then uploaded (trainer/data/remote.py)
         return write_through_stage(cfg, run, fingerprint(cfg, n_slots))
+    cfg = _check_inputs(cfg)
     check_out_dir(cfg.out_dir, create=False)   # RankedDataset makes it once the devices are known
     # This rank's slots, each on its own device; refuses device: cuda without a GPU before any work.
     devices = {rank * cfg.num_workers + j: str(slot_device(cfg.device, os.environ, j, cfg.num_workers))
                for j in range(cfg.num_workers)}
     fp = fingerprint(cfg, n_slots)
     ds = RankedDataset(cfg.out_dir, {}, splits=cfg.data.splits)
-    done = ds.claim(fp, {"config": dataclasses.asdict(cfg)}, cfg.overwrite, rank, ENCODE_RECORD, "latents",
+    done = ds.claim(fp, {"config": _as_given(cfg)}, cfg.overwrite, rank, ENCODE_RECORD, "latents",
                     also_remove=(LATENT_STATS,), wait_timeout=cfg.wait_timeout_s)
     if done is not None:
         log.info(f"{cfg.out_dir}: already encoded ({done['counts']}); nothing to do")

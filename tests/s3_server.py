@@ -1,4 +1,5 @@
-"""A real S3 API for the tests: moto's server mode on 127.0.0.1, on a free port.
+"""The pytest fixtures around moto's S3 server on 127.0.0.1 (bench/s3_server.py, shared with the
+object-store benchmark).
 
 `s3_server` (one per test session) starts it and stops it; `s3_bucket` makes a fresh bucket for one
 test and points this process and every subprocess it starts at the server the way streaming, Composer
@@ -7,52 +8,9 @@ and boto3 read it: S3_ENDPOINT_URL, dummy AWS credentials, AWS_DEFAULT_REGION. T
 """
 from __future__ import annotations
 
-import itertools
-import logging
-import os
-import socket
-
 import pytest
 
-ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-_buckets = itertools.count()
-
-
-class S3Server:
-    def __init__(self):
-        from moto.server import ThreadedMotoServer
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-
-    def start(self) -> "S3Server":
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)   # not a line per request
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def env(self) -> dict:
-        return {"S3_ENDPOINT_URL": self.endpoint, **ENV}
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ENV["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=ENV["AWS_SECRET_ACCESS_KEY"], region_name=ENV["AWS_DEFAULT_REGION"])
-
-    def make_bucket(self, name: str | None = None) -> str:
-        name = name or f"lv-test-{os.getpid()}-{next(_buckets)}"
-        self.client().create_bucket(Bucket=name)
-        return name
-
-    def keys(self, bucket: str, prefix: str = "") -> list[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+from bench.s3_server import S3Server
 
 
 @pytest.fixture(scope="session")

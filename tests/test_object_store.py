@@ -1,7 +1,10 @@
-"""Shards and checkpoints in a bucket of a real S3 API (moto's server on 127.0.0.1, tests/s3_server.py):
+"""Shards and checkpoints in a bucket of a real S3 API (moto's server on 127.0.0.1, bench/s3_server.py):
 diffusion training streams its shards from the bucket through the node-local cache and checkpoints to
 it; killed mid-epoch and resumed from the remote checkpoints it ends with the weights of an
-uninterrupted local run; two jobs on one node share one cache; bad URIs are refused in one line."""
+uninterrupted local run; two jobs on one node share one cache; bad URIs are refused in one line; the
+tiny chain runs with every shard, checkpoint and export in the bucket; the text jobs (autoencoder,
+token LM) stream their shards from the bucket as from a local folder."""
+import filecmp
 import json
 import os
 import signal
@@ -14,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests import faults
 from tests.conftest import ROOT, run_cli
+from tests.test_autoencoder_train import TINY as AE_TINY
 from tests.tiny import tiny_autoencoder
 from trainer.base import uris
 from trainer.data.synthetic import write_latent_shards
@@ -139,8 +143,7 @@ def test_encode_writes_its_shards_to_the_bucket_once(s3_bucket, tmp_path):
     assert encode_job.run(C.load(encode_job.EncodeConfig, None, args)) == info and not os.path.exists(stage)
     with pytest.raises(UserError, match="holds the shards of another config"):
         encode_job.run(C.load(encode_job.EncodeConfig, None, [*args, "prompt_encoder.max_length=10"]))
-    uris.upload_tree(str(tmp_path / "ae"), f"{s3_bucket}/ae")     # encode reads local inputs only: one line
-    with pytest.raises(UserError, match="autoencoder: .* encode reads local folders only"):
+    with pytest.raises(UserError, match=f"autoencoder: {s3_bucket}/ae: no object at this path"):
         encode_job.run(C.load(encode_job.EncodeConfig, None, [*args, f"autoencoder={s3_bucket}/ae"]))
 
 
@@ -161,3 +164,69 @@ def test_prep_writes_its_shards_to_the_bucket_once(s3_bucket, tmp_path):
     assert {"_done.json", "stats.json", "train/index.json"} <= set(uris.list_keys(out))
     shutil.rmtree(stage)
     assert prep_job.run(C.load(prep_job.CONFIG, None, args)) == stats and not os.path.exists(stage)
+
+
+def test_the_tiny_chain_with_every_shard_checkpoint_and_export_in_the_bucket(s3_bucket, tmp_path, monkeypatch):
+    """prep -> encode -> diffusion training -> generate, each reading the stage before from the bucket
+    and writing there; on disk only the node-local cache and the node's tmp (the training job's logs)."""
+    from tests.test_prep_job import NO_BUNDLED, poem, write
+
+    b, cache = s3_bucket, os.environ["LATENTVERSE_CACHE"]
+    shared, node_tmp = tmp_path / "shared", tmp_path / "node-tmp"
+    write(shared / "corpus" / "a.csv", "text,topic\n" + "".join(f'"{poem(k)}",sea\n' for k in range(30)))
+    (shared / "work").mkdir()
+    uris.upload_tree(tiny_autoencoder(str(node_tmp / "ae")), f"{b}/ae")     # the autoencoder stage
+    monkeypatch.setenv("TMPDIR", str(node_tmp))
+    inputs = {p for p in shared.rglob("*")}
+
+    def stage(*args):
+        r = run_cli(*args, cwd=shared / "work")
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    stage("prep", f"data.path={shared / 'corpus'}", "data.format=csv", f"out_dir={b}/text", "split.val=0.3",
+          "split.test=0", *NO_BUNDLED)
+    stage("encode", f"data.path={b}/text", f"autoencoder={b}/ae", f"out_dir={b}/latents", "batch_size=7",
+          "data.splits=[train, val]", "prompt_encoder.max_length=12")
+    run = node_tmp / "run"      # the training job's logs and metrics: node-local scratch
+    stage("train", PRETRAIN, f"data.path={b}/latents/train", f"out_dir={run}", *TINY, f"save_folder={b}/ckpt",
+          f"autoencoder={b}/ae", f"export_uri={b}/pipe")
+    poems = node_tmp / "poems.json"
+    stage("generate", f"{b}/pipe", "--prompt", "a poem about the sea", "--steps", "2", "--out", poems)
+
+    keys = set(uris.list_keys(b))
+    assert {"text/_done.json", "text/train/index.json", "latents/_done.json", "latents/train/index.json",
+            "latents/val/index.json", "pipe/model_index.json"} <= keys, sorted(keys)
+    assert any(k.startswith("latents/train/") and ".mds" in k for k in keys), sorted(keys)
+    assert any(k.startswith("ckpt/") and "-ba12" in k for k in keys), sorted(keys)
+    written = sorted(str(p) for p in tmp_path.rglob("*") if p.is_file() and p not in inputs
+                     and not str(p).startswith((cache, str(node_tmp))))
+    assert written == [], written                              # nothing on a shared disk
+    assert not [p for p in node_tmp.rglob("*.pt")], "checkpoints left in TMPDIR once uploaded"
+    assert not (run / "checkpoints").exists() and not os.path.exists(os.path.join(ROOT, "s3:"))
+    assert [r["prompt"] for r in json.loads(poems.read_text())] == ["a poem about the sea"]
+    local, copy = run / "pipeline", uris.cache_dir(f"{b}/pipe", "copy")    # generate read the uploaded export
+    files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs)
+    assert files and all(filecmp.cmp(local / f, os.path.join(copy, f), shallow=False) for f in files)
+
+
+@pytest.mark.parametrize("args", [
+    ["yamls/autoencoder/tiny_cpu.yaml", *AE_TINY],
+    ["yamls/autoencoder/token_embeddings_tiny_cpu.yaml", "model.tokenizer.vocab_size=300",
+     "model.tokenizer.min_frequency=1", "model.num_tokens=12", "seq_len=16", "eval_batches=1"],
+], ids=["autoencoder", "token_lm"])
+def test_text_jobs_stream_their_shards_from_the_bucket_as_from_a_local_folder(s3_bucket, tmp_path, args):
+    from tests.test_encode_job import write_text_shards
+
+    local = write_text_shards(tmp_path / "text", n_train=24, n_val=8)
+    uris.upload_tree(local, f"{s3_bucket}/text")
+    common = ["max_duration=4ba", "batch_size=8", "eval_interval=4ba", "threads=1", "log_interval=1",
+              "max_minutes=null", "data.clean_shared_memory=false"]
+    losses = {}
+    for where, path in (("local", local), ("bucket", f"{s3_bucket}/text")):
+        r = run_cli("train", *args, f"out_dir={tmp_path / where}", f"data.path={path}", *common)
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[where] = [{k: v for k, v in json.loads(x).items() if k != "seconds"}
+                         for x in open(tmp_path / where / "metrics.jsonl")]
+    assert len(losses["local"]) >= 4 and losses["bucket"] == losses["local"]
+    cached = os.listdir(os.path.join(uris.cache_dir(f"{s3_bucket}/text/train"), "stream-0"))
+    assert any(".mds" in f for f in cached), cached             # read through the node-local cache

@@ -43,6 +43,7 @@ def join(uri: str, *parts: str) -> str:
 
 
 _stores: dict = {}
+_origins: dict = {}   # node-local copy -> the URI it was made from (this process's local_copy calls)
 
 
 def store(uri: str):
@@ -178,17 +179,27 @@ def local_copy(uri: str, key: str = "") -> str:
     the same URI later are not fetched again (delete <cache>/<hash>/copy, or use a new URI)."""
     root = cache_dir(uri, "copy")
     marker = os.path.join(root, ".complete")
+    _origins[root] = uri
     if os.path.isfile(marker):
         return root
     names = list_keys(uri, key)
     if not names:
         # one object, not a folder
         check(uri, key, must_exist=True)
-        return download(uri, os.path.join(root, os.path.basename(split(uri)[2])), key)
+        _origins[root] = None
+        out = download(uri, os.path.join(root, os.path.basename(split(uri)[2])), key)
+        _origins[out] = uri
+        return out
     download_tree(uri, root, key, only=names)
     with open(marker, "w") as f:
         f.write(uri + "\n")
     return root
+
+
+def origin(path: str) -> str:
+    """The URI a node-local copy made by `local_copy` in this process came from; else `path` itself.
+    Fingerprints of a config name its inputs by this, so that they do not depend on the cache's place."""
+    return _origins.get(path) or path
 
 
 def local_path(path: str, key: str = "") -> str:

@@ -11,8 +11,9 @@ from trainer.data.mds import HASHES
 
 
 def write_latent_shards(root, n_train=64, n_val=16, tokens=32, dim=64, prompt_len=8, prompt_dim=16, seed=0,
-                        prompt_effect=0.0):
-    """prompt_effect > 0 adds a planted linear effect of the pooled prompt to each latent:
+                        prompt_effect=0.0, size_limit=1 << 15, compression=None):
+    """size_limit (bytes per shard) and compression are MDSWriter's; the default small shards exercise
+    several shards and the shuffle. prompt_effect > 0 adds a planted linear effect of the pooled prompt to each latent:
     latent += pooled @ out["effect"] ([prompt_dim, tokens * dim]), the same in both splits."""
     from streaming import MDSWriter
 
@@ -24,8 +25,7 @@ def write_latent_shards(root, n_train=64, n_val=16, tokens=32, dim=64, prompt_le
     for split, n in (("train", n_train), ("val", n_val)):
         path = os.path.join(str(root), split)
         lat = []
-        # small shards so that several shards and the shuffle are exercised
-        with MDSWriter(out=path, columns=cols, size_limit=1 << 15, hashes=HASHES) as w:
+        with MDSWriter(out=path, columns=cols, size_limit=size_limit, compression=compression, hashes=HASHES) as w:
             for i in range(n):
                 z = rng.normal(size=(tokens, dim)).astype(np.float16) * np.float16(0.5) + np.float16(0.1)
                 k = int(rng.integers(1, prompt_len + 1))

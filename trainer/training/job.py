@@ -231,7 +231,9 @@ def remote_checkpoint_saver(cfg: TrainingConfig) -> list:
     checkpoint is in the bucket when its batch ends; the symlink object that autoresume reads follows
     at the end of the next batch (Composer writes it once the checkpoint is there), so a run killed in
     that batch resumes from the checkpoint before and writes the later ones again (overwrite on).
-    Training waits for each upload: saving to a bucket costs the upload's time."""
+    Training waits for each upload: saving to a bucket costs the upload's time. The saver writes each
+    checkpoint to a temporary folder first and deletes it once uploaded (else every run would leave its
+    checkpoints in $TMPDIR); `save_num_checkpoints_to_keep` counts local checkpoints and does not apply."""
     if cfg.local_checkpoints:
         return []
     from composer.callbacks import CheckpointSaver
@@ -242,7 +244,7 @@ def remote_checkpoint_saver(cfg: TrainingConfig) -> list:
     saver = CheckpointSaver(folder=cfg.checkpoint_folder, filename=name, remote_file_name=f"{path}/{name}".lstrip("/"),
                             latest_filename=latest, latest_remote_file_name=f"{path}/{latest}".lstrip("/"),
                             overwrite=True, save_interval=cfg.save_interval,
-                            num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep)
+                            num_checkpoints_to_keep=0)   # the local copy (in $TMPDIR) goes once uploaded
     up = saver.remote_uploader
     up.upload_executor.shutdown(wait=False)              # never started: nothing submitted yet
     up.check_remote_files_exist_executor.shutdown(wait=False)
