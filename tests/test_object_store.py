@@ -192,6 +192,12 @@ def test_the_tiny_chain_with_every_shard_checkpoint_and_export_in_the_bucket(s3_
           f"autoencoder={b}/ae", f"export_uri={b}/pipe")
     poems = node_tmp / "poems.json"
     stage("generate", f"{b}/pipe", "--prompt", "a poem about the sea", "--steps", "2", "--out", poems)
+    ev, before = node_tmp / "eval", set(uris.list_keys(b))   # the evaluation reads both from the bucket
+    stage("evaluate", os.path.join(ROOT, "yamls/eval/generation.yaml"), f"out_dir={ev}", f"pipeline={b}/pipe", f"latent_data={b}/latents",
+          "held_out_split=val", "samples_per_prompt=2", "steps=2", "mauve=false", "n_linear_check=4",
+          "n_prompts=1", "meter_readings=1", "max_train=64")
+    stage("evaluate", os.path.join(ROOT, "yamls/eval/autoencoder.yaml"), f"out_dir={node_tmp}/eval_ae",
+          f"autoencoder_dir={b}/ae", f"data_path={b}/text", "split=val", "n_samples=4")
 
     keys = set(uris.list_keys(b))
     assert {"text/_done.json", "text/train/index.json", "latents/_done.json", "latents/train/index.json",
@@ -207,6 +213,10 @@ def test_the_tiny_chain_with_every_shard_checkpoint_and_export_in_the_bucket(s3_
     local, copy = run / "pipeline", uris.cache_dir(f"{b}/pipe", "copy")    # generate read the uploaded export
     files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs)
     assert files and all(filecmp.cmp(local / f, os.path.join(copy, f), shallow=False) for f in files)
+    report = json.loads((ev / "report.json").read_text())
+    assert report["pipeline"] == f"{b}/pipe" and report["n_held_out"] >= 4 and len(report["samples"]) == 2
+    assert keys == before                                      # and writes nothing there (the card stays)
+    assert json.loads((node_tmp / "eval_ae" / "report.json").read_text())["n"] == 4
 
 
 @pytest.mark.parametrize("args", [

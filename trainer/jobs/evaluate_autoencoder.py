@@ -8,6 +8,7 @@ import dataclasses
 import os
 from typing import Literal
 
+from trainer.base import uris
 from trainer.base.config import ExistingPath, UserError
 from trainer.base.files import check_out_dir
 from trainer.data.mds import read_texts
@@ -33,7 +34,10 @@ CONFIG = EvalAutoencoderConfig
 
 
 def run(cfg: EvalAutoencoderConfig) -> dict:
-    """Evaluate on the first n_samples of a split; write report.json (+ the training-curve PNG if found)."""
+    """Evaluate on the first n_samples of a split; write report.json (+ the training-curve PNG if found).
+    A URI autoencoder_dir or data_path is read from its node-local copy (trainer/base/uris.py)."""
+    cfg = dataclasses.replace(cfg, autoencoder_dir=uris.local_path(cfg.autoencoder_dir, "autoencoder_dir"),
+                              data_path=uris.local_path(cfg.data_path, "data_path"))
     local = os.path.join(cfg.data_path, cfg.split)
     if not os.path.isfile(os.path.join(local, "index.json")):
         raise UserError(f"data_path: {local}/index.json not found")

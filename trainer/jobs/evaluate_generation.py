@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Literal, Optional
 
+from trainer.base import uris
 from trainer.base.config import ExistingPath
 from trainer.base.files import check_out_dir
 from trainer.base.log import get_logger
@@ -72,12 +73,17 @@ def run(cfg: EvalGenerationConfig) -> dict:
     import torch
 
     check_out_dir(cfg.out_dir, create=False)
+    given = cfg.pipeline if uris.is_uri(cfg.pipeline) else os.path.abspath(cfg.pipeline)
+    card = not uris.is_uri(cfg.pipeline)   # a pipeline in a bucket keeps its card; the figures are in report.json
+    # URIs are read from their node-local copies (trainer/base/uris.py)
+    cfg = dataclasses.replace(cfg, pipeline=uris.local_path(cfg.pipeline, "pipeline"),
+                              latent_data=uris.local_path(cfg.latent_data, "latent_data"))
     torch.manual_seed(cfg.seed)
     pipe = Pipeline.from_pretrained(cfg.pipeline)
     train = read_latent_split(cfg.latent_data, cfg.train_split, cfg.max_train)
     held = read_latent_split(cfg.latent_data, cfg.held_out_split, cfg.n_real)
     check_enough(train, held)
-    report: dict = {"pipeline": os.path.abspath(cfg.pipeline), "n_train": len(train["text"]),
+    report: dict = {"pipeline": given, "n_train": len(train["text"]),
                     "n_held_out": len(held["text"]), "config": dataclasses.asdict(cfg)}
     sampling = Sampling.of(cfg)
 
@@ -125,7 +131,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     report["panel_png"] = plot_panel(report, os.path.join(cfg.out_dir, "generation_panel.png"))
     report_file = write_report(cfg.out_dir, report)
-    if os.path.isfile(os.path.join(cfg.pipeline, MODEL_INDEX)):   # a Hugging Face-shaped folder: its card gets the figures
+    if card and os.path.isfile(os.path.join(cfg.pipeline, MODEL_INDEX)):   # a Hugging Face-shaped folder: its card gets the figures
         model_card.add_evaluation(cfg.pipeline, report_file)
     log.info(generation_summary(report))
     print(generation_summary(report))
