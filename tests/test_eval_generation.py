@@ -44,17 +44,31 @@ def test_generation_report(setup, tmp_path):
     card = open(os.path.join(setup["pipe"], "README.md")).read()
     assert f"| frechet.generated_vs_real | {rep['frechet']['generated_vs_real']:.4g} |" in card
     assert "No evaluation report yet" not in card and card.count("## Evaluation") == 1 and "## Parts and sizes" in card
-    assert rep["frechet"]["generated_vs_real"] >= 0 and rep["frechet"]["real_vs_real"] >= 0
+    # Each figure is the metric of the sets it names (the metrics' known answers: test_metrics.py and the
+    # next test): recomputed here from the report's samples and the shards' poems, cut as the encoder reads.
+    from trainer.evaluation import metrics as M
+    from trainer.evaluation.samples import read_latent_split
+    from trainer.models.autoencoder import LatentAutoencoder
+
+    poems = [s["poem"] for s in rep["samples"]]
+    train, held = read_latent_split(setup["lat"], "train", 20000), read_latent_split(setup["lat"], "val", 400)
+    held_txt = LatentAutoencoder.from_pretrained(setup["ae"]).clip_texts(held["text"])
+    fr, features = rep["frechet"], M.PCAFeatures(train["latent"], 4)
+    assert fr["real_vs_real"] == pytest.approx(M.frechet_distance(features(train["latent"][-6:]), features(held["latent"][:6])))
+    assert fr["generated_vs_real"] > 0 and fr["ratio"] == pytest.approx(fr["generated_vs_real"] / fr["real_vs_real"])
     for n in (1, 2, 3, 4):
-        d = rep["distinct"][f"distinct_{n}"]
-        assert 0 <= d["generated"] <= 1 and 0 < d["real"] <= 1
-    assert 0 <= rep["memorisation_4gram"]["generated"] <= 1
+        assert rep["distinct"][f"distinct_{n}"] == {"generated": M.distinct_n(poems, n), "real": M.distinct_n(held_txt[:6], n)}
+    train_grams = M.ngram_set(train["text"], 4)
+    assert rep["memorisation_4gram"] == {"generated": M.memorisation(poems, train_grams),
+                                         "held_out": M.memorisation(held_txt, train_grams)}
     assert rep["word_validity"]["held_out"] == 1.0          # held-out poems use the training words only
     form = rep["adherence"]["form"]
-    assert 0 <= form["accuracy"] <= 1 and form["chance"] == pytest.approx(1 / 3)
-    assert set(form["per_value"]) == {"sonnet", "tanka", "haiku"}
-    assert 0 <= form["text"]["accuracy"] <= 1                 # the same question asked of the decoded poems
-    assert 0 <= form["text"]["real_held_out_accuracy"] <= 1     # (forms here are drawn apart from the text)
+    assert form["chance"] == pytest.approx(1 / 3) and set(form["per_value"]) == {"sonnet", "tanka", "haiku"}
+    # each value's figures are shares of its 3 samples (or draws); the label's figure is their mean
+    for key, figures in (("accuracy", form), ("conditional_gaussian_accuracy", form), ("text_accuracy", form["text"])):
+        per = [d[key] for d in form["per_value"].values()]
+        assert all(round(3 * f, 9) in (0, 1, 2, 3) for f in per), (key, per)
+        assert figures[key.removeprefix("text_")] == pytest.approx(np.mean(per)), key
     # The real poems' reference weighs the values alike, as the samples' accuracy does: the mean of the
     # per-value accuracies of the held-out poems of each value (the plain one weighs them by their shares).
     real = [d for d in form["per_value"].values() if "real_held_out_accuracy" in d]
@@ -66,11 +80,10 @@ def test_generation_report(setup, tmp_path):
         np.mean([d["real_held_out_text_accuracy"] for d in real]))
     assert form["real_held_out_accuracy"] == pytest.approx(
         sum(d["real_held_out_accuracy"] * d["n_real_held_out"] for d in real) / n)
+    assert form["text"]["real_held_out_accuracy"] == pytest.approx(    # (forms here are drawn apart from the text)
+        sum(d["real_held_out_text_accuracy"] * d["n_real_held_out"] for d in real) / n)
     assert "real held-out" in r.stdout
-    # what a model that learnt only how the form moves the latents' mean would reach
-    assert 0 <= form["conditional_gaussian_accuracy"] <= 1
-    assert all(0 <= d["conditional_gaussian_accuracy"] <= 1 for d in form["per_value"].values())
-    assert "label-conditional Gaussian" in r.stdout
+    assert "label-conditional Gaussian" in r.stdout   # what a model that learnt only the form's mean latent reaches
     # The meter prompts ("sonnet in iambic trimeter") get the best-scanning of the pipeline's 32 readings:
     # they scan at least as well as the greedy readings, which are reported beside.
     assert rep["decode_meter_readings"] == 32
@@ -88,14 +101,42 @@ def test_generation_report(setup, tmp_path):
     for s, v in lin.items():
         assert abs(v["noisy"] / float(s) ** 2 - 1) < 0.1 and v["denoiser"] > 0 and v["linear"] > 0
     assert lin["1.5"]["linear"] < lin["1.5"]["noisy"]          # the Wiener filter removes noise
-    assert 0 <= rep["word_validity"]["gaussian_draws"] <= 1     # the baseline the samples have to beat
-    # The autoencoder has a lexicon, so the samples spell its words; what the decoder spells freely is
-    # reported beside (this untrained one: nothing at all).
+    # The autoencoder has a lexicon, so the samples and the Gaussian draws (the baseline the samples have
+    # to beat) spell its words; what the decoder spells freely is reported beside (this untrained one: nothing at all).
     wv = rep["word_validity"]
-    assert rep["decode_lexicon"] is True and wv["generated"] == 1.0 and wv["generated_free"] < 1.0
-    assert 0 <= form["text"]["accuracy_free"] <= 1 and all("text_accuracy_free" in d for d in form["per_value"].values())
+    assert rep["decode_lexicon"] is True and wv["generated"] == 1.0 == wv["gaussian_draws"] and wv["generated_free"] < 1.0
+    assert wv["generated"] == M.word_validity(poems, M.vocabulary(train["text"]))
+    assert form["text"]["accuracy_free"] == pytest.approx(np.mean([d["text_accuracy_free"] for d in form["per_value"].values()]))
     assert "spelling freely" in r.stdout
     assert os.path.getsize(out / "generation_panel.png") > 10000
+
+
+def test_metric_families_give_known_answers_on_constructed_inputs():
+    """trainer/evaluation/generation.py's families on inputs whose answers are known."""
+    from trainer.evaluation import generation as G
+    from trainer.evaluation.metrics import PCAFeatures, vocabulary
+
+    rng = np.random.default_rng(0)
+    scale = np.linspace(3, 0.5, 16).reshape(1, 2, 8)        # a few dominant directions for the PCA
+    train, held = rng.normal(size=(200, 2, 8)) * scale, rng.normal(size=(100, 2, 8)) * scale
+    # the samples are the training latents the real baseline uses: ratio 1; the held-out ones themselves: 0
+    fr = G.frechet(train, held, train[-50:], pca_dims=4)
+    assert fr["ratio"] == pytest.approx(1.0) and fr["n"] == 50 and fr["pca_dims"] == 4
+    assert G.frechet(train, held, held[:50], pca_dims=4)["generated_vs_real"] == pytest.approx(0, abs=1e-9)
+    # held-out latents moved by 2 along the top principal direction: the distance is 2^2 = 4
+    top = PCAFeatures(train, 4).components[0].reshape(2, 8)
+    assert G.frechet(train, held, held[:50] + 2 * top, pca_dims=4)["generated_vs_real"] == pytest.approx(4.0, rel=1e-6)
+
+    corpus = ["the sea is old and grey\nthe wind sings all day", "a moon above the stone\nthe night walks home alone",
+              "love is a river of light\nit runs through the dark night"]
+    d = G.distinct(corpus[:1] * 5, corpus)                  # one poem five times: each n-gram 5 times
+    assert [d[f"distinct_{n}"]["generated"] for n in (1, 2, 3, 4)] == [10 / 55, 0.2, 0.2, 0.2]   # "the" twice in it
+    assert [d[f"distinct_{n}"]["real"] for n in (2, 3, 4)] == [1.0, 1.0, 1.0]
+    other = ["green leaves in the spring\nthe children dance and sing"]
+    assert G.memorisation_4gram(corpus[1:], other, corpus) == {"generated": 1.0, "held_out": 0.0}
+    letters = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 7)) for _ in range(40)]
+    wv = G.word_validity(vocabulary(corpus), copied=corpus, letters=[" ".join(letters)])
+    assert wv == {"copied": 1.0, "letters": 0.0}
 
 
 def test_autoencoder_task_routes(setup, tmp_path):

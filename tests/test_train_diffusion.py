@@ -65,13 +65,15 @@ def two_stages(shards, reconstructing_ae, tmp_path_factory):
                 "sample_prompts=[a sonnet about the sea, '']", "prompt_encoder.max_length=8"]
     args1 = base(shards, s1, "max_duration=6ba", "save_interval=3ba", "eval_interval=3ba", "eval_batches=1",
                  "tensorboard=true", *sampling, eval=True)
-    r1 = run_cli("train", PRETRAIN, *args1)
+    # the latents its sampler draws are recorded (before decoding) by tests/faults: compared tensor for tensor
+    r1 = run_cli("train", PRETRAIN, *args1, env=faults.env(RECORD_SAMPLES=root / "sampled"))
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = run_cli("train", FINETUNE, *base(shards, s2, "max_duration=3ba", "save_interval=1ba", "save_num_checkpoints_to_keep=-1", "eval_interval=3ba",
                                           "eval_batches=1", f"load_path={s1}/checkpoints/latest-rank0.pt",
                                           *sampling, eval=True))
     assert r2.returncode == 0, r2.stderr[-3000:]
-    return {"s1": s1, "s2": s2, "r1": r1, "r2": r2, "ae": reconstructing_ae, "args1": args1}
+    return {"s1": s1, "s2": s2, "r1": r1, "r2": r2, "ae": reconstructing_ae, "args1": args1,
+            "sampled": root / "sampled"}
 
 
 def test_stage1_then_stage2_end_to_end(two_stages):
@@ -123,16 +125,25 @@ def test_ema_is_exported_differs_from_raw_and_is_what_is_sampled(two_stages):
         assert torch.equal(v, final[f"ema.{k}"]), k                  # the export is the EMA
     differs = [k for k in exported if not torch.equal(exported[k], final[f"train_step.net.{k}"])]
     assert len(differs) > len(exported) // 2                         # and not the raw weights
-    # The poems logged at the last batch were sampled with exactly these weights, and the sampler, prompt
+    # The latents sampled at the last batch were sampled with exactly these weights, and the sampler, prompt
     # encoder and seed the job ran with (its YAML and overrides, loaded as the CLI loads them: guidance 4,
-    # churn 40 there); the autoencoder reconstructs its corpus, so these are poems, not "".
+    # churn 40 there): equal tensor for tensor (one thread, as the job ran), so a guidance of 3 or the raw
+    # weights fail here even where they decode to the same poems.
     cfg = _load(*two_stages["args1"])
     assert (cfg.sampler.guidance_scale, cfg.sampler.S_churn, cfg.sampler.num_steps) == (4.0, 40.0, 2)
     prompts = cfg.sample_prompts
     assert prompts == ["a sonnet about the sea", ""]
     prompt = Prompt(*build_prompt_encoder(cfg.prompt_encoder)(prompts))
     g = torch.Generator().manual_seed(cfg.seed)
-    x = edm_sampler(net, torch.randn(2, 32, 64, generator=g), prompt, cfg.sampler, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = edm_sampler(net, torch.randn(2, 32, 64, generator=g), prompt, cfg.sampler, generator=g)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(os.listdir(two_stages["sampled"])) == ["batch-3.pt", "batch-6.pt"]
+    torch.testing.assert_close(x, torch.load(two_stages["sampled"] / "batch-6.pt"), rtol=0, atol=0)
+    # and the autoencoder reconstructs its corpus, so the logged poems are poems, not ""
     ae = LatentAutoencoder.from_pretrained(two_stages["ae"]).eval()
     poems = ae.decode(to_encoder_latents(x, LatentNormalizer(meta["latent_stats"], meta["normalize"]), "bart_perceiver"))
     assert all(p in POEMS for p in poems), poems

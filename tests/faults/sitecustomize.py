@@ -25,6 +25,11 @@ Rank-sliced datasets (the prep job's text shards, the encode job's MDS latent sh
     LATENTVERSE_FAULT_KILL_WAITS_FOR=0,2      ... and only once these slots have their done-markers (in a
                                               process pool one death takes the siblings down; this is
                                               a kill after they finished)
+
+A record, not a fault (nothing the job computes is changed):
+
+    LATENTVERSE_FAULT_RECORD_SAMPLES=DIR      the latents the training job's PoemSampler samples, before
+                                              decoding, saved as DIR/batch-<B>.pt
 """
 import os
 
@@ -140,8 +145,31 @@ def _kill_after_records(n, slot, waits_for):
     mds.RankWriter.write = write_then_die
 
 
+def _record_samples(folder):
+    """Wraps the sampler the PoemSampler callback calls: its output is saved, then returned as it is."""
+    import torch
+
+    from trainer.training import callbacks
+
+    sample, sampler, batch = callbacks.PoemSampler._sample, callbacks.edm_sampler, [None]
+
+    def _sample(self, state):
+        batch[0] = int(state.timestamp.batch)
+        return sample(self, state)
+
+    def edm_sampler(*args, **kwargs):
+        x = sampler(*args, **kwargs)
+        os.makedirs(folder, exist_ok=True)
+        torch.save(x.detach().cpu().clone(), os.path.join(folder, f"batch-{batch[0]}.pt"))
+        return x
+
+    callbacks.PoemSampler._sample, callbacks.edm_sampler = _sample, edm_sampler
+
+
 if any(_int(name) is not None for name in ("KILL_AT_BATCH", "NAN_AT_BATCH", "KILL_IN_CHECKPOINT")):
     _install()
 if _int("KILL_AFTER_RECORDS") is not None:
     _kill_after_records(_int("KILL_AFTER_RECORDS"), _int("KILL_SLOT"),
                         [int(s) for s in os.environ.get(PREFIX + "KILL_WAITS_FOR", "").split(",") if s.strip()])
+if os.environ.get(PREFIX + "RECORD_SAMPLES"):
+    _record_samples(os.environ[PREFIX + "RECORD_SAMPLES"])
