@@ -279,6 +279,8 @@ def fingerprint(cfg: PrepConfig, n_slots: int) -> str:
     for k in ("out_dir", "overwrite", "wait_timeout_s", "num_workers"):
         d.pop(k)
     d["slots"] = n_slots
+    if cfg.data.path:   # a corpus in a bucket is named by its URI, not by this node's copy of it
+        d["data"]["path"] = uris.origin(cfg.data.path)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -319,6 +321,9 @@ def _run_jobs(fn, jobs: list[tuple], workers: int) -> None:
 
 
 def run(cfg: PrepConfig) -> dict:
+    if cfg.data.path and uris.is_uri(cfg.data.path):   # the corpus read from this node's copy of it
+        uris.check(cfg.data.path, "data.path", must_exist=True)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=uris.local_copy(cfg.data.path, "data.path")))
     rank, world = world_from_env()
     workers = cfg.num_workers
     n_slots = world * workers

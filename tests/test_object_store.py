@@ -167,8 +167,9 @@ def test_prep_writes_its_shards_to_the_bucket_once(s3_bucket, tmp_path):
 
 
 def test_the_tiny_chain_with_every_shard_checkpoint_and_export_in_the_bucket(s3_bucket, tmp_path, monkeypatch):
-    """prep -> encode -> diffusion training -> generate, each reading the stage before from the bucket
-    and writing there; on disk only the node-local cache and the node's tmp (the training job's logs)."""
+    """prep (of a corpus in the bucket) -> encode -> diffusion training -> generate -> evaluate, each
+    reading the stage before from the bucket and writing there; on disk only the node-local cache and
+    the node's tmp (the training job's logs, the evaluations' reports)."""
     from tests.test_prep_job import NO_BUNDLED, poem, write
 
     b, cache = s3_bucket, os.environ["LATENTVERSE_CACHE"]
@@ -183,7 +184,8 @@ def test_the_tiny_chain_with_every_shard_checkpoint_and_export_in_the_bucket(s3_
         r = run_cli(*args, cwd=shared / "work")
         assert r.returncode == 0, r.stderr[-3000:]
 
-    stage("prep", f"data.path={shared / 'corpus'}", "data.format=csv", f"out_dir={b}/text", "split.val=0.3",
+    uris.upload_tree(str(shared / "corpus"), f"{b}/corpus")                 # the user's poems, in the bucket
+    stage("prep", f"data.path={b}/corpus", "data.format=csv", f"out_dir={b}/text", "split.val=0.3",
           "split.test=0", *NO_BUNDLED)
     stage("encode", f"data.path={b}/text", f"autoencoder={b}/ae", f"out_dir={b}/latents", "batch_size=7",
           "data.splits=[train, val]", "prompt_encoder.max_length=12")
