@@ -163,7 +163,8 @@ def main(argv=None) -> None:
         for lv, proc in list(running.items()):
             if proc.poll() is not None:
                 del running[lv]
-                (failed.append(lv) if proc.returncode else None)
+                if proc.returncode:
+                    failed.append(lv)
                 done = len(levers) - len(queue) - len(running)
                 print(f"{lv}: {'FAILED (see its log)' if proc.returncode else 'done'} after {time.time() - t0:.0f} s; "
                       f"{done} of {len(levers)} levers", flush=True)

@@ -321,9 +321,8 @@ def _run_jobs(fn, jobs: list[tuple], workers: int) -> None:
 
 
 def run(cfg: PrepConfig) -> dict:
-    if cfg.data.path and uris.is_uri(cfg.data.path):   # the corpus read from this node's copy of it
-        uris.check(cfg.data.path, "data.path", must_exist=True)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=uris.local_copy(cfg.data.path, "data.path")))
+    if cfg.data.path:   # a corpus in a bucket is read from this node's copy of it
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=uris.local_path(cfg.data.path, "data.path")))
     rank, world = world_from_env()
     workers = cfg.num_workers
     n_slots = world * workers

@@ -86,3 +86,29 @@ def test_eval_metric_is_one_for_the_wiener_filter_itself_and_the_error_ratio_for
     # the draws are the same at every evaluation (the same noise for the same batch)
     again = model_with(lambda x, s: x)
     assert ratio(again, batch, sigma) == pytest.approx(r, rel=1e-9)
+
+
+def test_the_fits_before_training_read_the_training_sample_once(tmp_path, monkeypatch):
+    """The prompt-mean fit and the linear check share one read of the spread training records."""
+    import os
+
+    from launch.cli import load_config, load_job_module
+    from trainer.data.loaders import LatentNormalizer, load_latent_stats
+    from trainer.data.synthetic import write_latent_shards
+    from trainer.jobs import train_diffusion as T
+
+    from .conftest import ROOT
+
+    shards = write_latent_shards(tmp_path / "lat", n_train=40, n_val=8, prompt_dim=16)
+    cfg = load_config(load_job_module("train"), os.path.join(ROOT, "yamls/diffusion/pretrain_masked_tiny_cpu.yaml"),
+                      [f"data.path={shards['train']}", f"data.eval_path={shards['val']}", "data.root=", "data.streams=[]",
+                       "model.prompt_dim=16", "autoencoder="])
+    norm = LatentNormalizer(load_latent_stats(os.path.join(shards["train"], "latent_stats.json")))
+    reads = []
+    spread = T._spread_records
+    monkeypatch.setattr(T, "_spread_records", lambda *a: reads.append(a[0]) or spread(*a))
+    sample = T.TrainingSample(cfg, norm)
+    T.fit_prompt_mean(cfg, norm, sample)
+    linear = T.fitted_linear_denoiser(cfg, sample)
+    assert reads == [[shards["train"]], [shards["val"]]] and linear.shape == (32, 64)   # val: the ridge's choice
+    assert torch.allclose(linear.mean.float().reshape(32, 64), sample.pairs(cfg.prompt_mean.max_samples)[1].mean(0), atol=1e-5)

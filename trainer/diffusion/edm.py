@@ -204,8 +204,8 @@ class EDMLoss:
                               else self._sc_gen)
             if not net.training or float(draw) < self.cfg.self_cond_prob:
                 if keep_idx is None and mask_ratio > 0:  # both passes drop the same tokens
-                    T = getattr(getattr(net, "backbone", None), "mask_tokens", y.shape[1])   # the backbone's tokens
-                    keep_idx = masking.random_keep_idx(B, T, mask_ratio, device=y.device, generator=generator)
+                    keep_idx = masking.random_keep_idx(B, net.backbone.mask_tokens, mask_ratio, device=y.device,
+                                                       generator=generator)
                 with torch.no_grad():
                     sc = net(y + n, sigma, prompt, mask_ratio=mask_ratio, keep_idx=keep_idx).sample.detach()
         out = net(y + n, sigma, prompt, mask_ratio=mask_ratio, keep_idx=keep_idx,

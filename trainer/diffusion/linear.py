@@ -6,7 +6,7 @@ No denoiser that is linear in x does better in mean squared error on any data wi
 covariance, so a trained denoiser's error divided by this one's says how much it has learnt beyond the
 latents' first two moments (< 1), and draws from the Gaussian are the samples of a diffusion model
 that has learnt nothing more. Used by the diffusion job's evaluation (the ratio as a metric during
-training) and by the generation evaluation.
+training) and by the generation evaluation (`errors_vs_linear`, for both).
 """
 from __future__ import annotations
 
@@ -52,3 +52,12 @@ class LinearDenoiser:
     def sample(self, n: int, seed: int = 0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         g = torch.randn(n, len(self.ev), generator=generator or torch.Generator().manual_seed(seed), dtype=torch.float64)
         return (self.mean + g @ self.factor.T).float().reshape(n, *self.shape)
+
+
+def errors_vs_linear(denoise, linear: LinearDenoiser, x0: torch.Tensor, sigma: float,
+                     generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    """x0 [B, ...] noised at `sigma` (one draw from `generator`) -> each sample's mean squared error of
+    `denoise(noisy)`, of the linear denoiser and of the noisy input itself: {"denoiser", "linear", "noisy"}."""
+    noisy = x0 + sigma * torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    err = (lambda d: (d.float() - x0.float()).pow(2).flatten(1).mean(1))
+    return {"denoiser": err(denoise(noisy)), "linear": err(linear(noisy.double(), sigma)), "noisy": err(noisy)}

@@ -44,19 +44,17 @@ def denoiser_vs_linear(pipe, gauss: M.GaussianLatents, held_latents: np.ndarray,
     and samples from it are draws from that Gaussian."""
     import torch
 
+    from trainer.diffusion.linear import errors_vs_linear
+
     x0 = gauss.norm(held_latents)
     prompt = pipe.encode_prompts(list(prompts))
     noise = torch.Generator().manual_seed(seed)
-
-    def mse(a) -> float:
-        return float((a.float() - x0).pow(2).mean())
-
     out = {}
     with torch.no_grad():
         for sigma in sigmas:
-            noisy = x0 + sigma * torch.randn(x0.shape, generator=noise)
-            denoised = pipe.net(noisy.to(pipe.device), torch.tensor(float(sigma)), prompt).sample.cpu()
-            out[str(sigma)] = {"denoiser": mse(denoised), "linear": mse(gauss.wiener(noisy, sigma)), "noisy": mse(noisy)}
+            e = errors_vs_linear(lambda x: pipe.net(x.to(pipe.device), torch.tensor(float(sigma)), prompt).sample.cpu(),
+                                 gauss.linear, x0, sigma, noise)
+            out[str(sigma)] = {k: float(v.mean()) for k, v in e.items()}
     return out
 
 

@@ -246,6 +246,26 @@ def _stream_limits(cfg: DiffusionTrainConfig, n: int) -> tuple[list[str], list[i
     return [s.path for s in streams], [round(n * p / sum(props)) for p in props]
 
 
+class TrainingSample:
+    """What the fits before training read of the training streams: up to `n` samples spread over them by
+    their proportions, normalised, read once and shared by the prompt-mean fit and the linear check."""
+
+    def __init__(self, cfg: DiffusionTrainConfig, normalizer):
+        self.cfg, self.normalizer, self._pairs = cfg, normalizer, {}
+
+    def pairs(self, n: int):
+        """(pooled prompts [N, D], latents [N, T, C])."""
+        if n not in self._pairs:
+            self._pairs[n] = _read_prompt_latent_pairs(*_stream_limits(self.cfg, n), self.normalizer)
+        return self._pairs[n]
+
+    def latents(self, n: int):
+        if n in self._pairs:
+            return self._pairs[n][1]
+        return self.normalizer(torch.from_numpy(np.stack([np.asarray(r["latent"], np.float32)
+                                                          for _, r in _spread_records(*_stream_limits(self.cfg, n))])))
+
+
 def _on_rank0_then_everyone(make):
     """make() on rank 0, its (picklable) result broadcast to every rank; a ConfigError on rank 0 is raised
     on every rank, so none waits in the broadcast."""
@@ -262,7 +282,7 @@ def _on_rank0_then_everyone(make):
     return got[0]
 
 
-def fitted_linear_denoiser(cfg: DiffusionTrainConfig, normalizer) -> Optional[LinearDenoiser]:
+def fitted_linear_denoiser(cfg: DiffusionTrainConfig, sample: TrainingSample) -> Optional[LinearDenoiser]:
     """The Gaussian of up to linear_check.max_samples training latents (rank 0 reads and fits; every rank
     receives it), or None when the check is off or does not apply."""
     lc = cfg.linear_check
@@ -275,9 +295,7 @@ def fitted_linear_denoiser(cfg: DiffusionTrainConfig, normalizer) -> Optional[Li
 
     def fit():
         t = time.time()
-        paths, limits = _stream_limits(cfg, lc.max_samples)
-        latents = normalizer(torch.from_numpy(np.stack([np.asarray(r["latent"], np.float32)
-                                                        for _, r in _spread_records(paths, limits)])))
+        latents = sample.latents(lc.max_samples)
         linear = LinearDenoiser.fit(latents)
         log.info(f"linear_check: the Gaussian of {len(latents)} training latents in {time.time() - t:.1f} s; "
                  f"eval/EMAvsLinear_<sigma> at sigma {', '.join(f'{s:g}' for s in lc.sigmas)} "
@@ -287,11 +305,11 @@ def fitted_linear_denoiser(cfg: DiffusionTrainConfig, normalizer) -> Optional[Li
     return LinearDenoiser.from_state(_on_rank0_then_everyone(fit))
 
 
-def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
+def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer, sample: Optional[TrainingSample] = None):
     """(PromptMean, info) fitted on the training streams; the ridge chosen on data.eval_path (else on every
     10th training sample). Called on rank 0 only (fitted_prompt_mean hands the module to the others)."""
     n = cfg.prompt_mean.max_samples
-    train = _read_prompt_latent_pairs(*_stream_limits(cfg, n), normalizer)
+    train = (sample or TrainingSample(cfg, normalizer)).pairs(n)
     if cfg.data.eval_path:
         val = _read_prompt_latent_pairs([cfg.data.eval_stream().path], [n], normalizer)
         return PromptMean.fit(*train, ridges=cfg.prompt_mean.ridges, val=val)
@@ -306,13 +324,13 @@ def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
     return pm, {**info, **{k: v for k, v in chosen.items() if k.startswith(("r2_val", "n_val"))}}
 
 
-def fitted_prompt_mean(cfg: DiffusionTrainConfig, normalizer):
+def fitted_prompt_mean(cfg: DiffusionTrainConfig, normalizer, sample: Optional[TrainingSample] = None):
     """Rank 0 reads the samples and fits; every other rank receives rank 0's module (one read of the shared
     disk, not one per rank). An error on rank 0 is raised on every rank, so none waits in the broadcast."""
     t = time.time()
 
     def fit():
-        prompt_mean, fit = fit_prompt_mean(cfg, normalizer)
+        prompt_mean, fit = fit_prompt_mean(cfg, normalizer, sample)
         log.info(f"prompt_mean: ridge regression of {fit['n_train']} training latents on their pooled prompts "
                  f"in {time.time() - t:.1f} s: ridge {fit['ridge']:g}, R^2 {fit['r2_train']:.4f} (train)"
                  + (f", {fit['r2_val']:.4f} ({fit['n_val']} held out)" if "r2_val" in fit else ""))
@@ -401,11 +419,12 @@ class DiffusionJob(TrainingJob):
         eval_dl = build_latent_dataloader(cfg.data, per_rank, eval=True)[0] if cfg.data.eval_path else None
         edm = EDMConfig(sigma_data=normalizer.sigma_data, P_mean=cfg.loss.P_mean, P_std=cfg.loss.P_std,
                         self_cond_prob=cfg.loss.self_cond_prob, seed=cfg.seed)
-        self.prompt_mean = fitted_prompt_mean(cfg, normalizer) if cfg.prompt_mean.enabled else None
+        sample = TrainingSample(cfg, normalizer)   # read on rank 0 only, by the fits that need it
+        self.prompt_mean = fitted_prompt_mean(cfg, normalizer, sample) if cfg.prompt_mean.enabled else None
         self.sigma_data = edm.sigma_data
         net = EDMPrecond(build_denoiser(cfg.model), sigma_data=edm.sigma_data, prompt_mean=self.prompt_mean)
         model = DiffusionComposerModel(net, EDMLoss(edm), cfg.mask_ratio, cfg.cfg_dropout,
-                                       linear=fitted_linear_denoiser(cfg, normalizer),
+                                       linear=fitted_linear_denoiser(cfg, sample),
                                        linear_sigmas=tuple(cfg.linear_check.sigmas))
         model.flops_per_sample = measure_flops_per_sample(net, (cfg.model.latent_tokens, cfg.model.latent_dim),
                                                           prompt_shape(cfg), cfg.mask_ratio,

@@ -20,7 +20,7 @@ from torchmetrics import Metric
 
 from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMLossOutput, EDMPrecond
 from trainer.diffusion.guidance import drop_prompt
-from trainer.diffusion.linear import LinearDenoiser
+from trainer.diffusion.linear import LinearDenoiser, errors_vs_linear
 from trainer.models.denoisers.interface import Prompt
 
 
@@ -156,11 +156,9 @@ class DiffusionComposerModel(ComposerModel):
         prompt, out = batch_prompt(batch), {}
         for k, sigma in enumerate(self.linear_sigmas):
             g = torch.Generator(device=y.device).manual_seed(seed * 7919 + k + 1)
-            noisy = y + sigma * torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=g)
-            den = self.ema(noisy, torch.tensor(sigma, device=y.device), prompt).sample.float()
-            lin = self.linear(noisy.double(), sigma).float()
-            err = (lambda d: (d - y.float()).pow(2).flatten(1).mean(1))
-            out[linear_key(sigma)] = torch.stack([err(den), err(lin)])
+            e = errors_vs_linear(lambda x: self.ema(x, torch.tensor(sigma, device=y.device), prompt).sample,
+                                 self.linear, y, sigma, g)
+            out[linear_key(sigma)] = torch.stack([e["denoiser"], e["linear"]])
         return out
 
     def get_metrics(self, is_train: bool = False) -> dict:

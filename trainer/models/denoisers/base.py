@@ -48,6 +48,7 @@ class Backbone(nn.Module):
     def __init__(self, latent_tokens: int, latent_dim: int, prompt_dim: int, null_tokens: int = 1):
         super().__init__()
         self.latent_shape = (latent_tokens, latent_dim)
+        self.mask_tokens = latent_tokens   # the tokens masking drops (a backbone that groups slots: fewer)
         self.prompt_dim = prompt_dim
         if prompt_dim > 0:
             # The "no prompt" of classifier-free guidance: learned token embeddings and pooled vector.
