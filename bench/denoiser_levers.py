@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,12 +41,13 @@ LEVERS = {
 }
 
 
-def commands(lever: str, latents: str, autoencoder: str, out: str, scale: float, threads: int) -> list[list[str]]:
+def commands(lever: str, latents: str, autoencoder: str, out: str, scale: float, threads: int,
+             extra: tuple[str, ...] = ()) -> list[list[str]]:
     both, one, two, _ = LEVERS[lever]
     b1, b2 = (max(1, round(b * scale)) for b in BUDGET)
     e1, e2 = (max(1, round(e * scale)) for e in EVAL_EVERY)
     common = [f"data.root={latents}/train", f"data.eval_path={latents}/val", f"autoencoder={autoencoder}",
-              f"threads={threads}", "sample_every=0", "tensorboard=false", *both]
+              f"threads={threads}", "sample_every=0", "tensorboard=false", *extra, *both]
     o = os.path.join(out, lever)
     return [["train", PRETRAIN, f"out_dir={o}/pretrain", f"max_duration={b1}ba", f"eval_interval={e1}ba", *common, *one],
             ["train", FINETUNE, f"out_dir={o}/finetune", f"max_duration={b2}ba", f"eval_interval={e2}ba",
@@ -58,22 +60,31 @@ def run_lever(lever: str, args) -> subprocess.Popen:
     """The lever's three commands one after another in one shell, logged to OUT/<lever>.log."""
     cli = f"{sys.executable} -m launch.cli"
     steps = " && ".join(f"{cli} " + " ".join(f"'{a}'" for a in c)
-                        for c in commands(lever, args.latents, args.autoencoder, args.out, args.scale, args.threads))
+                        for c in commands(lever, args.latents, args.autoencoder, args.out, args.scale, args.threads,
+                                          tuple(args.set)))
     log = open(os.path.join(args.out, f"{lever}.log"), "a")
-    return subprocess.Popen(["bash", "-c", steps], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen(["bash", "-c", steps], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _rows(out: str, lever: str, stage: str) -> list[dict]:
+    path = os.path.join(out, lever, stage, "metrics.jsonl")
+    return [json.loads(x) for x in open(path)] if os.path.isfile(path) else []
+
+
+def _last_batch(rows: list[dict]) -> int:
+    return max([r["batch"] for r in rows if "train/loss" in r] or [0])
 
 
 def curve(out: str, lever: str) -> list[tuple[int, float, float]]:
     """(batch over both stages, ratio at 0.4, at 0.8) of the lever's evaluations."""
     pts, offset = [], 0
     for stage in ("pretrain", "finetune"):
-        path = os.path.join(out, lever, stage, "metrics.jsonl")
-        rows = [json.loads(x) for x in open(path)] if os.path.isfile(path) else []
+        rows = _rows(out, lever, stage)
         for r in rows:
             if "eval/EMAvsLinear_0.4" in r:
                 pts.append((offset + r["batch"], r["eval/EMAvsLinear_0.4"], r["eval/EMAvsLinear_0.8"]))
-        offset += max([r["batch"] for r in rows if "train/loss" in r] or [0])
+        offset += _last_batch(rows)
     return pts
 
 
@@ -91,17 +102,22 @@ def figures(out: str, lever: str) -> dict:
             "memo_held": r["memorisation_4gram"]["held_out"]}
 
 
+def trained(out: str, lever: str) -> int:
+    """Batches the lever trained over both stages (its metrics.jsonl): the budget's sum when it finished."""
+    return sum(_last_batch(_rows(out, lever, stage)) for stage in ("pretrain", "finetune"))
+
+
 def write_table(out: str, levers: list[str], scale: float) -> str:
     fmt = (lambda v: "" if v is None else f"{v:.2f}")
     lines = [f"Validation split, seed 1; budgets x{scale:g} of the demo's {BUDGET[0]} + {BUDGET[1]} batches.", "",
              "| lever | what | MSE ÷ linear σ 0.4 | σ 0.8 | word validity (free) | meter, text (greedy) | form, text "
-             "| Fréchet ratio | 4-gram memorisation (held-out) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| Fréchet ratio | 4-gram memorisation (held-out) | batches trained |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for lv in levers:
         f = figures(out, lv)
         lines.append(f"| {lv} | {LEVERS[lv][3]} | {fmt(f.get('mse_0.4'))} | {fmt(f.get('mse_0.8'))} | "
                      f"{fmt(f.get('validity_free'))} | {fmt(f.get('meter_greedy'))} | {fmt(f.get('form_text'))} | "
-                     f"{fmt(f.get('frechet'))} | {fmt(f.get('memo'))} ({fmt(f.get('memo_held'))}) |")
+                     f"{fmt(f.get('frechet'))} | {fmt(f.get('memo'))} ({fmt(f.get('memo_held'))}) | {trained(out, lv)} |")
     lines += ["", "Goal (issue #28): ≤ 0.8 at both σ; validity ≥ 0.85; meter ≥ 0.6; Fréchet ≤ 1.5; "
                   "memorisation no higher than held-out's."]
     path = os.path.join(out, "levers.md")
@@ -143,6 +159,8 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="budget factor (1 = the demo's batches)")
     p.add_argument("--parallel", type=int, default=1, help="levers at once")
     p.add_argument("--threads", type=int, default=0, help="threads per run (0: 2 // parallel, at least 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for both training stages of every lever (e.g. precision=fp32 on a GPU)")
     args = p.parse_args(argv)
     levers = [x for x in args.levers.split(",") if x]
     bad = [x for x in levers if x not in LEVERS]
@@ -154,20 +172,27 @@ def main(argv=None) -> None:
     args.threads = args.threads or max(1, 2 // args.parallel)
     os.makedirs(args.out, exist_ok=True)
     t0, queue, running, failed = time.time(), list(levers), {}, []
-    while queue or running:
-        while queue and len(running) < args.parallel:
-            lv = queue.pop(0)
-            running[lv] = run_lever(lv, args)
-            print(f"{lv}: started ({LEVERS[lv][3]}); log {args.out}/{lv}.log", flush=True)
-        time.sleep(5)
-        for lv, proc in list(running.items()):
-            if proc.poll() is not None:
-                del running[lv]
-                if proc.returncode:
-                    failed.append(lv)
-                done = len(levers) - len(queue) - len(running)
-                print(f"{lv}: {'FAILED (see its log)' if proc.returncode else 'done'} after {time.time() - t0:.0f} s; "
-                      f"{done} of {len(levers)} levers", flush=True)
+    try:
+        while queue or running:
+            while queue and len(running) < args.parallel:
+                lv = queue.pop(0)
+                running[lv] = run_lever(lv, args)
+                print(f"{lv}: started ({LEVERS[lv][3]}); log {args.out}/{lv}.log", flush=True)
+            time.sleep(5)
+            for lv, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[lv]
+                    if proc.returncode:
+                        failed.append(lv)
+                    done = len(levers) - len(queue) - len(running)
+                    print(f"{lv}: {'FAILED (see its log)' if proc.returncode else 'done'} after {time.time() - t0:.0f} s; "
+                          f"{done} of {len(levers)} levers", flush=True)
+    except KeyboardInterrupt:     # stopped (Ctrl-C, a deadline): the table and curves of what ran so far
+        for lv, proc in running.items():       # each lever is a session of its own: its jobs stop with it
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+        failed += [f"{lv} (stopped)" for lv in [*running, *queue]]
+        print(f"stopped after {time.time() - t0:.0f} s: {sorted(running)} running, {queue} not started", flush=True)
     print(open(write_table(args.out, levers, args.scale)).read())
     print(f"curves: {draw(args.out, levers)}")
     if failed:

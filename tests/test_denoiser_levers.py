@@ -1,5 +1,6 @@
 """bench/denoiser_levers.py (issue #28's sweep): every lever's three commands are configs the jobs accept,
 with the lever's keys in both stages where the model must match, and the budgets scaled."""
+import json
 import os
 
 import pytest
@@ -34,3 +35,18 @@ def test_each_lever_is_two_training_configs_and_an_evaluation_the_jobs_accept(le
         assert str(obj) == value or float(obj) == float(value)
     ev = load_config(load_job_module("evaluate"), os.path.join(ROOT, cmds[2][1]), cmds[2][2:])
     assert ev.held_out_split == "val" and ev.pipeline == f"{out}/{lever}/finetune/pipeline"
+
+
+def test_set_overrides_reach_both_stages_and_the_table_counts_the_batches_trained(tmp_path):
+    """`--set KEY=VALUE` (e.g. precision=fp32 on a GPU) is in both training stages of every lever; the table
+    says how many batches each lever trained, so a sweep stopped at a deadline shows what is partial."""
+    out = tmp_path / "out"
+    cmds = L.commands("base", str(tmp_path), "AE", str(out), 1.0, 1, ("precision=fp32",))
+    assert all("precision=fp32" in c for c in cmds[:2]) and "precision=fp32" not in cmds[2]
+    for stage, last in (("pretrain", 6500), ("finetune", 1200)):       # the finetune stopped early
+        (out / "base" / stage).mkdir(parents=True)
+        rows = [{"batch": b, "train/loss": 1.0} for b in range(100, last + 1, 100)] + [{"batch": last, "eval/x": 0}]
+        (out / "base" / stage / "metrics.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in rows))
+    assert L.trained(str(out), "base") == 7700
+    table = open(L.write_table(str(out), ["base"], 1.0)).read()
+    assert table.splitlines()[4].rstrip().endswith("| 7700 |"), table
