@@ -161,11 +161,16 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="threads per run (0: 2 // parallel, at least 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for both training stages of every lever (e.g. precision=fp32 on a GPU)")
+    p.add_argument("--report", action="store_true", help="only write the table and curves of what OUT holds now")
     args = p.parse_args(argv)
     levers = [x for x in args.levers.split(",") if x]
     bad = [x for x in levers if x not in LEVERS]
     if bad:
         p.error(f"--levers: unknown {bad}; known: {', '.join(LEVERS)}")
+    if args.report:
+        print(open(write_table(args.out, levers, args.scale)).read())
+        print(f"curves: {draw(args.out, levers)}")
+        return
     for key in ("latents", "autoencoder"):
         if not os.path.isdir(getattr(args, key)):
             p.error(f"--{key}: no such folder: {getattr(args, key)}")

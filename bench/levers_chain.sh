@@ -14,8 +14,12 @@ PY=${PYTHON:-python3}; CLI="$PY -m launch.cli"
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 TS=$W/text_shards
-stamp prep
-$CLI prep yamls/prep/bundled.yaml out_dir=$TS sources.gutenberg.min_lines=2 sources.gutenberg.max_lines=2 > $W/prep.log 2>&1 || { tail -20 $W/prep.log; }
+if [ -n "${TEXT_SHARDS:-}" ]; then    # the prep job's output made elsewhere (the bundled corpus is a 56 MB package)
+  stamp "text shards from $TEXT_SHARDS"; cp -r "$TEXT_SHARDS" $TS
+else
+  stamp prep
+  $CLI prep yamls/prep/bundled.yaml out_dir=$TS sources.gutenberg.min_lines=2 sources.gutenberg.max_lines=2 > $W/prep.log 2>&1 || { tail -20 $W/prep.log; }
+fi
 ae() {  # ae NAME overrides...
   local n=$1; shift
   $CLI train yamls/autoencoder/tiny_cpu.yaml out_dir=$W/$n/autoencoder data.path=$TS model.max_tokens=32 \
