@@ -146,10 +146,14 @@ def time_steps(model, cfg, batch: int, device, compile_: bool, warmup: int, step
             step()
             times.append(time.perf_counter() - t)
     counter = FlopCounterMode(display=False)   # one forward + backward of the eager model on the device
+    dtypes = []   # what a block's first Linear computes in under the autocast (bf16 = the autocast reaches it)
+    linear = next(m for m in model.net.backbone.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    hook = linear.register_forward_hook(lambda m, i, o: dtypes.append(str(o.dtype).replace("torch.", "")))
     with counter:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(data).loss
         loss.backward()
+    hook.remove()
     opt.zero_grad(set_to_none=True)
     flops = counter.get_total_flops() / batch
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
@@ -159,7 +163,7 @@ def time_steps(model, cfg, batch: int, device, compile_: bool, warmup: int, step
         torch.cuda.reset_peak_memory_stats()
     return {"batch": batch, "compile": compile_, "params_m": n_params / 1e6, "first_step_s": first_s, "first_loss": first_loss,
             "median_s": statistics.median(times), "mean_s": statistics.mean(times), "steps": len(times),
-            "gflop_per_sample": flops / 1e9, "peak_mem_gib": mem,
+            "gflop_per_sample": flops / 1e9, "peak_mem_gib": mem, "linear_dtype": ",".join(sorted(set(dtypes))),
             "mfu": flops * batch / statistics.median(times) / PEAK,
             "samples_per_s": batch / statistics.median(times)}
 
@@ -411,9 +415,12 @@ def part_jobs(args, save) -> dict:
     for name in ("diffusion_stage1", "diffusion_stage2", "autoencoder"):   # Composer's speed figures from the log
         log = os.path.join(logs, f"{name}.log")
         if os.path.isfile(log):
-            lines = [x for x in open(log).read().splitlines() if "throughput" in x or "MFU" in x.upper()]
-            if lines:
-                res[name]["speed_lines"] = lines[-3:]
+            last = {}   # the last value of each: samples/s, and MFU where Composer knows the peak (peak_flops)
+            for x in open(log, errors="replace").read().splitlines():
+                if "throughput/samples_per_sec" in x or "throughput/device/mfu" in x:
+                    last[x.split(":")[0].strip()] = x.strip()
+            if last:
+                res[name]["speed_lines"] = list(last.values())
     del torch
     return res
 
@@ -436,12 +443,13 @@ def report_md(r: dict) -> str:
         if "matmul_bf16_flops" in res:
             L.append(f"bf16 matmul here: {res['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s (MFU is against {PEAK / 1e12:.0f})")
         L += ["", "| stage | batch | ms/step (median) | first step s | GFLOP/sample counted (doc) | samples/s | MFU | "
-              "peak GiB |", "|---|---|---|---|---|---|---|---|"]
+              "peak GiB | Linear dtype |", "|---|---|---|---|---|---|---|---|---|"]
         for stage, rows in res["stages"].items():
             for x in rows:
                 L.append(f"| {stage} | {x['batch']} | {x['median_s'] * 1e3:.1f} | {x['first_step_s']:.1f} | "
                          f"{x['gflop_per_sample']:.2f} ({x['doc_gflop_per_sample']}) | {x['samples_per_s']:,.0f} | "
-                         f"{x['mfu']:.1%} | {x['peak_mem_gib'] if x['peak_mem_gib'] is None else round(x['peak_mem_gib'], 1)} |")
+                         f"{x['mfu']:.1%} | {x['peak_mem_gib'] if x['peak_mem_gib'] is None else round(x['peak_mem_gib'], 1)} | "
+                         f"{x.get('linear_dtype')} |")
         if p.get("tail"):
             L += ["", "cut short / failed:", "```", p["tail"], "```"]
         L.append("")
@@ -469,7 +477,7 @@ def report_md(r: dict) -> str:
                 note = "; ".join(f"{k} max|d|/std {v['max_abs_over_std']:.1e}" for k, v in x.items() if isinstance(v, dict))
                 note += f"; n={x.get('n')}; tol {ENCODE_TOL:g}"
             elif "speed_lines" in x:
-                note = x["speed_lines"][-1][-120:]
+                note = "; ".join(v.replace("Train throughput/", "") for v in x["speed_lines"])
             L.append(f"| {name} | {x.get('ok')} | {x.get('seconds', '')} | {note.replace('|', '/')} |")
         for name, x in (p.get("result") or {}).items():
             if x.get("tail"):
