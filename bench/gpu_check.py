@@ -121,7 +121,7 @@ def time_steps(model, cfg, batch: int, device, compile_: bool, warmup: int, step
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.update_ema(0.999)
-        return loss
+        return loss.detach()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t = time.perf_counter()
@@ -438,7 +438,7 @@ def report_md(r: dict) -> str:
             L += [f"## {part}: FAILED ({p.get('seconds')} s)", "```", p.get("tail", ""), "```", ""]
             continue
         res = p["result"]
-        L += [f"## {part} step of the diffusion model ({p.get('seconds')} s)", "",
+        L += [f"## {part} step of the diffusion model ({p.get('status', '')}, {p.get('seconds')} s)", "",
               f"{res.get('device_name')}, torch {res.get('torch')}; parameters: {res.get('params_m')} M"]
         if "matmul_bf16_flops" in res:
             L.append(f"bf16 matmul here: {res['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s (MFU is against {PEAK / 1e12:.0f})")
@@ -455,7 +455,7 @@ def report_md(r: dict) -> str:
         L.append("")
     p = r["parts"].get("fsdp")
     if p:
-        L.append(f"## FSDP2 per block, one rank, bf16 ({p.get('seconds')} s)")
+        L.append(f"## FSDP2 per block, one rank, bf16 ({p.get('status', '')}, {p.get('seconds')} s)")
         if "result" in p:
             f = p["result"]
             L += ["", f"backend {f['backend']}, {f['per_rank']} samples per step, {f['model']}; ok: {f['ok']}",
@@ -470,7 +470,7 @@ def report_md(r: dict) -> str:
         L.append("")
     p = r["parts"].get("jobs")
     if p:
-        L += [f"## The jobs through the CLI ({p.get('seconds')} s)", "", "| step | ok | s | note |", "|---|---|---|---|"]
+        L += [f"## The jobs through the CLI ({p.get('status', '')}, {p.get('seconds')} s)", "", "| step | ok | s | note |", "|---|---|---|---|"]
         for name, x in (p.get("result") or {}).items():
             note = ""
             if name == "latents_cuda_vs_cpu":
@@ -519,9 +519,10 @@ def run_part(part: str, args, limit: float) -> dict:
     if os.path.isfile(res_file):
         r["result"] = json.load(open(res_file))
     r["ok"] = p.returncode == 0 and "result" in r
+    r["status"] = "ok" if r["ok"] else ("cut at its time limit" if p.returncode == -9 else "FAILED")
     if not r["ok"]:
         r["tail"] = tail(out.getvalue())
-    print(f"part {part}: {'ok' if r['ok'] else 'FAILED'} in {r['seconds']} s", flush=True)
+    print(f"part {part}: {r['status']} in {r['seconds']} s", flush=True)
     return r
 
 
