@@ -106,10 +106,12 @@ def build_model(model_kw: dict):
     return DiffusionComposerModel(net, EDMLoss(EDMConfig(seed=1)), mask_ratio=0.75, cfg_dropout=0.1)
 
 
-def build_trainer(model, mode: str, steps: int, per_rank: int, callbacks=(), lr: float = 1e-4, shard_size: int = 2):
+def build_trainer(model, mode: str, steps: int, per_rank: int, callbacks=(), lr: float = 1e-4, shard_size: int = 2,
+                  precision: str = "fp32", bf16_on_cpu: bool = False):
     """Composer's Trainer over `model` with the job's optimizer, schedule, clipping and EMA, `steps` batches of
     `per_rank` synthetic samples per rank (the same global batches whatever the mode): mode ddp, fsdp2 (per
-    block, trainer/training/parallelize.py) or hybrid (shard groups of `shard_size` ranks, replicated)."""
+    block, trainer/training/parallelize.py) or hybrid (shard groups of `shard_size` ranks, replicated).
+    `precision` is Composer's (amp_bf16 on GPUs); `bf16_on_cpu` the job's bf16 on CPU (bench/gpu_check.py)."""
     import torch
     from composer import Trainer
     from composer.utils import dist
@@ -129,11 +131,11 @@ def build_trainer(model, mode: str, steps: int, per_rank: int, callbacks=(), lr:
     parallelism = None
     if mode != "ddp":
         cfg = FSDPConfig(hybrid=mode == "hybrid", shard_size=shard_size)
-        parallelism, after = parallelize_diffusion(model, cfg, dist.get_world_size())
+        parallelism, after = parallelize_diffusion(model, cfg, dist.get_world_size(), bf16_on_cpu=bf16_on_cpu)
         callbacks += after
     opt, schedule, clip = optimizer_and_schedule(model.net.parameters(), OptimConfig(lr=lr, warmup="0ba"))
     return Trainer(model=model, train_dataloader=loader, max_duration=f"{steps}ba", optimizers=opt,
-                   schedulers=schedule, algorithms=clip, precision="fp32", parallelism_config=parallelism,
+                   schedulers=schedule, algorithms=clip, precision=precision, parallelism_config=parallelism,
                    callbacks=callbacks, progress_bar=False, log_to_console=False, seed=17)
 
 

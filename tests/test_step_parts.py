@@ -39,6 +39,21 @@ def test_adamw_implementation_is_the_configured_one(impl, flags):
     assert {k: opt.defaults[k] for k in flags} == flags
 
 
+def test_the_callers_autocast_reaches_the_denoiser():
+    """On GPUs Composer's amp_bf16 autocasts around the model's forward; the model must not switch it off
+    (with FSDP2's bf16 parameters the matmuls would then mix dtypes). Here the caller's autocast is CPU's."""
+    model = tiny_model().train()
+    seen = []
+    linear = next(m for m in model.net.backbone.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    batch = {"latent": torch.randn(2, 32, 64), "prompt_emb": torch.randn(2, 4, 8),
+             "prompt_mask": torch.ones(2, 4, dtype=torch.bool), "prompt_pooled": torch.randn(2, 8)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(batch)
+        model.eval_forward(batch)
+    assert seen and all(d == torch.bfloat16 for d in seen)
+
+
 def test_fsdp_units_are_every_block_in_forward_order():
     model = tiny_model()
     units = fsdp_units(model.net)

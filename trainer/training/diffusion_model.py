@@ -10,6 +10,7 @@ Batches come from trainer/data/loaders.py (precomputed, normalised latents and p
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Optional
 
@@ -121,8 +122,11 @@ class DiffusionComposerModel(ComposerModel):
         self.autocast_dtype: Optional[torch.dtype] = None
 
     def _autocast(self, batch: dict):
-        dev = batch["latent"].device.type
-        return torch.autocast(dev, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None)
+        """The model's own autocast where it does it (autocast_dtype); otherwise the caller's, untouched: a
+        disabled torch.autocast here would switch off the autocast Composer's amp_bf16 opens around forward."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(batch["latent"].device.type, dtype=self.autocast_dtype)
 
     @property
     def net(self) -> EDMPrecond:
