@@ -54,6 +54,16 @@ def test_defaults_and_yaml_and_overrides(tmp_path):
     assert "depth: 6" in C.dump(cfg)
 
 
+def test_floats_written_without_a_dot_are_floats(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 and 989e12 as strings; a float key takes them, in a file and on the
+    command line, and still refuses a word."""
+    p = write(tmp_path, "out_dir: o\nmodel:\n  width: 1e-4\n")
+    assert C.load(Job, p).model.width == 1e-4
+    assert C.load(Job, p, ["model.width=989e12"]).model.width == 989e12
+    assert C.load(Job, p, ["model.width=-2.5E+3"]).model.width == -2500.0
+    assert one_line_error(lambda: C.load(Job, p, ["model.width=1e4x"])) == "command line: model.width: expected float, got '1e4x'"
+
+
 def test_wrong_type_names_file_and_key(tmp_path):
     p = write(tmp_path, "out_dir: o\nmodel:\n  depth: twelve\n")
     assert one_line_error(lambda: C.load(Job, p)) == f"{p}: model.depth: expected int, got 'twelve'"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import types
 import typing
 from typing import Annotated, Any, Literal, Union
@@ -55,6 +56,7 @@ def paths_made_earlier(made):
         _MADE_LATER.remove(made)
 
 _CLI = "command line"
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")   # a number as people write it
 
 
 def read_yaml(path: str) -> dict:
@@ -231,6 +233,8 @@ class _Builder:
                 self.fail(key, f"expected int, got {v!r}")
             return v
         if tp is float:
+            if isinstance(v, str) and _FLOAT.fullmatch(v.strip()):
+                return float(v)         # YAML 1.1 (PyYAML) reads 1e-4 and 989e12, with no dot, as strings
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 self.fail(key, f"expected float, got {v!r}")
             return float(v)
