@@ -53,7 +53,7 @@ PRODUCTS = {
     "prep": ["", "train", "val", "test"],
     "encode": ["", "train", "val", "test"],
     "train/autoencoder": ["autoencoder", "checkpoints"],
-    "train/token_lm": ["latent_encoder", "checkpoints"],
+    "train/token_lm": ["latent_encoder", "poem_lm", "checkpoints"],
     "train/diffusion": ["denoiser", "pipeline", "checkpoints"],
     "evaluate/autoencoder": ["report.json"],
     "evaluate/generation": ["report.json"],
@@ -65,7 +65,7 @@ INPUT_KEYS = {
     "encode": ["data.path", "autoencoder"],
     "train": ["data.path", "data.root", "data.eval_path", "autoencoder", "load_path", "adapt.init_from",
               "model.pretrained_path"],
-    "evaluate": ["pipeline", "latent_data", "autoencoder_dir", "data_path"],
+    "evaluate": ["pipeline", "token_lm", "latent_data", "autoencoder", "autoencoder_dir", "data_path"],
 }
 
 

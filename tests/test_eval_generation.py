@@ -32,11 +32,21 @@ def setup(tmp_path_factory):
     return {"root": root, "pipe": pipe, "lat": str(root / "lat"), "text": text, "ae": ae}
 
 
-def test_generation_report(setup, tmp_path):
-    out = tmp_path / "eval"
+# What both evaluations share: the held-out set, the prompts, samples per prompt, the labels and PCA size.
+COMMON = ["held_out_split=val", "samples_per_prompt=3", "n_prompts=2", "labels=[form, meter]", "pca_dims=4",
+          "n_label_values=3"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_eval(setup):
+    out = setup["root"] / "eval"
     r = run_cli("evaluate", "task=generation", f"out_dir={out}", f"pipeline={setup['pipe']}",
-                f"latent_data={setup['lat']}", "held_out_split=val", "samples_per_prompt=3", "n_prompts=2",
-                "labels=[form, meter]", "steps=3", "pca_dims=4", "n_label_values=3")
+                f"latent_data={setup['lat']}", "steps=3", *COMMON)
+    return r, out
+
+
+def test_generation_report(setup, pipeline_eval):
+    r, out = pipeline_eval
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     assert len(rep["samples"]) == 6
@@ -109,6 +119,97 @@ def test_generation_report(setup, tmp_path):
     assert form["text"]["accuracy_free"] == pytest.approx(np.mean([d["text_accuracy_free"] for d in form["per_value"].values()]))
     assert "spelling freely" in r.stdout
     assert os.path.getsize(out / "generation_panel.png") > 10000
+
+
+def key_paths(d, prefix="") -> set[str]:
+    """The report's keys as dotted paths, down through the mappings (a list counts as one leaf)."""
+    if not isinstance(d, dict):
+        return set()
+    return set().union(*({prefix + k} | key_paths(v, prefix + k + ".") for k, v in d.items()))
+
+
+def test_token_lm_baseline_is_scored_by_the_same_evaluation(setup, pipeline_eval, tmp_path):
+    """A token LM (the autoregressive baseline) in place of the pipeline: the same prompts, the same report
+    keys, and each figure recomputed from its samples, its poems encoded by the latents' autoencoder."""
+    from trainer.evaluation import metrics as M
+    from trainer.evaluation.samples import read_latent_split
+    from trainer.models.autoencoder import LatentAutoencoder
+    from trainer.models.poem_lm import PoemLM, PoemLMSettings, save_poem_lm
+    from trainer.models.token_latents import TokenLatentConfig, build_causal_lm
+    from trainer.models.tokenizers import train_bpe
+
+    from .tiny import WORDS
+
+    import torch
+
+    tok = train_bpe([" ".join(WORDS)] * 5, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    lm_dir = save_poem_lm(str(tmp_path / "poem_lm"), build_causal_lm(TokenLatentConfig(hidden_size=32), tok), tok,
+                          PoemLMSettings(seq_len=12))
+    out = tmp_path / "eval"
+    # no autoencoder given: the one the encode job names in latent_data/_encode_config.json
+    r = run_cli("evaluate", "task=generation", f"out_dir={out}", "pipeline=null", f"token_lm={lm_dir}",
+                f"latent_data={setup['lat']}", "temperature=0.9", "top_p=0.8", *COMMON)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    pipe_rep = json.loads((pipeline_eval[1] / "report.json").read_text())
+    # the same table: every key of the pipeline's report, and no other (no denoiser: its check is null)
+    assert rep["denoiser_vs_linear"] is None and pipe_rep["denoiser_vs_linear"]
+    assert key_paths(rep) == key_paths(pipe_rep) - {p for p in key_paths(pipe_rep) if p.startswith("denoiser_vs_linear.")}
+    assert rep["pipeline"] is None and rep["token_lm"] == lm_dir and pipe_rep["token_lm"] is None
+    assert [s["prompt"] for s in rep["samples"]] == [s["prompt"] for s in pipe_rep["samples"]]   # the same prompts
+
+    # the samples are the LM's, seeded, cut to the tokens the autoencoder reads as the references are
+    ae = LatentAutoencoder.from_pretrained(setup["ae"])
+    prompts = list(dict.fromkeys(s["prompt"] for s in rep["samples"]))
+    poems = ae.clip_texts(PoemLM.from_pretrained(lm_dir)(prompts, 3, temperature=0.9, top_p=0.8, seed=0))
+    assert [s["poem"] for s in rep["samples"]] == poems and len(poems) == 6
+    # the Fréchet distance of their latents, encoded by the autoencoder of the held-out latents
+    train, held = read_latent_split(setup["lat"], "train", 20000), read_latent_split(setup["lat"], "val", 400)
+    features = M.PCAFeatures(train["latent"], 4)
+    fr = rep["frechet"]
+    assert fr["generated_vs_real"] == pytest.approx(M.frechet_distance(features(ae.encode(poems).numpy()),
+                                                                       features(held["latent"][:6])), rel=1e-4)
+    assert fr["real_vs_real"] == pipe_rep["frechet"]["real_vs_real"]
+    held_txt = ae.clip_texts(held["text"])
+    for n in (1, 2, 3, 4):
+        assert rep["distinct"][f"distinct_{n}"] == {"generated": M.distinct_n(poems, n), "real": M.distinct_n(held_txt[:6], n)}
+    train_grams = M.ngram_set(train["text"], 4)
+    assert rep["memorisation_4gram"] == {"generated": M.memorisation(poems, train_grams),
+                                         "held_out": M.memorisation(held_txt, train_grams)}
+    # it spells freely and is read once: its free and greedy figures are its own
+    wv = rep["word_validity"]
+    assert wv["generated"] == M.word_validity(poems, M.vocabulary(train["text"])) == wv["generated_free"] == wv["generated_greedy"]
+    assert rep["decode_lexicon"] is False and rep["decode_meter_readings"] == 1
+    assert rep["mauve"] == rep["mauve_free"] == rep["mauve_greedy"] and isinstance(rep["mauve"], float)
+    # the Gaussian baseline is the autoencoder's, decoded as the pipeline decodes it (with its lexicon)
+    assert wv["gaussian_draws"] == 1.0 and wv["held_out"] == pipe_rep["word_validity"]["held_out"]
+    form = rep["adherence"]["form"]
+    assert [d["prompt"] for d in form["per_value"].values()] == [d["prompt"] for d in pipe_rep["adherence"]["form"]["per_value"].values()]
+    assert form["text"]["accuracy_free"] == form["text"]["accuracy"] and form["real_held_out_accuracy"] == pipe_rep["adherence"]["form"]["real_held_out_accuracy"]
+    assert os.path.getsize(out / "generation_panel.png") > 10000
+
+
+@pytest.mark.parametrize("override,message", [("", "pipeline, token_lm: give one of them"),
+                                              ("pipeline=null", "pipeline, token_lm: give one of them"),
+                                              ("token_lm=. pipeline=null steps=3", "steps: only with pipeline"),
+                                              ("temperature=0.5", "temperature: only with token_lm"),
+                                              ("token_lm=. pipeline=null top_p=1.5", "top_p: must be in (0, 1]")])
+def test_token_lm_settings_are_one_line_before_any_work(tmp_path, override, message):
+    out = tmp_path / "eval"
+    extra = ["token_lm=."] if override == "" else []
+    r = run_cli("evaluate", "task=generation", f"out_dir={out}", "pipeline=.", *extra, *override.split())
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_token_lm_yaml_loads(tmp_path):
+    from trainer.jobs.evaluate_generation import EvalGenerationConfig
+
+    cfg = C.load(EvalGenerationConfig, "yamls/eval/generation_token_lm.yaml", [f"token_lm={tmp_path}",
+                                                                               f"latent_data={tmp_path}"])
+    assert cfg.pipeline is None and cfg.token_lm == str(tmp_path) and cfg.samples_per_prompt == 32
+    assert cfg.held_out_split == "test" and cfg.autoencoder is None
 
 
 def test_metric_families_give_known_answers_on_constructed_inputs():

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from trainer.evaluation import metrics as M
-from trainer.evaluation.samples import Samples, Sampling, generate, spelt_freely
+from trainer.evaluation.samples import Samples, Sampling
 from trainer.text.prosody import meter_templates, scansion
 
 
@@ -44,10 +44,11 @@ class HeldOut:
         return float(np.mean([p == y for p, y in zip(predictions, self.labels) if value in (None, y)]))
 
 
-def label_adherence(pipe, label: str, train: dict, held: dict, train_texts: list[str], held_texts: list[str],
-                    sampling: Sampling, n_values: int, free_spelling: bool) -> dict:
-    """The adherence figures of one label (`train`, `held`: read_latent_split's; `*_texts`: their poems cut
-    to the tokens the encoder reads); samples made for each value's most common training prompt."""
+def label_adherence(source, label: str, train: dict, held: dict, train_texts: list[str], held_texts: list[str],
+                    sampling: Sampling, n_values: int) -> dict:
+    """The adherence figures of one label (`source`: a pipeline or a token LM, trainer/evaluation/sources.py;
+    `train`, `held`: read_latent_split's; `*_texts`: their poems cut to the tokens the encoder reads);
+    samples made for each value's most common training prompt."""
     values = M.most_common(train[label], n_values)
     if len(values) < 2:
         return {"skipped": f"fewer than 2 values of {label!r} in the training latents"}
@@ -56,8 +57,8 @@ def label_adherence(pipe, label: str, train: dict, held: dict, train_texts: list
     classifiers = Classifiers(values, M.LabelClassifier(train["latent"][rows], labels, seed=sampling.seed),
                               M.TextLabelClassifier([train_texts[i] for i in rows], labels, seed=sampling.seed))
     real = held_out_answers(held, held_texts, label, classifiers)
-    samples = generate(pipe, value_prompts(train, label, values), sampling)
-    free = spelt_freely(pipe, samples, sampling) if free_spelling else None
+    samples = source.generate(value_prompts(train, label, values), sampling)
+    free = source.spelt_freely(samples, sampling)
     predictions = sample_predictions(classifiers, samples, free)
     draws = M.conditional_gaussian_draws(train["latent"][rows], labels, values, sampling.samples_per_prompt,
                                          sampling.seed)

@@ -77,16 +77,20 @@ def word_validity(vocabulary: set, **poems: list[str]) -> dict:
 def mauve(real: list[str], generated: list[str], gaussian_draws: list[str], free: Optional[list[str]] = None,
           greedy: Optional[list[str]] = None, seed: int = 0) -> dict:
     """MAUVE of the samples against the real poems over MiniLM sentence features, beside that of the
-    Gaussian draws, and of the samples spelt freely and read greedily where given."""
+    Gaussian draws, and of the samples spelt freely and read greedily where given (a list given twice,
+    as the greedy readings that are the samples themselves, is scored once)."""
     encoder = build_prompt_encoder(PromptEncoderConfig(max_length=128))
 
     def sentence_features(texts: list[str]) -> np.ndarray:
         return np.concatenate([encoder(texts[i:i + 64])[2].numpy() for i in range(0, len(texts), 64)])
 
     real_features = sentence_features(real)
+    scores: dict[int, Optional[float]] = {}
 
     def score(texts: list[str]) -> Optional[float]:
-        return M.mauve_score(sentence_features(texts), real_features, seed=seed)
+        if id(texts) not in scores:
+            scores[id(texts)] = M.mauve_score(sentence_features(texts), real_features, seed=seed)
+        return scores[id(texts)]
 
     generated_score = score(generated)
     out = {"mauve": generated_score if generated_score is not None else "mauve-text is not importable here",

@@ -49,6 +49,9 @@ class Sampling:
     sampler: str                    # heun | ddpm
     meter_readings: Optional[int]   # readings per latent for a prompt naming a meter
     seed: int
+    temperature: Optional[float]    # a token LM's sampling (None = its own, poem_lm.json)
+    top_p: Optional[float]
+    max_new_tokens: Optional[int]
 
     @classmethod
     def of(cls, cfg) -> "Sampling":
@@ -58,11 +61,11 @@ class Sampling:
 
 @dataclasses.dataclass
 class Samples:
-    """`samples_per_prompt` samples for each prompt, prompt-major: x in the diffusion space, the latents in
-    the encoder's space, the poems as the pipeline reads them, and their greedy readings (the same list
-    when no prompt's meter is read for)."""
+    """`samples_per_prompt` samples for each prompt, prompt-major: x in the diffusion space (None for a
+    token LM's), the latents in the encoder's space, the poems as the pipeline reads them, and their greedy
+    readings (the same list when no prompt's meter is read for)."""
     prompts: list[str]
-    x: "torch.Tensor"
+    x: Optional["torch.Tensor"]
     latents: np.ndarray
     poems: list[str]
     greedy: list[str]

@@ -238,6 +238,15 @@ class Pipeline:
         net, dmeta = load_denoiser(os.path.join(path, "denoiser"), map_location=device)
         return cls(ae, net, dmeta, build_prompt_encoder(pcfg).to(device), cfg, path)
 
+    @classmethod
+    def decoder_only(cls, autoencoder_dir: str, latent_stats: dict, device: str = "cpu") -> "Pipeline":
+        """A latent encoder's folder as a pipeline without a denoiser: `decode` and `to_latents` read
+        latents of its own space (no normalisation) as an exported pipeline does (lexicon, renormalised
+        slots); sampling needs a denoiser. For evaluating a model that makes no latents (a token LM)."""
+        kind = "bart_perceiver" if latent_kind(autoencoder_dir) == "bart_perceiver" else "token_embeddings"
+        return cls(load_latent_encoder(autoencoder_dir, device), None, {"latent_stats": latent_stats, "normalize": "none"},
+                   None, PipelineConfig(latent_kind=kind), autoencoder_dir)
+
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device

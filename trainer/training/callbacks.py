@@ -1,7 +1,7 @@
 """The Composer callbacks of the training jobs: EMA updates, a non-finite-loss stop, the metrics file
 and its curves, progress with the time left, the wall-clock safety net, RNG restored on resume, poems
-sampled for fixed prompts, and the per-batch sample-index log. Faults for the tests are injected from
-tests/ (tests/faults), never from here."""
+sampled for fixed prompts, the per-batch sample-index log, and the training FLOPs counted. Faults for
+the tests are injected from tests/ (tests/faults), never from here."""
 from __future__ import annotations
 
 import json
@@ -87,6 +87,29 @@ class RestoreRNGOnResume(Callback):
 
             reproducibility.load_rng_state(self.rng)
             self.rng = None
+
+
+class ComputeCount(Callback):
+    """The training FLOPs this rank has spent: `model.flops_per_batch(batch)` summed over the batches it
+    trained, kept in the checkpoint, so a resumed run goes on counting where the killed one stopped. A
+    budget in batches is then also stated in FLOPs (`total()`: summed over the ranks, a collective)."""
+
+    def __init__(self, model):
+        self.model, self.flops = model, 0.0
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        self.flops += float(self.model.flops_per_batch(state.batch))
+
+    def state_dict(self) -> dict:
+        return {"flops": self.flops}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.flops = float(state["flops"])
+
+    def total(self) -> float:
+        t = torch.tensor([self.flops], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
 
 
 def trim_jsonl(path: str, done: int) -> None:
