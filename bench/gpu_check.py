@@ -50,7 +50,7 @@ STAGES = {  # name -> (full-size YAML, tiny YAML, mask ratio)
 }
 # part -> seconds it may take on the GPU (cut to what is left of --budget-s)
 PART_LIMITS = {"eager": 75, "compile": 150, "fsdp": 90, "jobs": 210}
-ENCODE_TOL = 1e-3   # max |latent_cuda - latent_cpu| / std(latents): fp32 on both, different kernels
+ENCODE_TOL = 5e-3   # max |latent_cuda - latent_cpu| / std(latents): cuda matmuls in TF32 (10-bit mantissa) vs fp32; 2.0e-3 seen on an H200
 
 
 def tail(text: str, n: int = 15) -> str:

@@ -5,7 +5,8 @@ FLOPs per sample are measured (torch's FlopCounterMode over a forward + backward
 built on the meta device: no memory, no time); bytes per step follow from the parameter counts of the
 FSDP2 units and the benchmark's measured bytes ÷ ideal (`python -m bench fsdp`); a GPU's step time is
 what one H200 measured (`python -m bench.gpu_check`, bench/gpu/h200_2026-12-04_timed.md): a floor the
-step never goes below whatever the batch (the ~8,600 aten ops of an eager step dispatched from Python),
+step never goes below whatever the batch (the ~6,600 aten ops of an eager forward + backward dispatched
+from Python),
 and above it the share of peak a whole compute-bound step reaches; the link figures are the vendors'
 (NVLink 4; 8 x 400 Gb/s NDR InfiniBand per node), taken at the bus bandwidth NCCL reaches in practice,
 which is stated beside each.
