@@ -152,8 +152,8 @@ def draw(out: str, levers: list[str]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.denoiser_levers", description=__doc__.split("\n\n")[0])
-    p.add_argument("--latents", required=True, help="the encode job's out_dir (train/, val/, test/)")
-    p.add_argument("--autoencoder", required=True, help="the (adapted) autoencoder the pipeline decodes with")
+    p.add_argument("--latents", help="the encode job's out_dir (train/, val/, test/); not with --report")
+    p.add_argument("--autoencoder", help="the (adapted) autoencoder the pipeline decodes with; not with --report")
     p.add_argument("--out", required=True)
     p.add_argument("--levers", default="base", help=f"comma-separated, of: {', '.join(LEVERS)}")
     p.add_argument("--scale", type=float, default=1.0, help="budget factor (1 = the demo's batches)")
@@ -172,7 +172,7 @@ def main(argv=None) -> None:
         print(f"curves: {draw(args.out, levers)}")
         return
     for key in ("latents", "autoencoder"):
-        if not os.path.isdir(getattr(args, key)):
+        if not getattr(args, key) or not os.path.isdir(getattr(args, key)):
             p.error(f"--{key}: no such folder: {getattr(args, key)}")
     args.threads = args.threads or max(1, 2 // args.parallel)
     os.makedirs(args.out, exist_ok=True)

@@ -33,7 +33,6 @@ import dataclasses
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -221,9 +220,9 @@ def part_fsdp(args) -> dict:
     import bench.bench_fsdp as bf
     from trainer.training.parallelize import autocast_dtype
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from launch.launcher import free_port
+
+    port = free_port()
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", NODE_RANK="0",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = get_device(None)
@@ -352,8 +351,6 @@ def run_cli(name: str, argv: list[str], logs: str, timeout: float, env: dict) ->
 
 
 def part_jobs(args, save) -> dict:
-    import torch
-
     on_gpu = args.device == "cuda"
     w = os.path.join(args.out, "jobs")
     logs = os.path.join(args.out, "logs")
@@ -374,7 +371,7 @@ def part_jobs(args, save) -> dict:
     ae = f"{w}/autoencoder/autoencoder"
     budget = ["max_duration=40ba"]
     dev = "cuda" if on_gpu else "cpu"
-    gpu_train = ["precision=amp_bf16", "peak_flops=989e12"] if on_gpu else ["bf16_on_cpu=true"]
+    gpu_train = ["precision=amp_bf16", f"peak_flops={PEAK}"] if on_gpu else ["bf16_on_cpu=true"]
     steps = [
         ("prep", ["prep", "yamls/prep/jsonl.yaml", f"data.path={os.path.join(args.assets, 'corpus.jsonl')}",
                   f"out_dir={w}/text_shards", "num_workers=2"]),
@@ -421,7 +418,6 @@ def part_jobs(args, save) -> dict:
                     last[x.split(":")[0].strip()] = x.strip()
             if last:
                 res[name]["speed_lines"] = list(last.values())
-    del torch
     return res
 
 

@@ -178,9 +178,8 @@ def run(cfg: EvalGenerationConfig) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     report["panel_png"] = plot_panel(report, os.path.join(cfg.out_dir, "generation_panel.png"))
     report_file = write_report(cfg.out_dir, report)
-    pipe_dir = uris.local_path(cfg.pipeline, "pipeline") if card else None
-    if pipe_dir and os.path.isfile(os.path.join(pipe_dir, MODEL_INDEX)):   # a Hugging Face-shaped folder: its card gets the figures
-        model_card.add_evaluation(pipe_dir, report_file)
+    if card and os.path.isfile(os.path.join(cfg.pipeline, MODEL_INDEX)):   # a Hugging Face-shaped folder: its card gets the figures
+        model_card.add_evaluation(cfg.pipeline, report_file)
     log.info(generation_summary(report))
     print(generation_summary(report))
     return report

@@ -107,7 +107,8 @@ class ComputeCount(Callback):
         self.flops = float(state["flops"])
 
     def total(self) -> float:
-        t = torch.tensor([self.flops], dtype=torch.float64)
+        device = next(self.model.parameters()).device   # NCCL reduces only tensors on the GPU
+        t = torch.tensor([self.flops], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return float(t.item())
 
