@@ -63,7 +63,7 @@ def label_adherence(source, label: str, train: dict, held: dict, train_texts: li
     draws = M.conditional_gaussian_draws(train["latent"][rows], labels, values, sampling.samples_per_prompt,
                                          sampling.seed)
     per_value = {v: value_figures(j, v, label, samples, predictions, classifiers.latent.predict(draws[v]), real)
-                 for j, v in enumerate(values)}
+                 | {"samples": value_readings(j, samples, free)} for j, v in enumerate(values)}
     return label_summary(per_value, real, len(values), free is not None)
 
 
@@ -95,6 +95,11 @@ def sample_predictions(classifiers: Classifiers, samples: Samples, free: Optiona
         out["text_accuracy_free"] = free_text
         out["text_accuracy_free_greedy"] = free_text if free.greedy is free.poems else classifiers.text.predict(free.greedy)
     return out
+
+
+def value_readings(j: int, samples: Samples, free: Optional[Samples]) -> list[dict]:
+    """The j-th value's samples as its figures read them (Samples.records' rows, without the prompt)."""
+    return [{k: v for k, v in row.items() if k != "prompt"} for row in samples.of_prompt(j, samples.records(free))]
 
 
 def value_figures(j: int, value: str, label: str, samples: Samples, predictions: dict[str, list[str]],

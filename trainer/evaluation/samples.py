@@ -70,9 +70,15 @@ class Samples:
     poems: list[str]
     greedy: list[str]
 
-    def records(self) -> list[dict]:
+    def records(self, free: Optional["Samples"] = None) -> list[dict]:
+        """A row per sample: its prompt, the poem, its greedy reading and, given the same samples spelt
+        freely (spelt_freely), their poem and greedy reading."""
         k = len(self.poems) // len(self.prompts)
-        return [{"prompt": self.prompts[i // k], "poem": t} for i, t in enumerate(self.poems)]
+        rows = [{"prompt": self.prompts[i // k], "poem": t, "greedy": g} for i, (t, g) in enumerate(zip(self.poems, self.greedy))]
+        if free is not None:
+            for row, t, g in zip(rows, free.poems, free.greedy):
+                row.update(free=t, free_greedy=g)
+        return rows
 
     def of_prompt(self, j: int, texts: list) -> list:
         """The rows of `texts` (poems, greedy readings or predictions) made for the j-th prompt."""

@@ -140,7 +140,6 @@ def run(cfg: EvalGenerationConfig) -> dict:
     samples = source.generate(prompts, sampling)
     n_gen = len(samples.poems)
     report["decode_meter_readings"] = source.meter_readings(cfg.meter_readings)
-    report["samples"] = samples.records()
     report["frechet"] = G.frechet(train["latent"], held["latent"], samples.latents, cfg.pca_dims)
 
     gauss = GaussianLatents(train["latent"], source.normalizer)
@@ -163,6 +162,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
     # What the decoder spells without the lexicon: the model's own word validity (the lexicon's share is the
     # difference); None without a lexicon; a token LM's own poems (it spells freely).
     free = source.spelt_freely(samples, sampling)
+    report["samples"] = samples.records(free)
     if free is not None:
         report["word_validity"].update(G.word_validity(vocab, generated_free=free.poems, generated_free_greedy=free.greedy,
                                                        gaussian_draws_free=source.decode(gauss_x, lexicon=False)))
