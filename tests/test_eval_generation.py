@@ -273,7 +273,15 @@ def test_autoencoder_task_routes(setup, tmp_path):
                 "split=val", "n_samples=8", f"out_dir={tmp_path / 'ae'}")
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "ae" / "report.json").read_text())
-    assert 0 <= rep["token_accuracy"] <= 1 and "shuffled" in rep
+    # the figures of the autoencoder evaluation on the first 8 poems of the split asked for
+    from trainer.data.mds import read_texts
+    from trainer.evaluation.autoencoder import FIGURES, evaluate_autoencoder
+
+    texts = read_texts(os.path.join(setup["text"], "val"), "text", 8)
+    assert texts != read_texts(os.path.join(setup["text"], "train"), "text", 8)
+    direct = evaluate_autoencoder(setup["ae"], texts)
+    assert rep["n"] == 8 and {k: rep[k] for k in FIGURES} == {k: direct[k] for k in FIGURES}
+    assert rep["shuffled"] == direct["shuffled"] and rep["examples"] == direct["examples"]
 
 
 def test_unknown_task_is_one_line(tmp_path):
