@@ -41,9 +41,10 @@ def main() -> list[dict]:
     else:
         demo = next((d for d in DEMOS if os.path.isfile(os.path.join(d, AE, "lexicon.txt"))), None)
         if demo is None:
-            print(f"bench decode: no autoencoder with a lexicon at {' or '.join(os.path.join(d, AE) for d in DEMOS)} "
-                  f"(run `make demo`, or set BENCH_AUTOENCODER and BENCH_TEXTS)")
-            return []
+            # a failure, not an empty result: `python -m bench` keeps this benchmark's earlier rows
+            raise RuntimeError(f"bench decode: no autoencoder with a lexicon at "
+                               f"{' or '.join(os.path.join(d, AE) for d in DEMOS)} (run `make demo`, or set "
+                               f"BENCH_AUTOENCODER and BENCH_TEXTS)")
         ae_dir, texts_dir, which = os.path.join(demo, AE), os.path.join(demo, TEXTS), DEMOS[demo]
     torch.set_num_threads(1)
     ae = LatentAutoencoder.from_pretrained(ae_dir)
