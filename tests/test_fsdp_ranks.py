@@ -4,6 +4,7 @@ uninterrupted run's weights; a NaN loss on one rank stops both ranks at the same
 import os
 import random
 import re
+import signal
 
 import pytest
 import torch
@@ -99,8 +100,12 @@ def test_sharded_fsdp2_checkpoint_killed_at_five_random_batches_resumes_to_the_s
     ref = launch_2proc(tmp_path, "ref", *run)[1]
     ck = tmp_path / "killed" / "checkpoints"
     for k in kills:                                                     # each resumes from batch k_before - 1
-        r, out, logs = launch_2proc(tmp_path, "killed", *run, env=faults.env(KILL_AT_BATCH=k), rc=None)
-        assert r.returncode != 0, f"{why}: the run at {k} was not killed\n{logs[-3000:]}"
+        # The launcher, both ranks and their resource trackers die together, as when the node is lost. (A rank
+        # SIGKILLed alone leaves its tracker alive, to unlink streaming's shared memory by name when it gets to
+        # it; under load that can be after the next launch made segments of the same names, which rank 1 then
+        # cannot attach: the likely cause of the one failure seen with single-rank kills.)
+        r, out, logs = launch_2proc(tmp_path, "killed", *run, env=faults.env(KILL_AT_BATCH=k, KILL_GROUP=1), rc=None)
+        assert r.returncode == -signal.SIGKILL, f"{why}: the run at {k} was not killed\n{logs[-3000:]}"
         saved = sorted(int(m.group(1)) for f in os.listdir(ck) if (m := re.fullmatch(r"ep0-ba(\d+)", f))) if ck.is_dir() else []
         assert saved == list(range(1, k)), f"{why}: after the kill at {k}, checkpoints {saved}\n{logs[-3000:]}"
     launch_2proc(tmp_path, "killed", *run)

@@ -22,8 +22,8 @@ def launch_2proc(tmp_path, name: str, *overrides: str, config: str = PRETRAIN, e
     cmd = [composer, "-n", "2", "--master_port", str(free_port()), "--stdout", str(tmp_path / f"{name}-out{{rank}}.txt"),
            "--stderr", str(tmp_path / f"{name}-err{{rank}}.txt"), "-m", "launch.cli", "train", config,
            f"out_dir={out}", *TINY, *overrides]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env=dict(env or os.environ, LATENTVERSE_LOG_ALL_RANKS="1"))
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, start_new_session=True,   # a fault's
+                       env=dict(env or os.environ, LATENTVERSE_LOG_ALL_RANKS="1"))   # KILL_GROUP takes the launch down, not pytest
     logs = r.stdout + r.stderr + "".join(open(p).read() for p in sorted(tmp_path.glob(f"{name}-*.txt")))
     assert rc is None or r.returncode == rc, logs[-4000:]
     return r, out, logs
