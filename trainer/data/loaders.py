@@ -6,6 +6,8 @@ Normalisation (`normalize`), and the sigma_data that EDM must use with it:
   center       x - channel_mean                     sigma_data = stats["sigma_data"] (the default)
   standardize  (x - channel_mean) / channel_std     sigma_data = 1
   none         x                                    sigma_data = stats["std"]
+  whiten       W (x - mean) over the flattened [T*C]  sigma_data = 1 (mean, W = Cov^-1/2: trainer/data/whitening.py,
+               fitted by the diffusion job and saved beside its checkpoints and in its export)
 
 Each batch is {latent [B,T,C] float32, sample_index [B] long, and when the shards have them
 prompt_emb [B,L,D] float32 + prompt_mask [B,L] bool, prompt_pooled [B,D] float32}.
@@ -25,6 +27,7 @@ import torch
 from trainer.base.schema import LATENT_STATS
 from trainer.base.config import ConfigError
 from trainer.data.mds import check_shards
+from trainer.data.whitening import Whitening
 from trainer.base import uris
 from trainer.data.remote import shared_memory_lock, stream_local
 
@@ -54,7 +57,7 @@ class LatentDataConfig:
     stats_path: str = ""                # default: <root>/latent_stats.json with a root, else the first
                                         # stream's (the encode job writes one per split)
     eval_path: str = ""                 # held-out latent shards; empty = no evaluation
-    normalize: Literal["center", "standardize", "none"] = "center"
+    normalize: Literal["center", "standardize", "none", "whiten"] = "center"
     num_workers: int = 0
     # Loader workers kept alive across epochs (with num_workers > 0: no restart each epoch), and batches in
     # pinned memory on a GPU machine (the copy to the device is then asynchronous).
@@ -152,21 +155,29 @@ def column_shape(encoding: str) -> Optional[tuple[int, ...]]:
 class LatentNormalizer:
     """Maps encoder latents to the space the diffusion model is trained in, and back."""
 
-    def __init__(self, stats: dict, mode: str = "center"):
+    def __init__(self, stats: dict, mode: str = "center", whitening: Optional[Whitening] = None):
         self.mode = mode
         self.mean = torch.tensor(stats["channel_mean"], dtype=torch.float32)    # [C]
         self.std = torch.tensor(stats["channel_std"], dtype=torch.float32)      # [C]
-        self.sigma_data = float({"center": stats["sigma_data"], "standardize": 1.0, "none": stats["std"]}[mode])
+        self.sigma_data = float({"center": stats["sigma_data"], "standardize": 1.0, "none": stats["std"],
+                                 "whiten": 1.0}[mode])
+        if mode == "whiten" and whitening is None:
+            raise ValueError("normalize whiten: needs the fitted whitening (trainer/data/whitening.py)")
+        self.whitening = whitening if mode == "whiten" else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "none":
             return x
+        if self.whitening is not None:
+            return self.whitening(x)
         x = x - self.mean.to(x)
         return x / self.std.to(x) if self.mode == "standardize" else x
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "none":
             return x
+        if self.whitening is not None:
+            return self.whitening.inverse(x)
         if self.mode == "standardize":
             x = x * self.std.to(x)
         return x + self.mean.to(x)
@@ -199,17 +210,21 @@ def _latent_dataset_class():
 
 
 def build_latent_dataloader(cfg: LatentDataConfig, batch_size: int, *, eval: bool = False,
-                            seed: Optional[int] = None, epoch_size: Optional[int] = None):
+                            seed: Optional[int] = None, epoch_size: Optional[int] = None,
+                            whitening: Optional[Whitening] = None):
     """(StreamingDataLoader, LatentNormalizer) for one rank; `batch_size` is per rank.
 
     Train: the streams of `cfg`, shuffled, whose loader state_dict resumes mid-epoch. Eval: `cfg.eval_path`,
-    in order, every sample. Both are normalised with the train statistics (`cfg.stats_file()`)."""
+    in order, every sample. Both are normalised with the train statistics (`cfg.stats_file()`), and with
+    normalize=whiten with `whitening` (the diffusion job's fit)."""
     from streaming import Stream, StreamingDataLoader
 
     if batch_size < 1:
         raise ConfigError(f"batch_size: must be >= 1 per rank, got {batch_size}")
+    if cfg.normalize == "whiten" and whitening is None:
+        raise ConfigError("data.normalize: whiten needs the whitening the diffusion job fits (none was given)")
     stats = load_latent_stats(cfg.stats_file())
-    normalizer = LatentNormalizer(stats, cfg.normalize)
+    normalizer = LatentNormalizer(stats, cfg.normalize, whitening)
     if eval:
         ev = cfg.eval_stream()
         if not os.path.isfile(os.path.join(ev.path, "index.json")):
