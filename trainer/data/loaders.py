@@ -187,7 +187,8 @@ def _latent_dataset_class():
     from streaming import StreamingDataset
 
     class LatentDataset(StreamingDataset):
-        """Yields {latent [T,C], sample_index, prompt_emb [L,D], prompt_mask [L], prompt_pooled [D]}."""
+        """Yields {latent [T,C], sample_index, prompt_emb [L,D], prompt_mask [L], prompt_pooled [D]}; the
+        latent normalised, except with normalize whiten (WhitenBatch whitens the collated batch)."""
 
         def __init__(self, normalizer: LatentNormalizer, **kwargs):
             with shared_memory_lock():   # two jobs starting at once on one node: one prefix each
@@ -196,7 +197,8 @@ def _latent_dataset_class():
 
         def get_item(self, sample_id: int, retry: int = 7):
             s = super().get_item(sample_id, retry)
-            out = {"latent": self.normalizer(torch.from_numpy(np.asarray(s["latent"], dtype=np.float32))),
+            z = torch.from_numpy(np.asarray(s["latent"], dtype=np.float32))
+            out = {"latent": z if self.normalizer.whitening is not None else self.normalizer(z),
                    "sample_index": torch.tensor(sample_id, dtype=torch.long)}
             if "prompt_emb" in s:
                 emb = torch.from_numpy(np.asarray(s["prompt_emb"], dtype=np.float32))     # [L, D]
@@ -207,6 +209,22 @@ def _latent_dataset_class():
             return out
 
     return LatentDataset
+
+
+class WhitenBatch:
+    """The loader's collate for normalize whiten: the batch's latents whitened in one matrix product
+    ([B, T*C] x [T*C, T*C]); latent by latent, each would read the whole matrix again (measured at
+    B = 32, T*C = 2048, one thread: 36 ms per batch instead of 12, half a demo CPU step)."""
+
+    def __init__(self, normalizer: LatentNormalizer):
+        self.normalizer = normalizer
+
+    def __call__(self, items: list[dict]) -> dict:
+        from torch.utils.data import default_collate
+
+        batch = default_collate(items)
+        batch["latent"] = self.normalizer(batch["latent"])
+        return batch
 
 
 def build_latent_dataloader(cfg: LatentDataConfig, batch_size: int, *, eval: bool = False,
@@ -242,6 +260,7 @@ def build_latent_dataloader(cfg: LatentDataConfig, batch_size: int, *, eval: boo
         epoch_size=None if eval else epoch_size,
     )
     loader = StreamingDataLoader(ds, batch_size=batch_size, num_workers=cfg.num_workers,
+                                 collate_fn=WhitenBatch(normalizer) if normalizer.whitening is not None else None,
                                  drop_last=cfg.drop_last and not eval, generator=own_generator(cfg.shuffle_seed),
                                  persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
                                  pin_memory=cfg.pin_memory and torch.cuda.is_available())
