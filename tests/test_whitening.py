@@ -47,6 +47,7 @@ def test_round_trip_and_whitened_training_latents_have_mean_0_and_covariance_I()
     torch.testing.assert_close(wf.inverse(wf(held)), held, atol=1e-3, rtol=1e-3)
     ev = torch.linalg.eigvalsh(torch.cov(wf(few).reshape(10, -1).double().T))
     assert int((ev > 0.999).sum()) == 9 and float(ev.max()) < 1.001
+    assert wf.floored == SHAPE[0] * SHAPE[1] - 9 and w.floored == 0
 
 
 def test_normalizer_whiten_mode_and_the_loader_batches(tmp_path):

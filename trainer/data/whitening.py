@@ -43,6 +43,7 @@ class Whitening:
             raise ValueError(f"whitening of latents {list(self.shape)}: expected mean [{n}] and matrices [{n}, {n}], "
                              f"got {list(mean.shape)}, {list(whiten.shape)}, {list(unwhiten.shape)}")
         self.mean, self.whiten, self.unwhiten = mean.float(), whiten.float(), unwhiten.float()
+        self.floored: Optional[int] = None      # directions raised to the floor (known after `fit`)
 
     @classmethod
     def fit(cls, latents: torch.Tensor, floor: float = DEFAULT_FLOOR) -> "Whitening":
@@ -55,8 +56,11 @@ class Whitening:
         top = float(ev.max())
         if not top > 0:
             raise ValueError("whitening: the latents do not vary (their covariance is zero)")
+        floored = int((ev < floor * top).sum())
         ev = ev.clamp(min=floor * top)
-        return cls(mean, (vecs * ev.rsqrt()) @ vecs.T, (vecs * ev.sqrt()) @ vecs.T, tuple(latents.shape[1:]))
+        out = cls(mean, (vecs * ev.rsqrt()) @ vecs.T, (vecs * ev.sqrt()) @ vecs.T, tuple(latents.shape[1:]))
+        out.floored = floored
+        return out
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """z [..., T, C] -> x = W (z - mu), [..., T, C]."""

@@ -27,7 +27,7 @@ from composer.utils import dist
 
 from trainer.base import config as C
 from trainer.base import uris
-from trainer.base.config import ConfigError
+from trainer.base.config import ConfigError, UserError
 from trainer.base.log import get_logger
 from trainer.base.schema import ENCODE_RECORD
 from trainer.data.loaders import (LatentDataConfig, build_latent_dataloader, column_shape, load_latent_stats,
@@ -302,17 +302,17 @@ class TrainingSample:
 
 
 def _on_rank0_then_everyone(make):
-    """make() on rank 0, its (picklable) result broadcast to every rank; a ConfigError on rank 0 is raised
-    on every rank, so none waits in the broadcast."""
+    """make() on rank 0, its (picklable) result broadcast to every rank; a UserError on rank 0 (a config
+    problem, a missing or damaged file) is raised on every rank, so none waits in the broadcast."""
     got: list = [None]
     if dist.get_global_rank() == 0:
         try:
             got = [make()]
-        except ConfigError as e:
+        except UserError as e:
             got = [e]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(got, src=0)
-    if isinstance(got[0], ConfigError):
+    if isinstance(got[0], UserError):
         raise got[0]
     return got[0]
 
@@ -402,9 +402,17 @@ def fitted_whitening(cfg: DiffusionTrainConfig, sample: TrainingSample) -> White
             log.info(f"whitening: the one of {src} (the stage this run starts from)")
         else:
             latents = sample.raw(cfg.whitening.max_samples)[1]
-            found = Whitening.fit(latents, cfg.whitening.floor)
+            try:
+                found = Whitening.fit(latents, cfg.whitening.floor)
+            except ValueError as e:   # e.g. latents that do not vary: one line, on every rank
+                raise ConfigError(f"data.normalize: {e}") from None
             log.info(f"whitening: mean and covariance of {len(latents)} training latents "
-                     f"({found.whiten.shape[0]} numbers each) in {time.time() - t:.1f} s")
+                     f"({found.whiten.shape[0]} numbers each) in {time.time() - t:.1f} s; {found.floored} "
+                     f"directions below the floor ({cfg.whitening.floor:g} x the largest eigenvalue)")
+            if len(latents) < 2 * found.whiten.shape[0]:
+                log.warning(f"whitening: {len(latents)} latents for a covariance of {found.whiten.shape[0]} numbers: "
+                            "poorly estimated, and directions no sample spans are held at the floor (held-out "
+                            "latents are then large there); whiten wants many more latents than numbers")
         _save_whitening(found, folder)
         return found.state()
 
