@@ -30,6 +30,8 @@ EVAL_EVERY = (500, 400)
 LEVERS = {
     "base": ([], [], [], "the demo's settings"),
     "standardize": (["data.normalize=standardize"], [], [], "per-channel normalisation of the latents"),
+    "whiten": (["data.normalize=whiten"], [], [],
+               "latents whitened with their covariance: the DiT starts as the best linear denoiser"),
     "two_slots": (["model.moe_dit.slots_per_token=2"], [], [], "two latent slots per DiT token"),
     "lr_2x": ([], ["optim.lr=2.0e-3"], ["optim.lr=1.0e-3"], "twice the learning rates"),
     "wide": (["model.moe_dit.dim=192", "model.moe_dit.head_dim=32"], [], [], "width 192 instead of 128"),

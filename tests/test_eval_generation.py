@@ -318,3 +318,34 @@ def test_bad_sampler_overrides_are_one_line_before_any_work(tmp_path, override, 
     r = run_cli("evaluate", "task=generation", f"out_dir={out}", *override.split())
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
     assert not out.exists()
+
+
+def test_generation_eval_of_a_whitened_pipeline(setup, tmp_path):
+    """A pipeline trained with data.normalize=whiten (its whitening read from the pipeline folder) goes through
+    the generation evaluation, the Gaussian and the denoiser-vs-linear check in its whitened space included.
+    (48 latents of 2,048 numbers: the whitening's floor holds most directions, where held-out latents are
+    large and the Gaussian's Wiener filter does worse than the noisy input; no ordering is asserted.)"""
+    import torch
+
+    from streaming import StreamingDataset
+
+    from trainer.data.whitening import Whitening
+    from trainer.models.text_encoders import PromptEncoderConfig
+    from trainer.pipeline.export import load_denoiser, save_denoiser
+    from trainer.pipeline.pipeline import Pipeline, export_pipeline
+
+    ds = StreamingDataset(local=os.path.join(setup["lat"], "train"), shuffle=False, batch_size=1)
+    whitening = Whitening.fit(torch.tensor(np.stack([ds[i]["latent"] for i in range(len(ds))]), dtype=torch.float32))
+    net, meta = load_denoiser(tiny_denoiser(str(tmp_path / "den0")))
+    net.sigma_data = 1.0
+    save_denoiser(str(tmp_path / "den"), net, meta["denoiser_config"], meta["latent_stats"], "whiten", whitening=whitening)
+    pipe = export_pipeline(str(tmp_path / "pipe"), setup["ae"], str(tmp_path / "den"), PromptEncoderConfig(max_length=12))
+    assert torch.equal(Pipeline.from_pretrained(pipe).normalizer.whitening.whiten, whitening.whiten)
+    out = tmp_path / "eval"
+    r = run_cli("evaluate", "task=generation", f"out_dir={out}", f"pipeline={pipe}", f"latent_data={setup['lat']}",
+                "steps=2", "mauve=false", *COMMON)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lin = json.loads((out / "report.json").read_text())["denoiser_vs_linear"]
+    assert set(lin) == {"0.2", "0.4", "0.8", "1.5"}
+    assert all(np.isfinite(v[k]) and v[k] > 0 for v in lin.values() for k in ("denoiser", "linear", "noisy")), lin
+    assert all(v["noisy"] == pytest.approx(float(s) ** 2, rel=0.1) for s, v in lin.items()), lin   # noise of sigma

@@ -193,6 +193,17 @@ def test_end_to_end_train_lm_encode_diffuse_generate_with_prefix_evaluate(tmp_pa
     assert poems == pipe(["sonnet about the sea"], num_samples=3, prefix="the sea moon", seed=3)
     with pytest.raises(UserError, match="--prefix: only with --sampler heun"):
         pipe([""], prefix="the sea", sampler="ddpm")
+    # a denoiser trained on whitened latents (data.normalize=whiten) cannot clamp a prefix: each whitened
+    # slot mixes every slot of the latent
+    from trainer.data.loaders import LatentNormalizer
+    from trainer.data.whitening import Whitening
+
+    whitened = Pipeline(pipe.autoencoder, pipe.net, {**pipe.meta, "normalize": "whiten",
+                                                     "whitening": Whitening.fit(torch.randn(64, 12, 64))},
+                        pipe.prompt_encoder, pipe.cfg)
+    with pytest.raises(UserError, match="^--prefix: this pipeline's denoiser was trained on whitened latents"):
+        whitened([""], prefix="the sea")
+    assert len(whitened([""], seed=1)) == 1                          # without a prefix it generates
     out = tmp_path / "poems.json"
     r = run_cli("generate", pipe_dir, "--prompt", "sonnet about the sea", "--prefix", "the sea moon",
                 "--num-samples", "2", "--steps", "6", "--show-steps", "3", "--out", out)

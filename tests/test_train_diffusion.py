@@ -311,6 +311,11 @@ def test_bad_yaml_is_refused_in_one_line(shards, tmp_path):
         _load("model.kind=sana")
     with pytest.raises(C.ConfigError, match=r"parallelism: expected one of"):
         _load("parallelism=fsdp1")
+    with pytest.raises(C.ConfigError, match=r"command line: data.normalize: expected one of 'center', 'standardize', "
+                                            r"'none', 'whiten', got 'whitten'"):
+        _load("data.normalize=whitten")
+    with pytest.raises(C.ConfigError, match=r"command line: whitening: floor must be in \(0, 1\), got 2.0"):
+        _load("whitening.floor=2")
     with pytest.raises(C.ConfigError, match=r"load_path: path does not exist"):
         check_data(_load(*base(shards, tmp_path), f"load_path={tmp_path}/nothing.pt", yaml=FINETUNE))
     with pytest.raises(C.ConfigError, match=r"autoencoder: path does not exist"):
@@ -392,3 +397,46 @@ def test_prompt_mean_is_fitted_before_training_checkpointed_and_exported(tmp_pat
                                          "model.prompt_dim=16", f"load_path={tmp_path}/plain/checkpoints/latest-rank0.pt"))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
         "was trained without prompt_mean, this run has prompt_mean.enabled=true: set it alike in both stages"), r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- data.normalize=whiten
+
+def test_whiten_is_fitted_in_stage1_reused_by_stage2_exported_and_generates(shards, reconstructing_ae, tmp_path):
+    """Stage 1 fits the whitening and writes it beside its checkpoints and into its export; stage 2, on other
+    latents, trains in stage 1's whitening (not one refitted to its data); the pipeline loads it and generates."""
+    from trainer.data.mds import LocalMDS
+    from trainer.data.whitening import WHITENING_FILE, Whitening
+    from trainer.pipeline.export import load_denoiser
+    from trainer.pipeline.pipeline import Pipeline
+
+    s1, s2 = tmp_path / "pretrain", tmp_path / "finetune"
+    gen = [f"autoencoder={reconstructing_ae}", "sampler.num_steps=2", "prompt_encoder.max_length=8", "data.normalize=whiten"]
+    r1 = run_cli("train", PRETRAIN, *base(shards, s1, "max_duration=2ba", "eval_interval=2ba", "eval_batches=1", *gen,
+                                          eval=True))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert "whitening: mean and covariance of 64 training latents (2048 numbers each)" in r1.stdout + r1.stderr
+    w1 = Whitening.load(str(s1 / "checkpoints" / WHITENING_FILE)).state()
+    _, meta = load_denoiser(str(s1 / "denoiser"))
+    assert meta["normalize"] == "whiten" and meta["sigma_data"] == 1.0
+    assert all(torch.equal(v, w1[k]) for k, v in meta["whitening"].state().items())
+    other = write_latent_shards(tmp_path / "other", n_train=48, n_val=8, prompt_dim=384, seed=7)
+    r2 = run_cli("train", FINETUNE, *base(other, s2, "max_duration=1ba", f"load_path={s1}/checkpoints/latest-rank0.pt",
+                                          *gen))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    w2 = Whitening.load(str(s2 / "checkpoints" / WHITENING_FILE)).state()
+    assert all(torch.equal(v, w1[k]) for k, v in w2.items())
+    assert f"whitening: the one of {s1}/checkpoints" in r2.stdout + r2.stderr
+    ds = LocalMDS(other["train"])
+    refit = Whitening.fit(torch.tensor(np.stack([ds[i]["latent"] for i in range(len(ds))]), dtype=torch.float32))
+    assert not torch.allclose(refit.mean, w2["mean"], atol=1e-2)    # what a refit on stage 2's latents would be
+    # the pipeline reads it from its own folder (denoiser/: the safetensors beside the net's) and generates
+    pipe = Pipeline.from_pretrained(str(s2 / "pipeline"))
+    assert all(torch.equal(v, w1[k]) for k, v in pipe.normalizer.whitening.state().items())
+    poems = pipe(["a sonnet about the sea", ""], steps=2)
+    assert len(poems) == 2 and all(isinstance(p, str) for p in poems)
+    # a hand-over between whitened and centred training is refused in one line, before any work
+    r3 = run_cli("train", FINETUNE, *base(shards, tmp_path / "mixed", "max_duration=1ba",
+                                          f"load_path={s1}/checkpoints/latest-rank0.pt"))
+    assert r3.returncode == 2 and r3.stderr.strip().splitlines()[-1].endswith(
+        "was trained with data.normalize=whiten (whitening.safetensors beside it), this run has "
+        "data.normalize=center: set it alike in both stages"), r3.stderr[-2000:]

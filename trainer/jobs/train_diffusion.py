@@ -27,12 +27,13 @@ from composer.utils import dist
 
 from trainer.base import config as C
 from trainer.base import uris
-from trainer.base.config import ConfigError
+from trainer.base.config import ConfigError, UserError
 from trainer.base.log import get_logger
 from trainer.base.schema import ENCODE_RECORD
 from trainer.data.loaders import (LatentDataConfig, build_latent_dataloader, column_shape, load_latent_stats,
                                   shard_columns)
 from trainer.data.mds import LocalMDS
+from trainer.data.whitening import WHITENING_FILE, Whitening
 from trainer.diffusion.edm import EDMConfig, EDMLoss, EDMPrecond, PromptMean
 from trainer.diffusion.linear import LinearDenoiser
 from trainer.diffusion.sampler import SamplerConfig
@@ -104,6 +105,23 @@ class PromptMeanConfig:
 
 
 @dataclasses.dataclass
+class WhiteningConfig:
+    # data.normalize=whiten: the mean and covariance of up to `max_samples` training latents (spread over the
+    # streams by their proportions, as the other fits read them), fitted on rank 0 before training; eigenvalues
+    # below `floor` x the largest are raised to it (trainer/data/whitening.py says why). Saved as
+    # whitening.safetensors in the checkpoint folder, where a resumed run and the next stage (its load_path's
+    # folder) read it instead of fitting again, and in the export.
+    max_samples: int = 20000
+    floor: float = 1e-4
+
+    def __post_init__(self):
+        if self.max_samples < 2:
+            raise ValueError(f"max_samples must be >= 2, got {self.max_samples}")
+        if not 0 < self.floor < 1:
+            raise ValueError(f"floor must be in (0, 1), got {self.floor}")
+
+
+@dataclasses.dataclass
 class LinearCheckConfig:
     # At every evaluation, the EMA denoiser's squared error on the data.eval_path latents noised at each
     # of `sigmas` ÷ the best linear denoiser's (the Wiener filter of the Gaussian fitted before training
@@ -132,6 +150,7 @@ class DiffusionTrainConfig(TrainingConfig):
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     prompt_mean: PromptMeanConfig = dataclasses.field(default_factory=PromptMeanConfig)
     linear_check: LinearCheckConfig = dataclasses.field(default_factory=LinearCheckConfig)
+    whitening: WhiteningConfig = dataclasses.field(default_factory=WhiteningConfig)
     mask_ratio: float = 0.0             # share of latent tokens dropped per sample (stage 1: 0.75)
     cfg_dropout: float = 0.1            # P(prompt -> learned null prompt), classifier-free guidance
     optim: DiffusionOptimConfig = dataclasses.field(default_factory=DiffusionOptimConfig)
@@ -221,20 +240,33 @@ def _spread_records(paths: list[str], limits: list[int]):
             yield path, ds[i]
 
 
-def _read_prompt_latent_pairs(paths: list[str], limits: list[int], normalizer):
-    """(pooled [N, D], normalized latents [N, T, C]) of `limits[i]` samples evenly spread over paths[i]."""
-    pooled, latents = [], []
+def _read_spread(paths: list[str], limits: list[int]):
+    """(pooled prompts [N, D], or the path of the first shards without prompt embeddings; raw latents
+    [N, T, C]) of `limits[i]` samples evenly spread over paths[i]."""
+    pooled, latents, missing = [], [], None
     for path, r in _spread_records(paths, limits):
         if "prompt_pooled" in r:
-            p = torch.from_numpy(np.asarray(r["prompt_pooled"], np.float32))
+            pooled.append(torch.from_numpy(np.asarray(r["prompt_pooled"], np.float32)))
         elif "prompt_emb" in r:   # what the denoiser sees in its place: the masked mean of the tokens
             emb = torch.from_numpy(np.asarray(r["prompt_emb"], np.float32))
-            p = Prompt(emb[None], (torch.arange(len(emb)) < int(r["prompt_len"]))[None]).pooled_or_mean()[0]
+            pooled.append(Prompt(emb[None], (torch.arange(len(emb)) < int(r["prompt_len"]))[None]).pooled_or_mean()[0])
         else:
-            raise ConfigError(f"prompt_mean.enabled: {path} holds no prompt embeddings")
-        pooled.append(p)
+            missing = missing or path
         latents.append(np.asarray(r["latent"], np.float32))
-    return torch.stack(pooled), normalizer(torch.from_numpy(np.stack(latents)))
+    return missing or torch.stack(pooled), torch.from_numpy(np.stack(latents))
+
+
+def _pairs(read, normalizer):
+    """(pooled [N, D], normalized latents [N, T, C]) of what _read_spread read."""
+    pooled, latents = read
+    if isinstance(pooled, str):
+        raise ConfigError(f"prompt_mean.enabled: {pooled} holds no prompt embeddings")
+    return pooled, normalizer(latents)
+
+
+def _read_prompt_latent_pairs(paths: list[str], limits: list[int], normalizer):
+    """(pooled [N, D], normalized latents [N, T, C]) of `limits[i]` samples evenly spread over paths[i]."""
+    return _pairs(_read_spread(paths, limits), normalizer)
 
 
 def _stream_limits(cfg: DiffusionTrainConfig, n: int) -> tuple[list[str], list[int]]:
@@ -248,36 +280,39 @@ def _stream_limits(cfg: DiffusionTrainConfig, n: int) -> tuple[list[str], list[i
 
 class TrainingSample:
     """What the fits before training read of the training streams: up to `n` samples spread over them by
-    their proportions, normalised, read once and shared by the prompt-mean fit and the linear check."""
+    their proportions, read once and shared by the whitening, the prompt-mean fit and the linear check.
+    `normalizer` may be set after the whitening is fitted (it needs the raw latents)."""
 
-    def __init__(self, cfg: DiffusionTrainConfig, normalizer):
-        self.cfg, self.normalizer, self._pairs = cfg, normalizer, {}
+    def __init__(self, cfg: DiffusionTrainConfig, normalizer=None):
+        self.cfg, self.normalizer, self._read = cfg, normalizer, {}
+
+    def raw(self, n: int):
+        """(pooled prompts [N, D] or the path of shards without them, the encoder's latents [N, T, C])."""
+        if n not in self._read:
+            self._read[n] = _read_spread(*_stream_limits(self.cfg, n))
+        return self._read[n]
 
     def pairs(self, n: int):
-        """(pooled prompts [N, D], latents [N, T, C])."""
-        if n not in self._pairs:
-            self._pairs[n] = _read_prompt_latent_pairs(*_stream_limits(self.cfg, n), self.normalizer)
-        return self._pairs[n]
+        """(pooled prompts [N, D], normalized latents [N, T, C])."""
+        return _pairs(self.raw(n), self.normalizer)
 
     def latents(self, n: int):
-        if n in self._pairs:
-            return self._pairs[n][1]
-        return self.normalizer(torch.from_numpy(np.stack([np.asarray(r["latent"], np.float32)
-                                                          for _, r in _spread_records(*_stream_limits(self.cfg, n))])))
+        """Normalized latents [N, T, C]."""
+        return self.normalizer(self.raw(n)[1])
 
 
 def _on_rank0_then_everyone(make):
-    """make() on rank 0, its (picklable) result broadcast to every rank; a ConfigError on rank 0 is raised
-    on every rank, so none waits in the broadcast."""
+    """make() on rank 0, its (picklable) result broadcast to every rank; a UserError on rank 0 (a config
+    problem, a missing or damaged file) is raised on every rank, so none waits in the broadcast."""
     got: list = [None]
     if dist.get_global_rank() == 0:
         try:
             got = [make()]
-        except ConfigError as e:
+        except UserError as e:
             got = [e]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(got, src=0)
-    if isinstance(got[0], ConfigError):
+    if isinstance(got[0], UserError):
         raise got[0]
     return got[0]
 
@@ -303,6 +338,85 @@ def fitted_linear_denoiser(cfg: DiffusionTrainConfig, sample: TrainingSample) ->
         return linear.state()
 
     return LinearDenoiser.from_state(_on_rank0_then_everyone(fit))
+
+
+def _checkpoint_dir_of(load_path: str) -> str:
+    """The folder a checkpoint lies in (a file, the `latest-rank0.pt` symlink or a sharded folder; local or URI)."""
+    if uris.is_uri(load_path):
+        return load_path.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(load_path.rstrip("/")))
+
+
+def _find_whitening(folder: str) -> Optional[Whitening]:
+    """The whitening saved in a checkpoint folder (local or URI), or None."""
+    if not uris.is_uri(folder):
+        return Whitening.find(folder)
+    if WHITENING_FILE not in uris.list_keys(folder):
+        return None
+    return Whitening.load(uris.download(uris.join(folder, WHITENING_FILE), uris.cache_dir(folder, WHITENING_FILE)))
+
+
+def _save_whitening(whitening: Whitening, folder: str) -> None:
+    if not uris.is_uri(folder):
+        os.makedirs(folder, exist_ok=True)
+        whitening.save(os.path.join(folder, WHITENING_FILE))
+        return
+    local = uris.cache_dir(folder, "upload", WHITENING_FILE)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    whitening.save(local)
+    uris.upload(local, uris.join(folder, WHITENING_FILE), "save_folder")
+
+
+def check_stage_whitening(cfg: DiffusionTrainConfig) -> None:
+    """A stage hand-over between runs with and without data.normalize=whiten is refused in one line: the
+    loaded weights denoise in the space they were trained in (checked for a local load_path)."""
+    if not cfg.load_path or uris.is_uri(cfg.load_path):
+        return
+    beside = os.path.isfile(os.path.join(_checkpoint_dir_of(cfg.load_path), WHITENING_FILE))
+    if beside != (cfg.data.normalize == "whiten"):
+        raise ConfigError(f"load_path: {cfg.load_path} was trained with{'' if beside else 'out'} data.normalize=whiten "
+                          f"({WHITENING_FILE} {'beside' if beside else 'not beside'} it), this run has "
+                          f"data.normalize={cfg.data.normalize}: set it alike in both stages")
+
+
+def fitted_whitening(cfg: DiffusionTrainConfig, sample: TrainingSample) -> Whitening:
+    """data.normalize=whiten: the whitening this run trains in, the same on every rank. Rank 0 takes the
+    one in its own checkpoint folder (a resumed run), else the one beside load_path (a later stage trains
+    in its first stage's space, never in a refitted one), else fits it to up to whitening.max_samples
+    training latents; it writes it into its checkpoint folder (where the next stage finds it), and every
+    other rank receives it."""
+    folder = cfg.checkpoint_folder
+
+    def find_or_fit():
+        t = time.time()
+        own = _find_whitening(folder)
+        if own is not None:
+            log.info(f"whitening: {folder}/{WHITENING_FILE} (this run's, from its start)")
+            return own.state()
+        if cfg.load_path:
+            src = _checkpoint_dir_of(cfg.load_path)
+            found = _find_whitening(src)
+            if found is None:
+                raise ConfigError(f"load_path: no {WHITENING_FILE} in {src}: the run that wrote {cfg.load_path} did not "
+                                  "train with data.normalize=whiten; set it alike in both stages")
+            log.info(f"whitening: the one of {src} (the stage this run starts from)")
+        else:
+            latents = sample.raw(cfg.whitening.max_samples)[1]
+            try:
+                found = Whitening.fit(latents, cfg.whitening.floor)
+            except ValueError as e:   # e.g. latents that do not vary: one line, on every rank
+                raise ConfigError(f"data.normalize: {e}") from None
+            log.info(f"whitening: mean and covariance of {len(latents)} training latents "
+                     f"({found.whiten.shape[0]} numbers each) in {time.time() - t:.1f} s; {found.floored} "
+                     f"directions below the floor ({cfg.whitening.floor:g} x the largest eigenvalue)")
+            if len(latents) < 2 * found.whiten.shape[0]:
+                log.warning(f"whitening: {len(latents)} latents for a covariance of {found.whiten.shape[0]} numbers: "
+                            "poorly estimated, and directions no sample spans are held at the floor (held-out "
+                            "latents are then large there); whiten wants many more latents than numbers")
+        _save_whitening(found, folder)
+        return found.state()
+
+    return Whitening.from_state(_on_rank0_then_everyone(find_or_fit))
 
 
 def fit_prompt_mean(cfg: DiffusionTrainConfig, normalizer, sample: Optional[TrainingSample] = None):
@@ -407,6 +521,7 @@ class DiffusionJob(TrainingJob):
                 raise ConfigError("export_uri: the pipeline needs an autoencoder (set `autoencoder`)")
             uris.check(cfg.export_uri, "export_uri")
         self.stats = check_data(cfg)
+        check_stage_whitening(cfg)
         if uris.is_uri(cfg.autoencoder):   # read from the node-local copy
             cfg.autoencoder = uris.local_copy(cfg.autoencoder, "autoencoder")
 
@@ -415,11 +530,15 @@ class DiffusionJob(TrainingJob):
         if cfg.parallelism == "none" and world > 1:
             raise ConfigError(f"parallelism: 'none' runs one process, but {world} ranks were started; use ddp or fsdp2")
         self.fsdp = cfg.parallelism == "fsdp2" and world > 1
-        train_dl, normalizer = build_latent_dataloader(cfg.data, per_rank, seed=cfg.data.shuffle_seed)
-        eval_dl = build_latent_dataloader(cfg.data, per_rank, eval=True)[0] if cfg.data.eval_path else None
+        sample = TrainingSample(cfg)   # read on rank 0 only, by the fits that need it
+        self.whitening = fitted_whitening(cfg, sample) if cfg.data.normalize == "whiten" else None
+        train_dl, normalizer = build_latent_dataloader(cfg.data, per_rank, seed=cfg.data.shuffle_seed,
+                                                       whitening=self.whitening)
+        eval_dl = (build_latent_dataloader(cfg.data, per_rank, eval=True, whitening=self.whitening)[0]
+                   if cfg.data.eval_path else None)
+        sample.normalizer = normalizer
         edm = EDMConfig(sigma_data=normalizer.sigma_data, P_mean=cfg.loss.P_mean, P_std=cfg.loss.P_std,
                         self_cond_prob=cfg.loss.self_cond_prob, seed=cfg.seed)
-        sample = TrainingSample(cfg, normalizer)   # read on rank 0 only, by the fits that need it
         self.prompt_mean = fitted_prompt_mean(cfg, normalizer, sample) if cfg.prompt_mean.enabled else None
         self.sigma_data = edm.sigma_data
         net = EDMPrecond(build_denoiser(cfg.model), sigma_data=edm.sigma_data, prompt_mean=self.prompt_mean)
@@ -469,7 +588,7 @@ class DiffusionJob(TrainingJob):
             pm = PromptMean(cfg.model.prompt_dim, self.prompt_mean.latent_shape) if self.prompt_mean is not None else None
             net = EDMPrecond(build_denoiser(cfg.model), sigma_data=self.sigma_data, prompt_mean=pm)
             net.load_state_dict(ema)
-            save_denoiser(self.export_dir, net, cfg.model, self.stats, cfg.data.normalize,
+            save_denoiser(self.export_dir, net, cfg.model, self.stats, cfg.data.normalize, whitening=self.whitening,
                           extra={"weights": "ema", "ema_decay": cfg.ema.decay, "batches": summary["batches"],
                                  "mask_ratio": cfg.mask_ratio, "run_name": cfg.run_name, "prompt_mean": pm is not None})
             log.info(f"exported the EMA denoiser to {self.export_dir} after {summary['batches']} batches "

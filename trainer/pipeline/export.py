@@ -5,7 +5,8 @@
 
 The directory holds everything needed to rebuild the network and to map its samples back to the
 autoencoder's latent space: the DenoiserConfig, sigma_data, and the latent statistics with the
-normalisation mode the training used (trainer/data/loaders.py LatentNormalizer).
+normalisation mode the training used (trainer/data/loaders.py LatentNormalizer); with normalize whiten
+also the whitening (whitening.safetensors, trainer/data/whitening.py; meta["whitening"] when loaded).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import tempfile
 from trainer.base.config import UserError
 from trainer.base.files import replace_dir
 from trainer.base import config as C
+from trainer.data.whitening import WHITENING_FILE, Whitening
 from trainer.diffusion.edm import EDMPrecond, PromptMean
 from trainer.models.denoisers import build_denoiser, DenoiserConfig
 
@@ -23,9 +25,12 @@ DENOISER_CONFIG = "denoiser_config.json"
 DENOISER_WEIGHTS = "denoiser.safetensors"
 
 
-def save_denoiser(path: str, net, denoiser_cfg, latent_stats: dict, normalize: str, extra: dict | None = None) -> None:
+def save_denoiser(path: str, net, denoiser_cfg, latent_stats: dict, normalize: str, extra: dict | None = None,
+                  whitening: Whitening | None = None) -> None:
     from safetensors.torch import save_file
 
+    if (normalize == "whiten") != (whitening is not None):
+        raise ValueError(f"save_denoiser: normalize {normalize!r} with{'out' if whitening is None else ''} a whitening")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".denoiser-", dir=parent)
@@ -35,6 +40,8 @@ def save_denoiser(path: str, net, denoiser_cfg, latent_stats: dict, normalize: s
         json.dump(meta, f, indent=1)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
     save_file(state, os.path.join(tmp, DENOISER_WEIGHTS))
+    if whitening is not None:
+        whitening.save(os.path.join(tmp, WHITENING_FILE))
     replace_dir(tmp, path)
 
 
@@ -64,4 +71,6 @@ def load_denoiser(path: str, map_location: str = "cpu"):
     if missing or unexpected:
         raise UserError(f"{weights}: does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     meta["denoiser_config"] = dcfg
+    if meta.get("normalize") == "whiten":
+        meta["whitening"] = Whitening.load(os.path.join(path, WHITENING_FILE))
     return net.eval().requires_grad_(False), meta

@@ -36,6 +36,7 @@ from diffusers.configuration_utils import register_to_config
 
 from trainer.base import config as C
 from trainer.base.config import UserError
+from trainer.data.whitening import Whitening
 from trainer.diffusion.edm import EDMPrecond, PromptMean
 from trainer.models.denoisers import DenoiserConfig, build_denoiser
 # The latent encoders' modules, imported so that diffusers' loader finds the classes model_index.json names.
@@ -48,7 +49,8 @@ PROMPT_ENCODER_JSON = "prompt_encoder.json"
 
 class DenoiserModel(ModelMixin, ConfigMixin):
     """The EMA denoiser (EDMPrecond around a backbone) with what maps its samples back to the
-    autoencoder's latents: sigma_data, the latent statistics and the normalisation mode."""
+    autoencoder's latents: sigma_data, the latent statistics and the normalisation mode; with normalize
+    whiten also the whitening, as buffers `whitening.*` beside the net's in the safetensors file."""
     config_name = "config.json"
 
     @register_to_config
@@ -58,23 +60,37 @@ class DenoiserModel(ModelMixin, ConfigMixin):
         dcfg = C.from_dict(DenoiserConfig, denoiser, source="denoiser/config.json")
         pm = PromptMean(dcfg.prompt_dim, (dcfg.latent_tokens, dcfg.latent_dim)) if prompt_mean else None
         self.net = EDMPrecond(build_denoiser(dcfg), sigma_data=sigma_data, prompt_mean=pm)
+        if normalize == "whiten":
+            n = dcfg.latent_tokens * dcfg.latent_dim
+            self.whitening = torch.nn.Module()
+            for k, shape in (("mean", (n,)), ("whiten", (n, n)), ("unwhiten", (n, n))):
+                self.whitening.register_buffer(k, torch.zeros(shape))
 
     @classmethod
     def from_net(cls, net: EDMPrecond, meta: dict) -> "DenoiserModel":
         """From a denoiser as `trainer.pipeline.export.load_denoiser` returns it."""
         info = {k: v for k, v in meta.items() if k not in ("denoiser", "sigma_data", "latent_stats", "normalize",
-                                                            "prompt_mean", "denoiser_config")}
+                                                            "prompt_mean", "denoiser_config", "whitening")}
         model = cls(meta["denoiser"], float(net.sigma_data), meta["latent_stats"], meta["normalize"],
                     bool(meta.get("prompt_mean")), info)
         model.net.load_state_dict(net.state_dict())
+        if meta["normalize"] == "whiten":
+            state = meta["whitening"].state()
+            for k, buf in model.whitening.named_buffers():
+                buf.copy_(state[k])
         return model.eval()
 
     def meta(self) -> dict:
         """The dict `Pipeline` reads (as load_denoiser's)."""
         c = self.config
-        return {**(c.info or {}), "denoiser": dict(c.denoiser), "sigma_data": c.sigma_data,
-                "latent_stats": dict(c.latent_stats), "normalize": c.normalize, "prompt_mean": c.prompt_mean,
-                "denoiser_config": C.from_dict(DenoiserConfig, dict(c.denoiser))}
+        dcfg = C.from_dict(DenoiserConfig, dict(c.denoiser))
+        out = {**(c.info or {}), "denoiser": dict(c.denoiser), "sigma_data": c.sigma_data,
+               "latent_stats": dict(c.latent_stats), "normalize": c.normalize, "prompt_mean": c.prompt_mean,
+               "denoiser_config": dcfg}
+        if c.normalize == "whiten":
+            w = self.whitening
+            out["whitening"] = Whitening(w.mean.cpu(), w.whiten.cpu(), w.unwhiten.cpu(), (dcfg.latent_tokens, dcfg.latent_dim))
+        return out
 
 
 class PromptEncoderFolder(ModelMixin):

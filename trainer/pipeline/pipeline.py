@@ -219,7 +219,7 @@ class Pipeline:
     def __init__(self, autoencoder, net, meta: dict, prompt_encoder, cfg: PipelineConfig, path: str = ""):
         self.autoencoder, self.net, self.meta = autoencoder, net, meta
         self.prompt_encoder, self.cfg, self.path = prompt_encoder, cfg, path
-        self.normalizer = LatentNormalizer(meta["latent_stats"], meta["normalize"])
+        self.normalizer = LatentNormalizer(meta["latent_stats"], meta["normalize"], meta.get("whitening"))
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu") -> "Pipeline":
@@ -321,6 +321,9 @@ class Pipeline:
                 raise UserError(f"--prefix: needs a token_embeddings pipeline; this one is {self.cfg.latent_kind}")
             if sampler != "heun":
                 raise UserError("--prefix: only with --sampler heun")
+            if self.normalizer.mode == "whiten":   # inpainting clamps slots; whitening mixes every slot into each
+                raise UserError("--prefix: this pipeline's denoiser was trained on whitened latents (data.normalize="
+                                "whiten), whose slots each mix all of the latent's slots: it cannot clamp a prefix")
             z, known = self.autoencoder.prefix_latents(prefix)             # [T, C], [T]
             inpaint = (self.normalizer(z).to(self.device), known.to(self.device))
             guidance = self.cfg.prefix_guidance if guidance is None else guidance
