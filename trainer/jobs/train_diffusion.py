@@ -256,12 +256,16 @@ def _read_spread(paths: list[str], limits: list[int]):
     return missing or torch.stack(pooled), torch.from_numpy(np.stack(latents))
 
 
-def _pairs(read, normalizer):
-    """(pooled [N, D], normalized latents [N, T, C]) of what _read_spread read."""
-    pooled, latents = read
+def _pooled(pooled):
+    """What _read_spread read of the prompts, or one line naming the shards without prompt embeddings."""
     if isinstance(pooled, str):
         raise ConfigError(f"prompt_mean.enabled: {pooled} holds no prompt embeddings")
-    return pooled, normalizer(latents)
+    return pooled
+
+
+def _pairs(read, normalizer):
+    """(pooled [N, D], normalized latents [N, T, C]) of what _read_spread read."""
+    return _pooled(read[0]), normalizer(read[1])
 
 
 def _read_prompt_latent_pairs(paths: list[str], limits: list[int], normalizer):
@@ -284,7 +288,7 @@ class TrainingSample:
     `normalizer` may be set after the whitening is fitted (it needs the raw latents)."""
 
     def __init__(self, cfg: DiffusionTrainConfig, normalizer=None):
-        self.cfg, self.normalizer, self._read = cfg, normalizer, {}
+        self.cfg, self.normalizer, self._read, self._normalized = cfg, normalizer, {}, {}
 
     def raw(self, n: int):
         """(pooled prompts [N, D] or the path of shards without them, the encoder's latents [N, T, C])."""
@@ -294,11 +298,14 @@ class TrainingSample:
 
     def pairs(self, n: int):
         """(pooled prompts [N, D], normalized latents [N, T, C])."""
-        return _pairs(self.raw(n), self.normalizer)
+        return _pooled(self.raw(n)[0]), self.latents(n)
 
     def latents(self, n: int):
-        """Normalized latents [N, T, C]."""
-        return self.normalizer(self.raw(n)[1])
+        """Normalized latents [N, T, C], normalized once (whitening 20,000 of them is a matrix product of
+        seconds, and the prompt-mean fit and the linear check both ask)."""
+        if n not in self._normalized:
+            self._normalized[n] = self.normalizer(self.raw(n)[1])
+        return self._normalized[n]
 
 
 def _on_rank0_then_everyone(make):
