@@ -24,7 +24,7 @@ from trainer.models.token_latents import latent_kind, load_latent_encoder
 from trainer.diffusion.sampler import edm_sampler
 from trainer.data.loaders import to_encoder_latents
 
-log = get_logger("train.diffusion")
+log = get_logger("train")       # every training job's callbacks (autoencoder, token LM, diffusion)
 
 
 class NonFiniteLoss(UserError):
