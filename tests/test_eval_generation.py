@@ -8,6 +8,7 @@ import pytest
 
 from data_prep import encode_job
 from trainer.base import config as C
+from trainer.evaluation.generation import frechet, spread
 
 from .conftest import run_cli
 from .test_encode_job import write_text_shards
@@ -64,10 +65,10 @@ def test_generation_report(setup, pipeline_eval):
     train, held = read_latent_split(setup["lat"], "train", 20000), read_latent_split(setup["lat"], "val", 400)
     held_txt = LatentAutoencoder.from_pretrained(setup["ae"]).clip_texts(held["text"])
     fr, features = rep["frechet"], M.PCAFeatures(train["latent"], 4)
-    assert fr["real_vs_real"] == pytest.approx(M.frechet_distance(features(train["latent"][-6:]), features(held["latent"][:6])))
+    assert fr["real_vs_real"] == pytest.approx(M.frechet_distance(features(spread(train["latent"], 6)), features(spread(held["latent"], 6))))
     assert fr["generated_vs_real"] > 0 and fr["ratio"] == pytest.approx(fr["generated_vs_real"] / fr["real_vs_real"])
     for n in (1, 2, 3, 4):
-        assert rep["distinct"][f"distinct_{n}"] == {"generated": M.distinct_n(poems, n), "real": M.distinct_n(held_txt[:6], n)}
+        assert rep["distinct"][f"distinct_{n}"] == {"generated": M.distinct_n(poems, n), "real": M.distinct_n(spread(held_txt, 6), n)}
     train_grams = M.ngram_set(train["text"], 4)
     assert rep["memorisation_4gram"] == {"generated": M.memorisation(poems, train_grams),
                                          "held_out": M.memorisation(held_txt, train_grams)}
@@ -133,7 +134,7 @@ def test_generation_report(setup, pipeline_eval):
 
     minilm = build_prompt_encoder(PromptEncoderConfig(max_length=128))
     assert isinstance(rep["mauve"], float) and 0 < rep["mauve"] <= 1
-    assert rep["mauve"] == pytest.approx(M.mauve_score(minilm(poems)[2].numpy(), minilm(held_txt[:6])[2].numpy()))
+    assert rep["mauve"] == pytest.approx(M.mauve_score(minilm(poems)[2].numpy(), minilm(spread(held_txt, 6))[2].numpy()))
     lin = rep["denoiser_vs_linear"]
     assert set(lin) == {"0.2", "0.4", "0.8", "1.5"}
     for s, v in lin.items():
@@ -197,11 +198,11 @@ def test_token_lm_baseline_is_scored_by_the_same_evaluation(setup, pipeline_eval
     features = M.PCAFeatures(train["latent"], 4)
     fr = rep["frechet"]
     assert fr["generated_vs_real"] == pytest.approx(M.frechet_distance(features(ae.encode(poems).numpy()),
-                                                                       features(held["latent"][:6])), rel=1e-4)
+                                                                       features(spread(held["latent"], 6))), rel=1e-4)
     assert fr["real_vs_real"] == pipe_rep["frechet"]["real_vs_real"]
     held_txt = ae.clip_texts(held["text"])
     for n in (1, 2, 3, 4):
-        assert rep["distinct"][f"distinct_{n}"] == {"generated": M.distinct_n(poems, n), "real": M.distinct_n(held_txt[:6], n)}
+        assert rep["distinct"][f"distinct_{n}"] == {"generated": M.distinct_n(poems, n), "real": M.distinct_n(spread(held_txt, 6), n)}
     train_grams = M.ngram_set(train["text"], 4)
     assert rep["memorisation_4gram"] == {"generated": M.memorisation(poems, train_grams),
                                          "held_out": M.memorisation(held_txt, train_grams)}
@@ -249,12 +250,12 @@ def test_metric_families_give_known_answers_on_constructed_inputs():
     scale = np.linspace(3, 0.5, 16).reshape(1, 2, 8)        # a few dominant directions for the PCA
     train, held = rng.normal(size=(200, 2, 8)) * scale, rng.normal(size=(100, 2, 8)) * scale
     # the samples are the training latents the real baseline uses: ratio 1; the held-out ones themselves: 0
-    fr = G.frechet(train, held, train[-50:], pca_dims=4)
+    fr = G.frechet(train, held, G.spread(train, 50), pca_dims=4)
     assert fr["ratio"] == pytest.approx(1.0) and fr["n"] == 50 and fr["pca_dims"] == 4
-    assert G.frechet(train, held, held[:50], pca_dims=4)["generated_vs_real"] == pytest.approx(0, abs=1e-9)
+    assert G.frechet(train, held, G.spread(held, 50), pca_dims=4)["generated_vs_real"] == pytest.approx(0, abs=1e-9)
     # held-out latents moved by 2 along the top principal direction: the distance is 2^2 = 4
     top = PCAFeatures(train, 4).components[0].reshape(2, 8)
-    assert G.frechet(train, held, held[:50] + 2 * top, pca_dims=4)["generated_vs_real"] == pytest.approx(4.0, rel=1e-6)
+    assert G.frechet(train, held, G.spread(held, 50) + 2 * top, pca_dims=4)["generated_vs_real"] == pytest.approx(4.0, rel=1e-6)
 
     corpus = ["the sea is old and grey\nthe wind sings all day", "a moon above the stone\nthe night walks home alone",
               "love is a river of light\nit runs through the dark night"]
@@ -349,3 +350,22 @@ def test_generation_eval_of_a_whitened_pipeline(setup, tmp_path):
     assert set(lin) == {"0.2", "0.4", "0.8", "1.5"}
     assert all(np.isfinite(v[k]) and v[k] > 0 for v in lin.values() for k in ("denoiser", "linear", "noisy")), lin
     assert all(v["noisy"] == pytest.approx(float(s) ** 2, rel=0.1) for s, v in lin.items()), lin   # noise of sigma
+
+
+def test_frechet_compares_sets_spread_over_splits_written_form_after_form():
+    """The encode job writes a split's partitions one after another (form=sonnet, then stanza, ...): the
+    held-out and training sets the Fréchet figures compare must each cover every form, not the first or
+    last rows (which compared one form with another, and made real-vs-real large and every ratio small)."""
+    from trainer.evaluation import metrics as M
+
+    g = np.random.default_rng(0)
+    def split(n):   # two forms, far apart, the first half one, the second the other
+        return np.concatenate([g.normal(0, 1, (n // 2, 2, 3)), g.normal(4, 1, (n // 2, 2, 3))]).astype(np.float32)
+    train, held = split(400), split(200)
+    generated = split(40)                       # samples of both forms
+    fr = frechet(train, held, generated, pca_dims=4)
+    features = M.PCAFeatures(train, 4)
+    one_form_vs_other = M.frechet_distance(features(train[-40:]), features(held[:40]))
+    assert fr["real_vs_real"] < 0.1 * one_form_vs_other, (fr, one_form_vs_other)
+    assert 0.2 < fr["ratio"] < 5, fr             # the samples are as real as the training latents
+    assert spread(list(range(10)), 4) == [0, 3, 6, 9] and spread([1, 2], 5) == [1, 2]

@@ -22,12 +22,22 @@ from trainer.evaluation import metrics as M
 from trainer.models.text_encoders import PromptEncoderConfig, build_prompt_encoder
 
 
+def spread(rows, n: int):
+    """`n` of `rows` evenly spaced over them (all of them when there are no more): a split the encode job
+    partitioned holds its partitions one after another, so its first or last n rows are one form only."""
+    if n >= len(rows):
+        return rows
+    idx = np.linspace(0, len(rows) - 1, n).round().astype(int)
+    return rows[idx] if isinstance(rows, np.ndarray) else [rows[i] for i in idx]
+
+
 def frechet(train_latents: np.ndarray, held_latents: np.ndarray, generated: np.ndarray, pca_dims: int) -> dict:
     """Fréchet distance of the samples to as many held-out latents, beside that of as many training
-    latents (the last ones) to the same held-out ones, in PCA-`pca_dims` space fitted on training latents."""
+    latents to the same held-out ones (both sets spread over their splits), in PCA-`pca_dims` space
+    fitted on training latents."""
     features = M.PCAFeatures(train_latents, pca_dims)
     n = len(generated)
-    real_a, real_b = held_latents[:n], train_latents[-n:]
+    real_a, real_b = spread(held_latents, n), spread(train_latents, n)
     out = {"generated_vs_real": M.frechet_distance(features(generated), features(real_a)),
            "real_vs_real": M.frechet_distance(features(real_b), features(real_a)),
            "n": int(min(n, len(real_a))), "pca_dims": int(features.components.shape[0])}

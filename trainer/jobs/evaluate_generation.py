@@ -153,7 +153,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
     # Real references as a latent can hold them: cut to the tokens the encoder reads, as every sample is.
     held_txt = source.autoencoder.clip_texts(held["text"])
     train_txt = source.autoencoder.clip_texts(train["text"])      # for the text classifiers
-    report["distinct"] = G.distinct(samples.poems, held_txt[:n_gen])
+    report["distinct"] = G.distinct(samples.poems, G.spread(held_txt, n_gen))
     report["memorisation_4gram"] = G.memorisation_4gram(samples.poems, held_txt, train["text"])
     vocab = vocabulary(train["text"])
     report["word_validity"] = G.word_validity(vocab, generated=samples.poems, held_out=held_txt,
@@ -172,7 +172,7 @@ def run(cfg: EvalGenerationConfig) -> dict:
                            for label in cfg.labels}
     report["mauve"] = None
     if cfg.mauve:
-        report.update(G.mauve(held_txt[:max(n_gen, 2)], samples.poems, gauss_poems, free.poems if free else None,
+        report.update(G.mauve(G.spread(held_txt, max(n_gen, 2)), samples.poems, gauss_poems, free.poems if free else None,
                               samples.greedy, seed=cfg.seed))
 
     os.makedirs(cfg.out_dir, exist_ok=True)
