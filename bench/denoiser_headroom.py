@@ -124,8 +124,8 @@ def measure(latents: str, split: str, n_held_out: int, mixtures: tuple[int, ...]
     print(f"the training latents' covariance: trace {ev.sum().item():.1f}; "
           + ", ".join(f"{int((ev > s * s).sum())} directions of variance above sigma^2 = {s * s:.2f}" for s in sigmas),
           flush=True)
-    fits = {"linear": lambda y, s: lin(y, s), "linear + prompt": None}
     plin = PromptLinear(x, p)
+    fits = {"linear": lambda y, s: lin(y, s), "linear + prompt": lambda y, s: plin(y, pv, s)}
     for k in mixtures:
         t = time.time()
         m = Mixture(x, k)
@@ -138,8 +138,7 @@ def measure(latents: str, split: str, n_held_out: int, mixtures: tuple[int, ...]
         for s in sigmas:
             noisy = xv + s * torch.randn(xv.shape, generator=torch.Generator().manual_seed(seed + int(s * 100)),
                                          dtype=xv.dtype)
-            out = plin(noisy, pv, s) if name == "linear + prompt" else f(noisy, s)
-            err = (out - xv).pow(2).mean().item()
+            err = (f(noisy, s) - xv).pow(2).mean().item()
             ref = (lin(noisy, s) - xv).pow(2).mean().item()
             row[s] = err / ref
         rows.append(row)
