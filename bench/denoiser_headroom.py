@@ -24,25 +24,22 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
 
 from trainer.data.mds import LocalMDS
 from trainer.diffusion.linear import LinearDenoiser
+from trainer.jobs.train_diffusion import _read_spread
 
 SIGMAS = (0.4, 0.8)
 
 
 def read_split(path: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flattened latents [N, T*C], pooled prompts [N, D]) of a latent-shard split, `limit` spread over it."""
-    ds = LocalMDS(path)
-    idx = ds.spread(limit) if limit else range(len(ds))
-    lat, pooled = [], []
-    for i in idx:
-        r = ds[i]
-        lat.append(np.asarray(r["latent"], np.float32).reshape(-1))
-        pooled.append(np.asarray(r["prompt_pooled"], np.float32))
-    return torch.from_numpy(np.stack(lat)).double(), torch.from_numpy(np.stack(pooled)).double()
+    """(flattened latents [N, T*C], pooled prompts [N, D]) of a latent-shard split, `limit` (0: all) spread
+    over it, read as the diffusion job reads its fits' sample (_read_spread)."""
+    pooled, latents = _read_spread([path], [limit or len(LocalMDS(path))])
+    if isinstance(pooled, str):
+        raise SystemExit(f"--latents: {pooled} holds no prompt embeddings")
+    return latents.reshape(len(latents), -1).double(), pooled.double()
 
 
 class PromptLinear:
@@ -113,7 +110,8 @@ class TrainingSet:
 
 
 def measure(latents: str, split: str, n_held_out: int, mixtures: tuple[int, ...], sigmas=SIGMAS,
-            seed: int = 1) -> list[dict]:
+            seed: int = 1) -> tuple[list[dict], int]:
+    """(one row per denoiser: its error ÷ the linear one's per sigma, the number of held-out latents)."""
     t0 = time.time()
     x, p = read_split(os.path.join(latents, "train"))
     xv, pv = read_split(os.path.join(latents, split), n_held_out)
@@ -132,18 +130,15 @@ def measure(latents: str, split: str, n_held_out: int, mixtures: tuple[int, ...]
         fits[f"mixture {k}"] = m
         print(f"mixture {k}: fitted in {time.time() - t:.0f} s", flush=True)
     fits["training set"] = TrainingSet(x)
+    noisy = {s: xv + s * torch.randn(xv.shape, generator=torch.Generator().manual_seed(seed + int(s * 100)),
+                                     dtype=xv.dtype) for s in sigmas}          # one draw per sigma, for all
+    ref = {s: (lin(noisy[s], s) - xv).pow(2).mean().item() for s in sigmas}
     rows = []
     for name, f in fits.items():
-        row = {"denoiser": name}
-        for s in sigmas:
-            noisy = xv + s * torch.randn(xv.shape, generator=torch.Generator().manual_seed(seed + int(s * 100)),
-                                         dtype=xv.dtype)
-            err = (f(noisy, s) - xv).pow(2).mean().item()
-            ref = (lin(noisy, s) - xv).pow(2).mean().item()
-            row[s] = err / ref
+        row = {"denoiser": name, **{s: (f(noisy[s], s) - xv).pow(2).mean().item() / ref[s] for s in sigmas}}
         rows.append(row)
         print(f"{name}: " + ", ".join(f"sigma {s}: {row[s]:.3f}" for s in sigmas), flush=True)
-    return rows
+    return rows, len(xv)
 
 
 def table(rows: list[dict], latents: str, split: str, n: int, sigmas=SIGMAS) -> str:
@@ -168,9 +163,7 @@ def main(argv=None) -> int:
             ap.error(f"--latents: {os.path.join(a.latents, sub)}: no latent shards (index.json missing)")
     mixtures = tuple(int(k) for k in a.mixtures.split(",") if k)
     sigmas = tuple(float(v) for v in a.sigmas.split(",") if v)
-    rows = measure(a.latents, a.split, a.n_held_out, mixtures, sigmas)
-    n = min(a.n_held_out, len(LocalMDS(os.path.join(a.latents, a.split)))) if a.n_held_out else len(
-        LocalMDS(os.path.join(a.latents, a.split)))
+    rows, n = measure(a.latents, a.split, a.n_held_out, mixtures, sigmas)
     text = table(rows, a.latents, a.split, n, sigmas)
     print(text)
     if a.out:

@@ -300,6 +300,15 @@ class RankedDataset:
                 os.remove(os.path.join(self.root, f))
 
 
+def spread_indices(n: int, limit: int) -> list[int]:
+    """`limit` indices evenly spaced over n rows (all of them when there are no more): a split written
+    partition after partition (the encode job's form=..., one after another) is sampled across every
+    partition, where its first or last rows would be one partition only."""
+    if limit >= n:
+        return list(range(n))
+    return [round(i * (n - 1) / max(limit - 1, 1)) for i in range(limit)]
+
+
 class LocalMDS:
     """Random access to a local MDS dataset without StreamingDataset's shared memory.
 
@@ -330,11 +339,8 @@ class LocalMDS:
         return self.n
 
     def spread(self, limit: int) -> list[int]:
-        """`limit` indices evenly spaced over the dataset (all of them when it holds no more): a
-        split written partition after partition is sampled across every partition."""
-        if limit >= self.n:
-            return list(range(self.n))
-        return [round(i * (self.n - 1) / max(limit - 1, 1)) for i in range(limit)]
+        """`limit` indices evenly spaced over the dataset: spread_indices."""
+        return spread_indices(self.n, limit)
 
     def _prepare(self, k: int) -> None:
         if k in self._ready:

@@ -18,16 +18,15 @@ from typing import Optional
 
 import numpy as np
 
+from trainer.data.mds import spread_indices
 from trainer.evaluation import metrics as M
 from trainer.models.text_encoders import PromptEncoderConfig, build_prompt_encoder
 
 
 def spread(rows, n: int):
-    """`n` of `rows` evenly spaced over them (all of them when there are no more): a split the encode job
-    partitioned holds its partitions one after another, so its first or last n rows are one form only."""
-    if n >= len(rows):
-        return rows
-    idx = np.linspace(0, len(rows) - 1, n).round().astype(int)
+    """`n` of `rows` evenly spaced over them (trainer/data/mds.py's spread_indices): the first or last n
+    rows of a split the encode job partitioned are one form only."""
+    idx = spread_indices(len(rows), n)
     return rows[idx] if isinstance(rows, np.ndarray) else [rows[i] for i in idx]
 
 
