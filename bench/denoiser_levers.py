@@ -10,6 +10,11 @@ levers at once with one thread each. Every run skips what it finished earlier (t
 an interrupted sweep continues. Writes OUT/levers.md (the goal's figures per lever) and OUT/levers.png
 (the EMA denoiser's error ÷ the best linear denoiser's at sigma 0.4 and 0.8 over the batches of both
 stages: eval/EMAvsLinear_* of the diffusion job's metrics.jsonl).
+
+`--frechet own,1,2` re-measures only the evaluation's Fréchet ratio of each lever's pipeline, at the
+pipeline's own guidance scale (`own`: the figure its evaluation reports, the same samples) and at the
+scales given, beside as many draws from the training latents' Gaussian: the samples without decoding
+them, minutes per lever instead of the evaluation's ~20. Writes OUT/frechet.md.
 """
 from __future__ import annotations
 
@@ -152,6 +157,60 @@ def draw(out: str, levers: list[str]) -> str:
     return path
 
 
+def eval_config(lever: str, latents: str, out: str, overrides: tuple[str, ...] = ()):
+    """The generation evaluation's config of the lever's pipeline, as its third command runs it, with
+    `overrides` after its own (e.g. held_out_split=test)."""
+    from launch.cli import load_config, load_job_module
+
+    _, yaml, *own = commands(lever, latents, "", out, 1.0, 1)[2]
+    return load_config(load_job_module("evaluate"), os.path.join(ROOT, yaml), [*own, *overrides])
+
+
+def frechet_over_guidance(cfg, guidances: list) -> dict:
+    """The evaluation's Fréchet ratio (trainer/evaluation/generation.py `frechet`) of the pipeline's samples
+    for the evaluation's prompts, seed and sampler, at each guidance scale (None: the pipeline's own, whose
+    figure is the evaluation's), and of as many draws from the training latents' Gaussian: {label: ratio}."""
+    from trainer.evaluation import generation as G
+    from trainer.evaluation.metrics import GaussianLatents, most_common
+    from trainer.evaluation.samples import read_latent_split
+    from trainer.pipeline.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(cfg.pipeline)
+    train = read_latent_split(cfg.latent_data, cfg.train_split, cfg.max_train)
+    held = read_latent_split(cfg.latent_data, cfg.held_out_split, cfg.n_real)
+    prompts = most_common(held["prompt"], cfg.n_prompts) or [""]
+    ratio = (lambda x: G.frechet(train["latent"], held["latent"], pipe.to_latents(x).cpu().numpy(), cfg.pca_dims)["ratio"])
+    out = {}
+    for g in guidances:
+        scale = g if g is not None else cfg.guidance if cfg.guidance is not None else pipe.cfg.sampler.guidance_scale
+        x, _ = pipe.sample_latents(prompts, cfg.samples_per_prompt, cfg.steps, scale, cfg.seed, cfg.sampler,
+                                   churn=cfg.churn)
+        out[f"{scale:g}" + (" (own)" if g is None else "")] = ratio(x)
+    out["Gaussian draws"] = ratio(GaussianLatents(train["latent"], pipe.normalizer).sample(len(x), cfg.seed))
+    return out
+
+
+def write_frechet(out: str, latents: str, levers: list[str], guidances: list, overrides: tuple[str, ...] = ()) -> str:
+    """OUT/frechet.md: per lever with a pipeline, the Fréchet ratio at each guidance scale."""
+    given = f" with {' '.join(overrides)}" if overrides else ""
+    lines = [f"The levers' evaluation (validation split, seed 1){given}: its samples (prompts, sampler, seed), not decoded.",
+             "", "| lever | guidance | Fréchet ratio |", "|---|---|---|"]
+    for lv in levers:
+        if not os.path.isdir(os.path.join(out, lv, "finetune", "pipeline")):
+            print(f"{lv}: no pipeline yet ({out}/{lv}/finetune/pipeline)", flush=True)
+            continue
+        cfg = eval_config(lv, latents, out, overrides)
+        t0 = time.time()
+        for label, r in frechet_over_guidance(cfg, guidances).items():
+            lines.append(f"| {lv} | {label} | {r:.2f} |")
+        print(f"{lv}: {time.time() - t0:.0f} s; " + "; ".join(lines[-len(guidances) - 1:]), flush=True)
+    lines += ["", "Goal (issue #28): Fréchet ratio ≤ 1.5."]
+    path = os.path.join(out, "frechet.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.denoiser_levers", description=__doc__.split("\n\n")[0])
     p.add_argument("--latents", help="the encode job's out_dir (train/, val/, test/); not with --report")
@@ -164,11 +223,24 @@ def main(argv=None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for both training stages of every lever (e.g. precision=fp32 on a GPU)")
     p.add_argument("--report", action="store_true", help="only write the table and curves of what OUT holds now")
+    p.add_argument("--frechet", metavar="own,1,2", help="only the Fréchet ratio of each lever's pipeline at these "
+                   "guidance scales (own: the pipeline's); needs --latents")
+    p.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --frechet: an override of the evaluation's config (e.g. held_out_split=test seed=0)")
     args = p.parse_args(argv)
     levers = [x for x in args.levers.split(",") if x]
     bad = [x for x in levers if x not in LEVERS]
     if bad:
         p.error(f"--levers: unknown {bad}; known: {', '.join(LEVERS)}")
+    if args.frechet:
+        try:
+            guidances = [None if g == "own" else float(g) for g in args.frechet.split(",")]
+        except ValueError:
+            p.error(f"--frechet: expected own or numbers, comma-separated; got {args.frechet!r}")
+        if not args.latents or not os.path.isdir(args.latents):
+            p.error(f"--latents: no such folder: {args.latents}")
+        print(open(write_frechet(args.out, args.latents, levers, guidances, tuple(args.eval_set))).read())
+        return
     if args.report:
         print(open(write_table(args.out, levers, args.scale)).read())
         print(f"curves: {draw(args.out, levers)}")

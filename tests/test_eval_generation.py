@@ -369,3 +369,20 @@ def test_frechet_compares_sets_spread_over_splits_written_form_after_form():
     assert fr["real_vs_real"] < 0.1 * one_form_vs_other, (fr, one_form_vs_other)
     assert 0.2 < fr["ratio"] < 5, fr             # the samples are as real as the training latents
     assert spread(list(range(10)), 4) == [0, 3, 6, 9] and spread([1, 2], 5) == [1, 2]
+
+
+def test_levers_frechet_mode_is_the_evaluations_figure_without_decoding(setup, pipeline_eval):
+    """bench.denoiser_levers --frechet: at the pipeline's own guidance, the same samples and so the same Fréchet
+    ratio as the evaluation's report; another guidance scale gives other samples."""
+    from bench.denoiser_levers import frechet_over_guidance
+    from launch.cli import load_config, load_job_module
+
+    r, out = pipeline_eval
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = json.loads((out / "report.json").read_text())["frechet"]["ratio"]
+    cfg = load_config(load_job_module("evaluate"), None, ["task=generation", f"pipeline={setup['pipe']}",
+                                                          f"latent_data={setup['lat']}", "steps=3", *COMMON])
+    got = frechet_over_guidance(cfg, [None, 1.0])
+    own = [v for k, v in got.items() if k.endswith("(own)")]
+    assert own == [pytest.approx(want, rel=1e-9)], (got, want)
+    assert got["1"] != pytest.approx(want, rel=1e-3) and got["Gaussian draws"] > 0, got
