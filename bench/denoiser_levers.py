@@ -141,10 +141,10 @@ def draw(out: str, levers: list[str]) -> str:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for k, (ax, sigma) in enumerate(zip(axes, ("0.4", "0.8"))):
-        for lv in levers:
+        for j, lv in enumerate(levers):
             pts = curve(out, lv)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1 + k] for p in pts], "o-", ms=3, label=lv)
+            if pts:     # tab20: more levers than the default cycle's 10 colours
+                ax.plot([p[0] for p in pts], [p[1 + k] for p in pts], "o-", ms=3, label=lv, color=plt.cm.tab20(j % 20))
         ax.axhline(1.0, color="k", lw=0.8, ls=":")
         ax.axhline(0.8, color="g", lw=0.8, ls="--")
         ax.set_xlabel("batch (stage 1, then stage 2)"), ax.set_title(f"EMA denoiser ÷ best linear, MSE at sigma {sigma}")
