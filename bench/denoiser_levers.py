@@ -170,23 +170,25 @@ def frechet_over_guidance(cfg, guidances: list) -> dict:
     """The evaluation's Fréchet ratio (trainer/evaluation/generation.py `frechet`) of the pipeline's samples
     for the evaluation's prompts, seed and sampler, at each guidance scale (None: the pipeline's own, whose
     figure is the evaluation's), and of as many draws from the training latents' Gaussian: {label: ratio}."""
+    import dataclasses
+
     from trainer.evaluation import generation as G
     from trainer.evaluation.metrics import GaussianLatents, most_common
-    from trainer.evaluation.samples import read_latent_split
+    from trainer.evaluation.samples import Sampling, read_latent_split, sample
     from trainer.pipeline.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(cfg.pipeline)
     train = read_latent_split(cfg.latent_data, cfg.train_split, cfg.max_train)
     held = read_latent_split(cfg.latent_data, cfg.held_out_split, cfg.n_real)
     prompts = most_common(held["prompt"], cfg.n_prompts) or [""]
-    ratio = (lambda x: G.frechet(train["latent"], held["latent"], pipe.to_latents(x).cpu().numpy(), cfg.pca_dims)["ratio"])
-    out = {}
+    ratio = (lambda latents: G.frechet(train["latent"], held["latent"], latents, cfg.pca_dims)["ratio"])
+    sampling, out = Sampling.of(cfg), {}
     for g in guidances:
         scale = g if g is not None else cfg.guidance if cfg.guidance is not None else pipe.cfg.sampler.guidance_scale
-        x, _ = pipe.sample_latents(prompts, cfg.samples_per_prompt, cfg.steps, scale, cfg.seed, cfg.sampler,
-                                   churn=cfg.churn)
-        out[f"{scale:g}" + (" (own)" if g is None else "")] = ratio(x)
-    out["Gaussian draws"] = ratio(GaussianLatents(train["latent"], pipe.normalizer).sample(len(x), cfg.seed))
+        x, latents = sample(pipe, prompts, dataclasses.replace(sampling, guidance=scale))
+        out[f"{scale:g}" + (" (own)" if g is None else "")] = ratio(latents)
+    gauss = GaussianLatents(train["latent"], pipe.normalizer).sample(len(x), cfg.seed)
+    out["Gaussian draws"] = ratio(pipe.to_latents(gauss).cpu().numpy())
     return out
 
 
@@ -237,8 +239,9 @@ def main(argv=None) -> None:
             guidances = [None if g == "own" else float(g) for g in args.frechet.split(",")]
         except ValueError:
             p.error(f"--frechet: expected own or numbers, comma-separated; got {args.frechet!r}")
-        if not args.latents or not os.path.isdir(args.latents):
-            p.error(f"--latents: no such folder: {args.latents}")
+        for key in ("latents", "out"):            # out: the sweep's folder, holding the levers' pipelines
+            if not getattr(args, key) or not os.path.isdir(getattr(args, key)):
+                p.error(f"--{key}: no such folder: {getattr(args, key)}")
         print(open(write_frechet(args.out, args.latents, levers, guidances, tuple(args.eval_set))).read())
         return
     if args.report:

@@ -86,10 +86,16 @@ class Samples:
         return texts[j * k:(j + 1) * k]
 
 
-def generate(pipe, prompts: list[str], sampling: Sampling) -> Samples:
+def sample(pipe, prompts: list[str], sampling: Sampling):
+    """The pipeline's samples for `prompts` (samples_per_prompt each, prompt-major), not decoded: x in the
+    diffusion space and the latents in the encoder's space (numpy)."""
     x, _ = pipe.sample_latents(prompts, sampling.samples_per_prompt, sampling.steps, sampling.guidance, sampling.seed,
                                sampling.sampler, churn=sampling.churn)
-    latents = pipe.to_latents(x).cpu().numpy()
+    return x, pipe.to_latents(x).cpu().numpy()
+
+
+def generate(pipe, prompts: list[str], sampling: Sampling) -> Samples:
+    x, latents = sample(pipe, prompts, sampling)
     return Samples(prompts, x, latents, *readings(pipe, x, prompts, sampling))
 
 
